@@ -1,0 +1,262 @@
+"""limits.yaml: pydantic models, ``${VAR}`` expansion and cross-field checks.
+
+Every mistake surfaces as one :class:`ConfigError` whose message starts with the
+dotted path of the offending field (``tiers.pro.hourly_usd: ...``), so a bad file
+never half-loads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+__all__ = [
+    "AlertsConfig",
+    "Config",
+    "Downgrade",
+    "ModelOverride",
+    "OrgConfig",
+    "PerRequest",
+    "TierConfig",
+    "UserConfig",
+    "load_config",
+    "parse_config",
+]
+
+Usd = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=9)]
+Threshold = Annotated[Decimal, Field(gt=0, le=1)]
+TokenCount = Annotated[int, Field(gt=0, le=100_000_000)]
+PerMTok = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=9)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PerRequest(_Strict):
+    max_input_tokens: TokenCount | None = None
+    max_output_tokens: TokenCount | None = None
+    max_cost_usd: Usd | None = None
+
+
+class Downgrade(_Strict):
+    at: Threshold = Decimal(1)
+    routes: dict[str, str] = Field(default_factory=dict)
+
+
+class _TierFields(_Strict):
+    per_request: PerRequest | None = None
+    hourly_usd: Usd | None = None
+    daily_usd: Usd | None = None
+    monthly_usd: Usd | None = None
+    models: list[str] | None = None
+    downgrade: Downgrade | None = None
+    alert_at: list[Threshold] | None = None
+
+
+class TierConfig(_TierFields):
+    """One user tier: caps per window, per-request caps, allow-list, routing."""
+
+
+class UserConfig(_TierFields):
+    """A named user: its tier plus per-user overrides of any tier field."""
+
+    tier: str | None = None
+
+
+class OrgConfig(_Strict):
+    daily_usd: Usd | None = None
+    monthly_usd: Usd | None = None
+    alert_at: list[Threshold] = Field(default_factory=list)
+    downgrade: Downgrade | None = None
+    forecast: bool = False
+
+
+class ModelOverride(_Strict):
+    """Price override (USD per million tokens) or a model the pricing library lacks."""
+
+    input_per_mtok: PerMTok | None = None
+    output_per_mtok: PerMTok | None = None
+    cached_input_per_mtok: PerMTok | None = None
+    cache_write_per_mtok: PerMTok | None = None
+    reasoning_per_mtok: PerMTok | None = None
+    tokenizer: str | None = None
+
+
+def _check_url(value: str) -> str:
+    # An empty value (an unset ${VAR}) disables the sink instead of failing the load.
+    if value == "":
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http(s) URL with a host")
+    return value
+
+
+class SlackConfig(_Strict):
+    webhook_url: str = ""
+    _url = field_validator("webhook_url")(_check_url)
+
+
+class PagerDutyConfig(_Strict):
+    routing_key: str = ""
+    min_level: Threshold = Decimal("0.9")
+    url: str = "https://events.pagerduty.com/v2/enqueue"
+    _url = field_validator("url")(_check_url)
+
+
+class WebhookConfig(_Strict):
+    url: str = ""
+    headers: dict[str, str] = Field(default_factory=dict)
+    _url = field_validator("url")(_check_url)
+
+
+class AlertsConfig(_Strict):
+    slack: SlackConfig | None = None
+    pagerduty: PagerDutyConfig | None = None
+    webhook: WebhookConfig | None = None
+
+
+class Config(_Strict):
+    """The whole of limits.yaml. Build it with :func:`load_config` or :func:`parse_config`."""
+
+    redis_url: str | None = None  # None: $REDIS_URL, else memory://
+    key_prefix: str = Field(default="bg", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    timezone: str = "UTC"
+    fail_mode: Literal["open", "closed"] = "open"
+    redis_timeout_ms: int = Field(default=250, gt=0, le=60_000)
+    redis_max_connections: int = Field(default=64, gt=0, le=10_000)
+    reservation_ttl_s: int = Field(default=600, gt=0, le=7 * 86_400)
+    default_max_output_tokens: TokenCount = 4096
+    unknown_model: str = "deny"
+    models: dict[str, ModelOverride] = Field(default_factory=dict)
+    default_tier: str = "default"
+    tiers: dict[str, TierConfig] = Field(default_factory=dict)
+    users: dict[str, UserConfig] = Field(default_factory=dict)
+    org: OrgConfig = Field(default_factory=OrgConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {value!r} (use an IANA name such as UTC or Europe/Paris)") from None
+        return value
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(node: Any, env: Mapping[str, str]) -> Any:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` in every string, as a shell would."""
+    if isinstance(node, str):
+        return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), node)
+    if isinstance(node, dict):
+        return {key: _expand(value, env) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_expand(value, env) for value in node]
+    return node
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"duplicate key {key!r} at line {line}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "<root>"
+
+
+def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed mapping (e.g. from YAML) into a :class:`Config`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"<root>: must be a mapping, got {type(data).__name__}")
+    data = _expand(data, os.environ if env is None else env)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("; ".join(problems)) from None
+    _check_references(config)
+    return config
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate limits.yaml; raise :class:`ConfigError` naming the bad field."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {os.fspath(path)}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{os.fspath(path)} is not valid YAML: {exc}") from None
+    return parse_config(data, env)
+
+
+def _check_references(config: Config) -> None:
+    """Cross-field rules pydantic cannot see: tiers exist, routes and fallbacks are priced."""
+    from .pricing import Pricebook  # pricing needs a Config; import late to avoid a cycle
+
+    if config.default_tier != "default" and config.default_tier not in config.tiers:
+        raise ConfigError(f"default_tier: tier {config.default_tier!r} is not defined under tiers")
+    for name, user in config.users.items():
+        if user.tier is not None and user.tier not in config.tiers:
+            raise ConfigError(f"users.{name}.tier: tier {user.tier!r} is not defined under tiers")
+
+    prices = Pricebook(config.models)
+    for name, override in config.models.items():
+        if override.tokenizer is not None:
+            _check_encoding(f"models.{name}.tokenizer", override.tokenizer)
+        if prices.resolve(name) is None:
+            raise ConfigError(
+                f"models.{name}: not in the pricing library, so input_per_mtok and output_per_mtok are required"
+            )
+    if config.unknown_model != "deny" and prices.resolve(config.unknown_model) is None:
+        raise ConfigError(f"unknown_model: {config.unknown_model!r} has no known price (use 'deny' or a priced model)")
+
+    scopes: list[tuple[str, _TierFields | OrgConfig]] = [(f"tiers.{n}", t) for n, t in config.tiers.items()]
+    scopes += [(f"users.{n}", u) for n, u in config.users.items()]
+    scopes.append(("org", config.org))
+    for where, scope in scopes:
+        if scope.downgrade is None:
+            continue
+        for source, target in scope.downgrade.routes.items():
+            if prices.resolve(target) is None:
+                raise ConfigError(f"{where}.downgrade.routes.{source}: route target {target!r} has no known price")
+
+
+def _check_encoding(where: str, name: str) -> None:
+    import tiktoken
+
+    if name not in tiktoken.list_encoding_names():
+        known = ", ".join(sorted(tiktoken.list_encoding_names()))
+        raise ConfigError(f"{where}: unknown tiktoken encoding {name!r} (known: {known})")

@@ -1,0 +1,88 @@
+"""The values budgetguard hands back: :class:`Decision` and :class:`Status`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from .usage import Usage
+from .windows import WindowSet
+
+__all__ = ["Decision", "Status", "Ticket", "WindowStatus"]
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """Where a request's reservation lives, so settling needs no lookup."""
+
+    request_key: str
+    user_prefix: str
+    org_prefix: str
+    windows: WindowSet  # the windows the reservation was taken on
+    amount_nano: int
+    candidate: int  # 1-based index of the chosen candidate (the Lua calling convention)
+
+    def members(self, rid: str) -> tuple[str, str]:
+        w = self.windows
+        head = f"{rid}|{self.amount_nano}"
+        return f"{head}|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", f"{head}|{w.d.stamp}|{w.m.stamp}"
+
+
+@dataclass(slots=True, eq=False)
+class Decision:
+    """The outcome of a budget check. ``check`` returns one for denials too; it never raises."""
+
+    allowed: bool
+    model: str
+    requested_model: str
+    reason: str
+    limit: str | None
+    retry_after: int | None
+    estimated_input_tokens: int
+    estimated_cost_usd: Decimal
+    reservation_id: str
+    user: str
+    tier: str
+    max_output_tokens: int
+    tags: Mapping[str, str] = field(default_factory=dict)
+    enforced: bool = True  # False when fail_mode=open let the call through without Redis
+    remaining_usd: Decimal | None = None  # smallest headroom left across capped windows
+    _ticket: Ticket | None = field(default=None, repr=False)
+    _usage: Usage | None = field(default=None, repr=False)
+    _bound: bool = field(default=False, repr=False)
+
+    @property
+    def downgraded(self) -> bool:
+        return self.allowed and self.model != self.requested_model
+
+    def record(self, response_or_usage: Any) -> None:
+        """Inside ``guard.reserve(...)``: note the usage; the block's exit settles it once."""
+        if not self._bound:
+            raise RuntimeError(
+                "Decision.record() works inside `with guard.reserve(...)`; use guard.record(decision, usage)"
+            )
+        self._usage = Usage.from_response(response_or_usage)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStatus:
+    spent_usd: Decimal
+    reserved_usd: Decimal
+    limit_usd: Decimal | None
+    resets_at: datetime
+
+    @property
+    def utilization(self) -> Decimal | None:
+        if not self.limit_usd:
+            return None
+        return (self.spent_usd + self.reserved_usd) / self.limit_usd
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    user: str
+    tier: str
+    windows: dict[str, WindowStatus]

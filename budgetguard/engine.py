@@ -1,0 +1,434 @@
+"""The budget engine without I/O: builds script calls and reads their replies.
+
+``BudgetGuard`` (sync and async alike) asks the engine for a :class:`ScriptCall`, hands
+it to a store to run, and gives the reply back to the engine to read. Everything that
+decides (validation, per-request caps, pricing, routing candidates, reading Redis'
+answer into a :class:`Decision`) lives here once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from .config import Config
+from .decision import Decision, Status, Ticket, WindowStatus
+from .errors import InvalidArgument, InvalidArgumentType
+from .policy import Policies, UserPolicy
+from .pricing import ModelPrice, nano_to_usd
+from .tokens import estimate_input_tokens
+from .usage import Usage
+from .windows import WINDOWS, WindowClock, WindowSet, user_tag
+
+__all__ = ["MAX_OUTPUT_TOKENS_CEILING", "CheckPlan", "Engine", "ScriptCall"]
+
+# No model produces this many tokens in one call; a larger value is a bug upstream.
+MAX_OUTPUT_TOKENS_CEILING = 10_000_000
+_MAX_TAGS = 32
+_MAX_REQUEST_ID = 256
+
+# Route kinds in the reserve script's calling convention.
+_REQUESTED, _USER_ROUTE, _ORG_ROUTE = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    script: str  # "reserve" | "settle" | "status"
+    keys: tuple[str, ...]
+    args: tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    model: str
+    price: ModelPrice
+    input_tokens: int
+    amount_nano: int
+    route: int
+
+
+@dataclass(slots=True)
+class CheckPlan:
+    """A check in flight: either decided locally (``decision``) or waiting on ``call``."""
+
+    user: str
+    requested: str
+    policy: UserPolicy
+    tags: Mapping[str, str]
+    max_output_tokens: int
+    rid: str
+    now: datetime
+    windows: WindowSet
+    candidates: list[Candidate] = field(default_factory=list)
+    dropped_for_cost: bool = False
+    call: ScriptCall | None = None
+    decision: Decision | None = None
+
+
+def _fmt(nano: int) -> str:
+    return f"${nano_to_usd(nano).normalize():f}"
+
+
+def _ms(delta: timedelta) -> int:
+    return max(1000, math.ceil(delta.total_seconds() * 1000))
+
+
+def _as_int(value: Any) -> int:
+    return int(value)
+
+
+def _validate_text(name: str, value: Any, *, max_len: int | None = None) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgumentType(f"{name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidArgument(f"{name} must not be empty")
+    if max_len is not None and len(value) > max_len:
+        raise InvalidArgument(f"{name} is {len(value)} characters long; at most {max_len} are allowed")
+    return value
+
+
+def _validate_max_tokens(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentType(f"max_tokens must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise InvalidArgument(f"max_tokens must be >= 1, got {value}")
+    if value > MAX_OUTPUT_TOKENS_CEILING:
+        raise InvalidArgument(f"max_tokens={value} is absurd (more than {MAX_OUTPUT_TOKENS_CEILING:,})")
+    return value
+
+
+def _validate_tags(tags: Any) -> Mapping[str, str]:
+    if tags is None:
+        return {}
+    if not isinstance(tags, Mapping):
+        raise InvalidArgumentType(f"tags must be a mapping of str to str, got {type(tags).__name__}")
+    if len(tags) > _MAX_TAGS:
+        raise InvalidArgument(f"tags has {len(tags)} entries; at most {_MAX_TAGS} are allowed")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgumentType(
+                f"tags[{key!r}] must map a str to a str, got {type(key).__name__} -> {type(value).__name__}"
+            )
+    return dict(tags)
+
+
+class Engine:
+    def __init__(self, config: Config, clock: Callable[[], datetime]) -> None:
+        from .pricing import Pricebook
+
+        self.config = config
+        self.prices = Pricebook(config.models)
+        self.policies = Policies(config)
+        self._clock = clock
+        self._windows = WindowClock(config.tz)
+        self._prefix = config.key_prefix
+        self._org_prefix = f"{config.key_prefix}:{{org}}:"
+        self._lease = timedelta(seconds=config.reservation_ttl_s)
+        # A settled request's state outlives its lease so that retries and late
+        # records still find it; window keys outlive their window by a day.
+        self._state_ms = (2 * config.reservation_ttl_s + 3600) * 1000
+        self._grace = timedelta(seconds=config.reservation_ttl_s + 86_400)
+        self._encodings = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
+
+    # -- time ------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        now = self._clock()
+        if now.tzinfo is None:
+            raise InvalidArgument("clock() must return an aware datetime")
+        return now
+
+    def _key_ttls(self, windows: WindowSet, now: datetime) -> list[int]:
+        return [_ms(windows.of(spec.period).end + self._grace - now) for spec in WINDOWS]
+
+    def _user_prefix(self, user: str) -> str:
+        return f"{self._prefix}:{user_tag(user)}:"
+
+    def _window_keys(self, user_prefix: str, windows: WindowSet) -> list[str]:
+        return [
+            (user_prefix if spec.scope == "user" else self._org_prefix) + windows.of(spec.period).stamp
+            for spec in WINDOWS
+        ]
+
+    # -- check ---------------------------------------------------------------------
+
+    def plan_check(
+        self,
+        user: Any,
+        model: Any,
+        messages: Any = None,
+        *,
+        max_tokens: Any = None,
+        tags: Any = None,
+        request_id: Any = None,
+        tools: Any = None,
+        prompt: Any = None,
+        system: Any = None,
+    ) -> CheckPlan:
+        """Validate, apply per-request rules and build the reserve call (no I/O).
+
+        Raises InvalidArgument / InvalidArgumentType on malformed input, before anything is reserved.
+        """
+        user = _validate_text("user", user)
+        model = _validate_text("model", model, max_len=256)
+        max_tokens = _validate_max_tokens(max_tokens)
+        tags = _validate_tags(tags)
+        if request_id is not None:
+            request_id = _validate_text("request_id", request_id, max_len=_MAX_REQUEST_ID)
+        policy = self.policies.for_user(user)
+        max_out = max_tokens or policy.max_output_tokens or self.config.default_max_output_tokens
+        # Estimating also validates messages/tools, so it runs before any early denial.
+        input_tokens = self._estimate(model, messages, tools, prompt, system)
+
+        rid = (
+            hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+            if request_id is not None
+            else uuid.uuid4().hex
+        )
+        now = self.now()
+        plan = CheckPlan(user, model, policy, tags, max_out, rid, now, self._windows.at(now))
+
+        if not policy.allows(model):
+            return self._deny_local(plan, input_tokens, "model.not_allowed",
+                                    f"model {model!r} is not allowed for tier {policy.tier!r}")
+        price = self._price(model)
+        if price is None:
+            return self._deny_local(plan, input_tokens, "model.unknown_price",
+                                    f"no price is known for model {model!r} (unknown_model: deny)")
+        if policy.max_output_tokens is not None and max_out > policy.max_output_tokens:
+            return self._deny_local(plan, input_tokens, "request.max_output_tokens",
+                                    f"max_tokens={max_out} exceeds the per-request cap of "
+                                    f"{policy.max_output_tokens}")
+        if policy.max_input_tokens is not None and input_tokens > policy.max_input_tokens:
+            return self._deny_local(plan, input_tokens, "request.max_input_tokens",
+                                    f"the input is about {input_tokens} tokens; the per-request cap is "
+                                    f"{policy.max_input_tokens}")
+
+        candidates = [Candidate(model, price, input_tokens, price.estimate_nano(input_tokens, max_out), _REQUESTED)]
+        for route, target in ((_USER_ROUTE, policy.routes.get(model)), (_ORG_ROUTE, self.policies.org.routes.get(model))):
+            if target is None or not policy.allows(target) or any(c.model == target for c in candidates):
+                continue
+            target_price = self._price(target)
+            if target_price is None:  # config validation makes this unreachable; stay safe
+                continue
+            tokens = self._estimate(target, messages, tools, prompt, system)
+            candidates.append(Candidate(target, target_price, tokens, target_price.estimate_nano(tokens, max_out), route))
+        if policy.max_cost_nano is not None:
+            affordable = [c for c in candidates if c.amount_nano <= policy.max_cost_nano]
+            if not affordable:
+                cheapest = min(c.amount_nano for c in candidates)
+                return self._deny_local(plan, input_tokens, "request.max_cost",
+                                        f"the worst-case cost {_fmt(cheapest)} exceeds the per-request cap of "
+                                        f"{_fmt(policy.max_cost_nano)}", cheapest)
+            plan.dropped_for_cost = affordable[0] is not candidates[0]
+            candidates = affordable
+        plan.candidates = candidates
+        plan.call = self._reserve_call(plan)
+        return plan
+
+    def _estimate(self, model: str, messages: Any, tools: Any, prompt: Any, system: Any) -> int:
+        return estimate_input_tokens(
+            model, messages, tools=tools, prompt=prompt, system=system, encoding=self._encodings.get(model)
+        )
+
+    def _price(self, model: str) -> ModelPrice | None:
+        price = self.prices.resolve(model)
+        if price is None and self.config.unknown_model != "deny":
+            price = self.prices.resolve(self.config.unknown_model)
+        return price
+
+    def _reserve_call(self, plan: CheckPlan) -> ScriptCall:
+        user_prefix = self._user_prefix(plan.user)
+        w = plan.windows
+        caps = (*plan.policy.caps, *self.policies.org.caps)
+        triggers = (*plan.policy.triggers, *self.policies.org.triggers)
+        ttls = self._key_ttls(w, plan.now)
+        per_window: list[str | int] = []
+        for cap, trigger, ttl in zip(caps, triggers, ttls, strict=True):
+            per_window += [-1 if cap is None else cap, -1 if trigger is None else trigger, ttl]
+        per_candidate: list[str | int] = []
+        for c in plan.candidates:
+            per_candidate += [c.amount_nano, c.route]
+        now_ms = int(plan.now.timestamp() * 1000)
+        return ScriptCall(
+            "reserve",
+            (user_prefix + "rq:" + plan.rid, user_prefix + "leases", self._org_prefix + "leases",
+             *self._window_keys(user_prefix, w)),
+            (now_ms, now_ms + int(self._lease.total_seconds() * 1000), self._state_ms, user_prefix,
+             self._org_prefix, f"|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", f"|{w.d.stamp}|{w.m.stamp}",
+             plan.rid, *per_window, len(plan.candidates), *per_candidate),
+        )
+
+    def _decision(self, plan: CheckPlan, candidate: Candidate | None, *, allowed: bool, reason: str,
+                  limit: str | None, retry_after: int | None = None, amount: int | None = None,
+                  input_tokens: int | None = None, enforced: bool = True,
+                  remaining: int | None = None) -> Decision:
+        amount = candidate.amount_nano if candidate else (amount or 0)
+        ticket = Ticket(
+            request_key=f"{self._user_prefix(plan.user)}rq:{plan.rid}",
+            user_prefix=self._user_prefix(plan.user),
+            org_prefix=self._org_prefix,
+            windows=plan.windows,
+            amount_nano=amount,
+            candidate=(plan.candidates.index(candidate) + 1) if candidate else 0,
+        )
+        return Decision(
+            allowed=allowed,
+            model=candidate.model if candidate else plan.requested,
+            requested_model=plan.requested,
+            reason=reason,
+            limit=limit,
+            retry_after=retry_after,
+            estimated_input_tokens=candidate.input_tokens if candidate else (input_tokens or 0),
+            estimated_cost_usd=nano_to_usd(amount),
+            reservation_id=plan.rid,
+            user=plan.user,
+            tier=plan.policy.tier,
+            max_output_tokens=plan.max_output_tokens,
+            tags=plan.tags,
+            enforced=enforced,
+            remaining_usd=None if remaining is None else nano_to_usd(remaining),
+            _ticket=ticket,
+        )
+
+    def _deny_local(self, plan: CheckPlan, input_tokens: int, limit: str, reason: str,
+                    amount: int | None = None) -> CheckPlan:
+        plan.decision = self._decision(plan, None, allowed=False, reason=f"denied: {reason}", limit=limit,
+                                       amount=amount, input_tokens=input_tokens)
+        return plan
+
+    def read_check(self, plan: CheckPlan, reply: Sequence[Any]) -> Decision:
+        code = _as_int(reply[0])
+        if code == 2:
+            state = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+            kind, index = state.split("|")[:2]
+            candidate = plan.candidates[int(index) - 1] if index.isdigit() else plan.candidates[0]
+            settled = " (already settled)" if kind == "S" else ""
+            return self._decision(plan, candidate, allowed=True, limit=None,
+                                  reason=f"allowed: duplicate request_id, the original reservation stands{settled}")
+        mask, triggered = _as_int(reply[2]), _as_int(reply[3])
+        spent = [_as_int(v) for v in reply[4:9]]
+        reserved = [_as_int(v) for v in reply[9:14]]
+        used = [s + r for s, r in zip(spent, reserved, strict=True)]
+        caps = (*plan.policy.caps, *self.policies.org.caps)
+
+        if code == 0:
+            cheapest = min(plan.candidates, key=lambda c: c.amount_nano)
+            w = self._latest_reset(mask, plan.windows)
+            spec = WINDOWS[w]
+            cap = caps[w]
+            assert cap is not None
+            end = plan.windows.of(spec.period).end
+            # Waiting helps only if the request fits an empty window at all.
+            retry = math.ceil((end - plan.now).total_seconds()) if cheapest.amount_nano <= cap else None
+            reason = (f"denied: {spec.name} cap {_fmt(cap)} would be exceeded "
+                      f"(spent {_fmt(spent[w])} + reserved {_fmt(reserved[w])} + this request "
+                      f"{_fmt(cheapest.amount_nano)})")
+            return self._decision(plan, None, allowed=False, reason=reason, limit=spec.name,
+                                  retry_after=retry, amount=cheapest.amount_nano,
+                                  input_tokens=cheapest.input_tokens)
+
+        chosen = plan.candidates[_as_int(reply[1]) - 1]
+        remaining = min((cap - u - chosen.amount_nano for cap, u in zip(caps, used, strict=True) if cap is not None),
+                        default=None)
+        if chosen.route == _REQUESTED:
+            return self._decision(plan, chosen, allowed=True, reason="allowed", limit=None, remaining=remaining)
+        if plan.dropped_for_cost:
+            limit = "request.max_cost"
+            why = f"the worst case for {plan.requested} exceeds the per-request cap"
+        elif mask > 0:
+            limit = WINDOWS[self._latest_reset(mask, plan.windows)].name
+            why = f"{plan.requested} would exceed {limit}, {chosen.model} fits"
+        else:
+            scope = "user" if chosen.route == _USER_ROUTE else "org"
+            w = next(i for i, spec in enumerate(WINDOWS) if spec.scope == scope and triggered >> i & 1)
+            limit = WINDOWS[w].name
+            cap = caps[w]
+            assert cap is not None
+            why = f"{limit} is at {Decimal(used[w] * 100) / cap:.0f}% of {_fmt(cap)}"
+        return self._decision(plan, chosen, allowed=True, limit=limit, remaining=remaining,
+                              reason=f"routed {plan.requested} -> {chosen.model}: {why}")
+
+    @staticmethod
+    def _latest_reset(mask: int, windows: WindowSet) -> int:
+        """Of the windows in ``mask``, the one that resets last: waiting for it is what helps."""
+        blocking = [i for i in range(len(WINDOWS)) if mask >> i & 1]
+        return max(blocking, key=lambda i: (windows.of(WINDOWS[i].period).end, i))
+
+    def unavailable(self, plan: CheckPlan, error: BaseException) -> Decision:
+        """The decision when Redis cannot answer, per ``fail_mode``."""
+        candidate = plan.candidates[0]
+        if self.config.fail_mode == "open":
+            return self._decision(plan, candidate, allowed=True, enforced=False, limit="store.unavailable",
+                                  reason=f"allowed unenforced: budget store unavailable ({type(error).__name__}); "
+                                         "fail_mode is open")
+        return self._decision(plan, candidate, allowed=False, limit="store.unavailable",
+                              reason=f"denied: budget store unavailable ({type(error).__name__}); "
+                                     "fail_mode is closed")
+
+    # -- settle --------------------------------------------------------------------
+
+    def cost_nano(self, decision: Decision, usage: Usage) -> int:
+        price = self._price(decision.model)
+        if price is None:
+            raise InvalidArgument(f"cannot price usage: no price is known for model {decision.model!r}")
+        return price.cost_nano(usage)
+
+    def settle_call(self, decision: Decision, cost_nano: int | None) -> ScriptCall:
+        """Release (``cost_nano`` None) or record a decision's reservation."""
+        if not isinstance(decision, Decision) or decision._ticket is None:
+            raise InvalidArgumentType(f"expected a Decision from check(), got {type(decision).__name__}")
+        t = decision._ticket
+        now = self.now()
+        user_member, org_member = t.members(decision.reservation_id)
+        # A record that arrives after the reservation's windows have expired charges the
+        # current windows: late spend is still spend.
+        charge = t.windows if t.windows.h.end + self._grace > now else self._windows.at(now)
+        label = f"S|{t.candidate}|" + ("released" if cost_nano is None else str(cost_nano))
+        return ScriptCall(
+            "settle",
+            (t.request_key, t.user_prefix + "leases", t.org_prefix + "leases",
+             *self._window_keys(t.user_prefix, charge)),
+            (int(now.timestamp() * 1000), self._state_ms, t.user_prefix, t.org_prefix, user_member, org_member,
+             "" if cost_nano is None else cost_nano, *self._key_ttls(charge, now), label),
+        )
+
+    @staticmethod
+    def read_settle(reply: Sequence[Any]) -> bool:
+        """True when this call applied the settlement, False for a repeat."""
+        return _as_int(reply[0]) == 1
+
+    # -- status --------------------------------------------------------------------
+
+    def status_call(self, user: Any) -> tuple[ScriptCall, WindowSet, UserPolicy]:
+        user = _validate_text("user", user)
+        now = self.now()
+        windows = self._windows.at(now)
+        user_prefix = self._user_prefix(user)
+        call = ScriptCall(
+            "status",
+            (user_prefix + "leases", self._org_prefix + "leases", *self._window_keys(user_prefix, windows)),
+            (int(now.timestamp() * 1000), user_prefix, self._org_prefix),
+        )
+        return call, windows, self.policies.for_user(user)
+
+    def read_status(self, user: str, windows: WindowSet, policy: UserPolicy, reply: Sequence[Any]) -> Status:
+        caps = (*policy.caps, *self.policies.org.caps)
+        result = {}
+        for i, spec in enumerate(WINDOWS):
+            cap = caps[i]
+            result[spec.name] = WindowStatus(
+                spent_usd=nano_to_usd(_as_int(reply[i])),
+                reserved_usd=nano_to_usd(_as_int(reply[5 + i])),
+                limit_usd=None if cap is None else nano_to_usd(cap),
+                resets_at=windows.of(spec.period).end,
+            )
+        return Status(user=user, tier=policy.tier, windows=result)

@@ -1,0 +1,323 @@
+"""BudgetGuard: the public API, a thin sync and async shell over the engine and stores."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import redis as redis_sync
+import redis.asyncio as redis_async
+
+from .config import Config, load_config
+from .decision import Decision, Status
+from .engine import CheckPlan, Engine, ScriptCall
+from .errors import BudgetExceeded, InvalidArgumentType
+from .store import AsyncStore, Health, StoreUnavailable, SyncStore, ThreadedStore, connect, connect_async
+from .usage import Usage
+
+__all__ = ["BudgetGuard"]
+
+log = logging.getLogger("budgetguard")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class BudgetGuard:
+    """Reserve an LLM call's worst-case cost before it runs; settle the real cost after.
+
+    ``check``/``record``/``release`` and their ``a``-prefixed twins share one engine,
+    so the sync and async paths decide identically.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        redis: redis_sync.Redis | None = None,
+        async_redis: redis_async.Redis | None = None,
+        redis_url: str | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        if not isinstance(config, Config):
+            raise InvalidArgumentType(f"config must be a budgetguard Config, got {type(config).__name__}")
+        self.config = config
+        self._engine = Engine(config, clock or _utcnow)
+        self._url = redis_url or config.redis_url or os.environ.get("REDIS_URL") or "memory://"
+        self._health = Health()
+        self._owns_sync = redis is None
+        self._sync = SyncStore(redis if redis is not None else connect(config, self._url), self._health)
+        self._owns_async = async_redis is None
+        self._given_async = async_redis
+        self._async: tuple[asyncio.AbstractEventLoop, AsyncStore | ThreadedStore] | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], **kwargs: Any) -> BudgetGuard:
+        """Load limits.yaml and connect to its ``redis_url`` (or ``$REDIS_URL``, else embedded)."""
+        return cls(load_config(path), **kwargs)
+
+    @property
+    def healthy(self) -> bool:
+        """False while the budget store is failing (calls run under ``fail_mode``)."""
+        return self._health.healthy
+
+    def _async_store(self) -> AsyncStore | ThreadedStore:
+        # asyncio connections belong to the loop that opened them: one store per loop.
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:
+            store: AsyncStore | ThreadedStore
+            if self._given_async is None and not self._owns_sync:
+                store = ThreadedStore(self._sync)
+            else:
+                client = self._given_async or connect_async(self.config, self._url)
+                store = AsyncStore(client, self._health, self.config.redis_timeout_ms / 1000)
+            self._async = (loop, store)
+        return self._async[1]
+
+    # -- check -------------------------------------------------------------------------
+
+    def check(self, user: str, model: str, messages: list[Any] | None = None, *,
+              max_tokens: int | None = None, tags: Mapping[str, str] | None = None,
+              request_id: str | None = None, tools: list[Any] | None = None,
+              prompt: str | list[str] | None = None, system: Any = None) -> Decision:
+        """Reserve the call's worst case on every budget that applies. Never raises on a denial."""
+        plan = self._engine.plan_check(user, model, messages, max_tokens=max_tokens, tags=tags,
+                                       request_id=request_id, tools=tools, prompt=prompt, system=system)
+        if plan.call is None:
+            return self._decided(plan, None)
+        try:
+            return self._decided(plan, self._sync.run(plan.call))
+        except StoreUnavailable as exc:
+            return self._decided(plan, exc)
+
+    async def acheck(self, user: str, model: str, messages: list[Any] | None = None, *,
+                     max_tokens: int | None = None, tags: Mapping[str, str] | None = None,
+                     request_id: str | None = None, tools: list[Any] | None = None,
+                     prompt: str | list[str] | None = None, system: Any = None) -> Decision:
+        plan = self._engine.plan_check(user, model, messages, max_tokens=max_tokens, tags=tags,
+                                       request_id=request_id, tools=tools, prompt=prompt, system=system)
+        if plan.call is None:
+            return self._decided(plan, None)
+        try:
+            return self._decided(plan, await self._async_store().run(plan.call))
+        except StoreUnavailable as exc:
+            return self._decided(plan, exc)
+
+    def _decided(self, plan: CheckPlan, reply: Any) -> Decision:
+        if plan.decision is not None:
+            decision = plan.decision
+        elif isinstance(reply, StoreUnavailable):
+            decision = self._engine.unavailable(plan, reply)
+        else:
+            decision = self._engine.read_check(plan, reply)
+        level = logging.DEBUG if decision.allowed and not decision.downgraded else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "user=%r model=%s %s", decision.user, decision.model, decision.reason)
+        return decision
+
+    # -- settle ------------------------------------------------------------------------
+
+    def _settle_call(self, decision: Decision, response_or_usage: Any) -> ScriptCall:
+        if response_or_usage is None:
+            return self._engine.settle_call(decision, None)
+        usage = Usage.from_response(response_or_usage)
+        return self._engine.settle_call(decision, self._engine.cost_nano(decision, usage))
+
+    def record(self, decision: Decision, response_or_usage: Any) -> bool:
+        """Replace the reservation with the actual cost. Applies once; True if this call applied it."""
+        return self._settled(decision, self._sync, self._settle_call(decision, response_or_usage))
+
+    def release(self, decision: Decision) -> bool:
+        """Give the reservation back (the call failed). Applies once; True if this call applied it."""
+        if isinstance(decision, Decision) and not decision.allowed:
+            return False
+        return self._settled(decision, self._sync, self._settle_call(decision, None))
+
+    async def arecord(self, decision: Decision, response_or_usage: Any) -> bool:
+        call = self._settle_call(decision, response_or_usage)
+        return await self._asettled(decision, call)
+
+    async def arelease(self, decision: Decision) -> bool:
+        if isinstance(decision, Decision) and not decision.allowed:
+            return False
+        return await self._asettled(decision, self._settle_call(decision, None))
+
+    def _settled(self, decision: Decision, store: SyncStore, call: ScriptCall) -> bool:
+        try:
+            return self._engine.read_settle(store.run(call))
+        except StoreUnavailable:
+            return self._unsettled(decision, call)
+
+    async def _asettled(self, decision: Decision, call: ScriptCall) -> bool:
+        try:
+            return self._engine.read_settle(await self._async_store().run(call))
+        except StoreUnavailable:
+            return self._unsettled(decision, call)
+
+    @staticmethod
+    def _unsettled(decision: Decision, call: ScriptCall) -> bool:
+        what = "release" if call.args[6] == "" else f"spend of {call.args[6]} nano-USD"
+        log.error("budget store unavailable: %s for user %r (reservation %s) not applied; "
+                  "the reservation lapses after reservation_ttl_s", what, decision.user, decision.reservation_id)
+        return False
+
+    # -- reserve / limit ---------------------------------------------------------------
+
+    def reserve(self, user: str, model: str, messages: list[Any] | None = None, **kwargs: Any) -> Reservation:
+        """A context manager (``with`` or ``async with``) that raises BudgetExceeded when denied.
+
+        Call ``d.record(response)`` inside the block; on exit the usage is recorded, or
+        the reservation released when the block recorded nothing (an exception, a cancel).
+        """
+        return Reservation(self, user, model, messages, kwargs)
+
+    def limit(self, user: Callable[[dict[str, Any]], str], *, model: str = "model",
+              messages: str = "messages", max_tokens: str = "max_tokens",
+              tags: Callable[[dict[str, Any]], Mapping[str, str]] | None = None) -> Callable[[F], F]:
+        """Decorate a sync or async function that calls an LLM.
+
+        ``user`` (and ``tags``) receive the call's arguments by name. The function's
+        ``model``, ``messages`` and ``max_tokens`` arguments are read for the check, a
+        downgraded model is swapped in, and the usage of the returned response is recorded.
+        """
+
+        def decorate(fn: F) -> F:
+            signature = inspect.signature(fn)
+            for name in (model, messages):
+                if name not in signature.parameters:
+                    raise InvalidArgumentType(f"@limit: {fn.__qualname__} has no parameter {name!r}")
+
+            def open_reservation(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[inspect.BoundArguments,
+                                                                                          Reservation]:
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                a = bound.arguments
+                reservation = self.reserve(user(a), a[model], a.get(messages), max_tokens=a.get(max_tokens),
+                                           tags=tags(a) if tags else None)
+                return bound, reservation
+
+            if inspect.iscoroutinefunction(fn):
+                @functools.wraps(fn)
+                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    bound, reservation = open_reservation(args, kwargs)
+                    async with reservation as d:
+                        bound.arguments[model] = d.model
+                        result = await fn(*bound.args, **bound.kwargs)
+                        reservation.note_result(result)
+                    return result
+
+                return async_wrapper  # type: ignore[return-value]
+
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                bound, reservation = open_reservation(args, kwargs)
+                with reservation as d:
+                    bound.arguments[model] = d.model
+                    result = fn(*bound.args, **bound.kwargs)
+                    reservation.note_result(result)
+                return result
+
+            return wrapper  # type: ignore[return-value]
+
+        return decorate
+
+    # -- status / lifecycle ------------------------------------------------------------
+
+    def status(self, user: str) -> Status:
+        """Spent, reserved, cap and reset time of every window for ``user`` and the org."""
+        call, windows, policy = self._engine.status_call(user)
+        return self._engine.read_status(user, windows, policy, self._sync.run(call))
+
+    async def astatus(self, user: str) -> Status:
+        call, windows, policy = self._engine.status_call(user)
+        return self._engine.read_status(user, windows, policy, await self._async_store().run(call))
+
+    def close(self) -> None:
+        if self._owns_sync:
+            self._sync.client.close()
+
+    async def aclose(self) -> None:
+        if self._async is not None and self._owns_async and self._async[1].client is not None:
+            await self._async[1].client.aclose()
+        self._async = None
+        self.close()
+
+    def __enter__(self) -> BudgetGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> BudgetGuard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Reservation:
+    """What ``guard.reserve(...)`` returns: a sync and async context manager around one call."""
+
+    def __init__(self, guard: BudgetGuard, user: str, model: str, messages: Any, kwargs: dict[str, Any]) -> None:
+        self._guard = guard
+        self._args = (user, model, messages)
+        self._kwargs = kwargs
+        self.decision: Decision | None = None
+
+    def _enter(self, decision: Decision) -> Decision:
+        if not decision.allowed:
+            raise BudgetExceeded(decision)
+        decision._bound = True
+        self.decision = decision
+        return decision
+
+    def note_result(self, result: Any) -> None:
+        """Record ``result``'s usage; without one, charge the worst case rather than nothing."""
+        d = self.decision
+        assert d is not None
+        try:
+            d.record(result)
+        except (ValueError, TypeError) as exc:
+            log.warning("no usage in the result of a guarded call (%s); charging the reserved worst case", exc)
+            d._usage = Usage(input_tokens=d.estimated_input_tokens, output_tokens=d.max_output_tokens)
+
+    def _pending(self, exc_type: type[BaseException] | None) -> Usage | None:
+        d = self.decision
+        assert d is not None
+        if d._usage is None and exc_type is None:
+            log.warning("reserve block for user %r ended without d.record(); reservation released", d.user)
+        return d._usage
+
+    def __enter__(self) -> Decision:
+        return self._enter(self._guard.check(*self._args, **self._kwargs))
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        assert self.decision is not None
+        usage = self._pending(exc_type)
+        if usage is not None:
+            self._guard.record(self.decision, usage)
+        else:
+            self._guard.release(self.decision)
+
+    async def __aenter__(self) -> Decision:
+        return self._enter(await self._guard.acheck(*self._args, **self._kwargs))
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        assert self.decision is not None
+        usage = self._pending(exc_type)
+        settle = (self._guard.arecord(self.decision, usage) if usage is not None
+                  else self._guard.arelease(self.decision))
+        # Shielded: a second cancellation must not leave the reservation behind.
+        await asyncio.shield(settle)

@@ -1,0 +1,198 @@
+"""Running the engine's script calls on Redis, sync and async, each bounded in time.
+
+The two stores differ only in how they wait; what to send and how to read the reply
+is the engine's. Failures surface as :class:`StoreUnavailable`, which the guard turns
+into a fail-open or fail-closed decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from .config import Config
+from .engine import ScriptCall
+from .errors import BudgetGuardError, ConfigError
+
+__all__ = ["AsyncStore", "StoreUnavailable", "SyncStore", "connect", "connect_async"]
+
+log = logging.getLogger("budgetguard.store")
+
+SCRIPTS = ("reserve", "settle", "status")
+
+
+class StoreUnavailable(BudgetGuardError):
+    """Redis did not answer in time or failed; the guard applies ``fail_mode``."""
+
+
+@cache
+def script_source(name: str) -> str:
+    lua = files("budgetguard") / "lua"
+    return (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+class Health:
+    """Logs when the store goes down and comes back, not once per failed call."""
+
+    REPEAT_S = 60.0
+
+    def __init__(self) -> None:
+        self._down_since: float | None = None
+        self._last_log = 0.0
+        self._lock = threading.Lock()
+
+    def failed(self, error: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            first = self._down_since is None
+            if first:
+                self._down_since = now
+            if not first and now - self._last_log < self.REPEAT_S:
+                return
+            self._last_log = now
+        log.error("budget store unavailable (%s: %s); applying fail_mode", type(error).__name__, error)
+
+    def ok(self) -> None:
+        if self._down_since is None:
+            return
+        with self._lock:
+            if self._down_since is None:
+                return
+            down_for = time.monotonic() - self._down_since
+            self._down_since = None
+        log.warning("budget store reachable again after %.1f s; enforcement resumed", down_for)
+
+    @property
+    def healthy(self) -> bool:
+        return self._down_since is None
+
+
+# -- clients ---------------------------------------------------------------------------
+
+_memory_servers: dict[str, Any] = {}
+_memory_lock = threading.Lock()
+
+
+def _memory_server(url: str) -> Any:
+    """One embedded server per ``memory://name`` per process, shared by sync and async clients."""
+    import fakeredis
+
+    with _memory_lock:
+        server = _memory_servers.get(url)
+        if server is None:
+            server = _memory_servers[url] = fakeredis.FakeServer()
+        return server
+
+
+def _pool_options(config: Config, retry: Any) -> dict[str, Any]:
+    timeout = config.redis_timeout_ms / 1000
+    return {
+        "max_connections": config.redis_max_connections,
+        # Callers past the pool size wait for a connection (up to the timeout) instead
+        # of failing with "Too many connections".
+        "timeout": timeout,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": retry,
+    }
+
+
+def _retry(retry_class: Any) -> Any:
+    # One immediate retry on a dropped connection (a restarted Redis leaves stale
+    # sockets in the pool), none on a timeout, which would stretch the call. The
+    # scripts are idempotent per reservation id, so a retry never applies twice.
+    return retry_class(NoBackoff(), 1, (RedisConnectionError,))
+
+
+def _is_memory(url: str) -> bool:
+    return url.startswith("memory://")
+
+
+def connect(config: Config, url: str) -> redis.Redis:
+    """A sync client for ``url`` (``memory://`` is embedded fakeredis)."""
+    if _is_memory(url):
+        import fakeredis
+
+        return fakeredis.FakeRedis(server=_memory_server(url))
+    from redis.retry import Retry
+
+    try:
+        pool = redis.BlockingConnectionPool.from_url(url, **_pool_options(config, _retry(Retry)))
+    except ValueError as exc:
+        raise ConfigError(f"redis_url: {exc}") from None
+    return redis.Redis(connection_pool=pool)
+
+
+def connect_async(config: Config, url: str) -> redis.asyncio.Redis:
+    """An asyncio client for ``url``, with the same pool rules as :func:`connect`."""
+    if _is_memory(url):
+        import fakeredis
+
+        return fakeredis.FakeAsyncRedis(server=_memory_server(url))
+    from redis.asyncio.retry import Retry
+
+    try:
+        pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_pool_options(config, _retry(Retry)))
+    except ValueError as exc:
+        raise ConfigError(f"redis_url: {exc}") from None
+    return redis.asyncio.Redis(connection_pool=pool)
+
+
+# -- stores ----------------------------------------------------------------------------
+
+
+class SyncStore:
+    def __init__(self, client: redis.Redis, health: Health) -> None:
+        self.client = client
+        self.health = health
+        self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
+
+    def run(self, call: ScriptCall) -> Any:
+        try:
+            reply = self._scripts[call.script](keys=call.keys, args=call.args)
+        except (RedisError, OSError) as exc:
+            self.health.failed(exc)
+            raise StoreUnavailable(str(exc)) from exc
+        self.health.ok()
+        return reply
+
+
+class AsyncStore:
+    def __init__(self, client: redis.asyncio.Redis, health: Health, timeout_s: float) -> None:
+        self.client = client
+        self.health = health
+        self._timeout = timeout_s
+        self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
+
+    async def run(self, call: ScriptCall) -> Any:
+        try:
+            # One deadline over pool wait, connect and reply together.
+            async with asyncio.timeout(self._timeout):
+                reply = await self._scripts[call.script](keys=call.keys, args=call.args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.health.failed(exc)
+            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+        self.health.ok()
+        return reply
+
+
+class ThreadedStore:
+    """Async face of a sync store, for a guard built with only a sync ``redis=`` client."""
+
+    def __init__(self, store: SyncStore) -> None:
+        self._store = store
+        self.client = None
+
+    async def run(self, call: ScriptCall) -> Any:
+        return await asyncio.to_thread(self._store.run, call)

@@ -1,0 +1,110 @@
+"""Calendar windows (hour, day, month) in the configured timezone, and Redis key names.
+
+Key layout (``bg`` is ``key_prefix``)::
+
+    bg:{u:<user>}:h:2026112314   user hourly counters    hash {s: spent, r: reserved}
+    bg:{u:<user>}:d:20261123     user daily counters
+    bg:{u:<user>}:m:202611       user monthly counters
+    bg:{u:<user>}:leases         live reservations       zset member "rid|amount|h:..|d:..|m:.." score expiry ms
+    bg:{u:<user>}:rq:<rid>       request state           "L|<candidate>" reserved, "S|..." settled
+    bg:{org}:d:20261123, bg:{org}:m:202611, bg:{org}:leases
+
+The braces are Redis Cluster hash tags: a user's keys share one slot, the org's another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+__all__ = ["WINDOWS", "Period", "WindowSet", "WindowSpec", "user_tag"]
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def user_tag(user_id: str) -> str:
+    """The user's hash tag. Ids outside a safe alphabet are hashed, so any string is data."""
+    if _SAFE_ID.fullmatch(user_id):
+        return "{u:" + user_id + "}"
+    # '#' is outside the safe alphabet, so a hashed id can never equal a plain one.
+    return "{u:#" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:40] + "}"
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    name: str  # "user.hourly"
+    scope: str  # "user" | "org"
+    period: str  # "h" | "d" | "m"
+    field: str  # the tier/org config field holding its cap
+
+
+# The order is part of the Lua scripts' calling convention (KEYS[4..8]).
+WINDOWS: tuple[WindowSpec, ...] = (
+    WindowSpec("user.hourly", "user", "h", "hourly_usd"),
+    WindowSpec("user.daily", "user", "d", "daily_usd"),
+    WindowSpec("user.monthly", "user", "m", "monthly_usd"),
+    WindowSpec("org.daily", "org", "d", "daily_usd"),
+    WindowSpec("org.monthly", "org", "m", "monthly_usd"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    stamp: str  # key suffix, e.g. "h:2026112314"
+    start: datetime
+    end: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSet:
+    """The hour, day and month containing one instant."""
+
+    h: Period
+    d: Period
+    m: Period
+
+    @property
+    def valid_until(self) -> datetime:
+        return self.h.end  # the hour always ends first
+
+    def of(self, period: str) -> Period:
+        return getattr(self, period)
+
+
+def _local_midnight(day: datetime, tz: ZoneInfo) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=tz)
+
+
+def windows_at(now: datetime, tz: ZoneInfo) -> WindowSet:
+    """The calendar windows containing ``now`` (an aware datetime) in ``tz``."""
+    local = now.astimezone(tz)
+    # Arithmetic on UTC instants: an hour is 3600 s even across a DST change.
+    hour_start = local.replace(minute=0, second=0, microsecond=0)
+    hour_end = (hour_start.astimezone(ZoneInfo("UTC")) + timedelta(hours=1)).astimezone(tz)
+    fold = "b" if local.fold else ""
+    day_start = _local_midnight(local, tz)
+    day_end = _local_midnight(local + timedelta(days=1), tz)
+    month_start = datetime(local.year, local.month, 1, tzinfo=tz)
+    next_month = datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=tz)
+    return WindowSet(
+        h=Period(f"h:{local:%Y%m%d%H}{fold}", hour_start, hour_end),
+        d=Period(f"d:{local:%Y%m%d}", day_start, day_end),
+        m=Period(f"m:{local:%Y%m}", month_start, next_month),
+    )
+
+
+class WindowClock:
+    """Memoizes :func:`windows_at` until the current hour ends (the hot path asks per call)."""
+
+    def __init__(self, tz: ZoneInfo) -> None:
+        self._tz = tz
+        self._current: WindowSet | None = None
+
+    def at(self, now: datetime) -> WindowSet:
+        current = self._current
+        if current is None or not (current.h.start <= now < current.valid_until):
+            current = self._current = windows_at(now, self._tz)
+        return current
