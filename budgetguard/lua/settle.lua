@@ -6,6 +6,7 @@
 -- ARGV[1] now ms   ARGV[2] request-state ttl ms   ARGV[3] user prefix   ARGV[4] org prefix
 -- ARGV[5] user lease member   ARGV[6] org lease member
 -- ARGV[7] cost in nano-USD, or '' for a release   ARGV[8..12] key ttl ms per window
+-- ARGV[13] the settled state to store, "S|<candidate>|<cost or released>"
 --
 -- Returns {1, lease_was_live} when applied, {0, state} when it was already settled.
 
@@ -27,5 +28,5 @@ if cost ~= '' then
     redis.call('PEXPIRE', KEYS[3 + w], ARGV[7 + w])
   end
 end
-redis.call('SET', KEYS[1], (cost == '' and 'S|released' or 'S|' .. cost), 'PX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[13], 'PX', ARGV[2])
 return {1, live}

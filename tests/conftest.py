@@ -1,0 +1,120 @@
+"""Shared fixtures: a real Redis found as DESIGN.md section 5 says, a frozen clock, guards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+
+# The real tiktoken encodings, loaded offline from the rank files kept beside the tests.
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).parent / "data" / "tiktoken"))
+
+TEST_DB = 13  # the tests' own database on a shared Redis; only it is ever flushed
+
+
+def _answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis_server(port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a throwaway redis-server on 127.0.0.1 (no persistence) and wait for it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not on PATH")
+    port = port or _free_port()
+    workdir = tempfile.mkdtemp(prefix="budgetguard-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while not _answers(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"redis-server on port {port} did not start")
+        time.sleep(0.05)
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def real_redis_url() -> Iterator[str]:
+    """$REDIS_URL, else a Redis on 127.0.0.1:6379 (db 13), else a redis-server we start."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    local = f"redis://127.0.0.1:6379/{TEST_DB}"
+    if _answers(local):
+        yield local
+        return
+    try:
+        proc, url = start_redis_server()
+    except FileNotFoundError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no Redis: set REDIS_URL, run one on 127.0.0.1:6379, or put redis-server on PATH")
+        pytest.skip("no Redis available (set REDIS_URL or install redis-server)")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def real_redis(real_redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(real_redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend_url(request: pytest.FixtureRequest) -> str:
+    """Every engine test runs on embedded fakeredis and on a real Redis."""
+    if request.param == "memory":
+        return f"memory://test-{uuid.uuid4().hex}"
+    request.getfixturevalue("real_redis")
+    return request.getfixturevalue("real_redis_url")
+
+
+class FrozenClock:
+    """A settable clock for ``BudgetGuard(clock=...)``."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kwargs: float) -> None:
+        self.now += timedelta(**kwargs)
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(datetime(2026, 3, 14, 15, 9, 26, tzinfo=UTC))

@@ -1,0 +1,45 @@
+"""Test helpers: building guards from dict configs and computing costs independently."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+from typing import Any
+
+from budgetguard import BudgetGuard
+from budgetguard.config import parse_config
+
+# Prices the tests pin in their configs (USD per million tokens), so expected costs
+# below are computed from these numbers, not from the library's code.
+PRICES = {
+    "gpt-4o": {"input_per_mtok": "2.50", "output_per_mtok": "10.00", "cached_input_per_mtok": "1.25"},
+    "gpt-4o-mini": {"input_per_mtok": "0.15", "output_per_mtok": "0.60", "cached_input_per_mtok": "0.075"},
+}
+
+MSG = [{"role": "user", "content": "Summarise the quarterly report in three bullet points."}]
+
+
+def config(**overrides: Any) -> Any:
+    data: dict[str, Any] = {"models": dict(PRICES), "reservation_ttl_s": 60}
+    data.update(overrides)
+    return parse_config(data, env={})
+
+
+def guard(url: str, clock: Any = None, **overrides: Any) -> BudgetGuard:
+    return BudgetGuard(config(**overrides), redis_url=url, clock=clock)
+
+
+def usd(value: str | int) -> Decimal:
+    return Decimal(value)
+
+
+def cost_usd(model: str, input_tokens: int, output_tokens: int, cached: int = 0) -> Decimal:
+    """Independent price arithmetic: Decimal USD, rounded up to the nano-dollar."""
+    p = {k: Decimal(v) for k, v in PRICES[model].items()}
+    exact = ((input_tokens - cached) * p["input_per_mtok"] + cached * p["cached_input_per_mtok"]
+             + output_tokens * p["output_per_mtok"]) / Decimal(1_000_000)
+    return Decimal(math.ceil(exact * 10**9)) / 10**9
+
+
+def estimate_usd(model: str, input_tokens: int, max_tokens: int) -> Decimal:
+    return cost_usd(model, input_tokens, max_tokens)
