@@ -235,9 +235,8 @@ class Engine:
         return plan
 
     def _estimate(self, model: str, messages: Any, tools: Any, prompt: Any, system: Any) -> int:
-        pinned = self._encodings.get(model)
-        extra = {"encoding": pinned} if pinned else {}
-        return estimate_input_tokens(model, messages, tools=tools, prompt=prompt, system=system, **extra)
+        return estimate_input_tokens(model, messages, tools=tools, prompt=prompt, system=system,
+                                     encoding=self._encodings.get(model))
 
     def _price(self, model: str) -> ModelPrice | None:
         price = self.prices.resolve(model)

@@ -19,7 +19,7 @@ from .config import Config, load_config
 from .decision import Decision, Status
 from .engine import CheckPlan, Engine, ScriptCall
 from .errors import BudgetExceeded, InvalidArgumentType
-from .store import AsyncStore, Health, StoreUnavailable, SyncStore, ThreadedStore, connect, connect_async
+from .store import AsyncStore, Health, StoreUnavailable, SyncStore, ThreadedStore, connect, connect_async, is_memory
 from .usage import Usage
 
 __all__ = ["BudgetGuard"]
@@ -80,7 +80,8 @@ class BudgetGuard:
                 store = ThreadedStore(self._sync)
             else:
                 client = self._given_async or connect_async(self.config, self._url)
-                store = AsyncStore(client, self._health, self.config.redis_timeout_ms / 1000)
+                timeout = None if is_memory(self._url) else self.config.redis_timeout_ms / 1000
+                store = AsyncStore(client, self._health, timeout)
             self._async = (loop, store)
         return self._async[1]
 

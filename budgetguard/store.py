@@ -115,16 +115,21 @@ def _retry(retry_class: Any) -> Any:
     return retry_class(NoBackoff(), 1, (RedisConnectionError,))
 
 
-def _is_memory(url: str) -> bool:
+def is_memory(url: str) -> bool:
     return url.startswith("memory://")
 
 
 def connect(config: Config, url: str) -> redis.Redis:
     """A sync client for ``url`` (``memory://`` is embedded fakeredis)."""
-    if _is_memory(url):
+    if is_memory(url):
         import fakeredis
 
-        return fakeredis.FakeRedis(server=_memory_server(url))
+        client = fakeredis.FakeRedis(server=_memory_server(url), connection_pool_class=redis.BlockingConnectionPool,
+                                     max_connections=config.redis_max_connections)
+        # In-process: a wait is never an outage, so no deadline (it would only turn
+        # load into unenforced calls).
+        client.connection_pool.timeout = None
+        return client
     from redis.retry import Retry
 
     try:
@@ -136,10 +141,14 @@ def connect(config: Config, url: str) -> redis.Redis:
 
 def connect_async(config: Config, url: str) -> redis.asyncio.Redis:
     """An asyncio client for ``url``, with the same pool rules as :func:`connect`."""
-    if _is_memory(url):
+    if is_memory(url):
         import fakeredis
 
-        return fakeredis.FakeAsyncRedis(server=_memory_server(url))
+        aclient = fakeredis.FakeAsyncRedis(server=_memory_server(url),
+                                           connection_pool_class=redis.asyncio.BlockingConnectionPool,
+                                           max_connections=config.redis_max_connections)
+        aclient.connection_pool.timeout = None
+        return aclient
     from redis.asyncio.retry import Retry
 
     try:
@@ -169,7 +178,7 @@ class SyncStore:
 
 
 class AsyncStore:
-    def __init__(self, client: redis.asyncio.Redis, health: Health, timeout_s: float) -> None:
+    def __init__(self, client: redis.asyncio.Redis, health: Health, timeout_s: float | None) -> None:
         self.client = client
         self.health = health
         self._timeout = timeout_s

@@ -216,6 +216,25 @@ def test_encoding_and_factor_per_family(
     assert (tok.encoding_name, tok.factor, tok.family) == (encoding, factor, family)
 
 
+def test_newer_openai_models_unknown_to_an_older_tiktoken(monkeypatch) -> None:
+    def too_old(name: str) -> str:
+        raise KeyError(name)
+
+    monkeypatch.setattr(tiktoken, "encoding_name_for_model", too_old)
+    tokens._clear_caches()
+    try:
+        for model in ("gpt-4.1-mini", "gpt-5.1", "o3", "o4-mini", "openai/gpt-4o"):
+            tok = tokenizer_for(model)
+            assert (tok.encoding_name, tok.factor, tok.family) == (
+                "o200k_base",
+                Fraction(1),
+                "openai",
+            ), model
+        assert tokenizer_for("gpt-4").factor == Fraction(5, 4)  # unknown to it: margin applies
+    finally:
+        tokens._clear_caches()
+
+
 def test_tokenizer_is_cached_per_model() -> None:
     assert tokenizer_for("gpt-4o") is tokenizer_for("gpt-4o")
     assert tokenizer_for("claude-3-opus") is tokenizer_for("claude-3-opus")

@@ -1,0 +1,647 @@
+"""Local estimates of how many input tokens an LLM call will consume.
+
+A budget has to be reserved *before* the call goes out, so the input side is counted
+locally with tiktoken instead of asking the provider. Every choice below leans towards
+over-estimating: reserving a few tokens too many costs nothing once the call settles with
+the real usage, while reserving too few lets a call slip past its budget.
+
+Encodings
+---------
+OpenAI models get the encoding tiktoken assigns to them (``gpt-4o``, ``gpt-4.1``,
+``gpt-5``, ``o1``/``o3``/``o4-mini`` -> ``o200k_base``; ``gpt-4``, ``gpt-3.5-turbo`` ->
+``cl100k_base``) and no safety factor, because tiktoken *is* their tokenizer.
+
+Other vendors' tokenizers are not available offline, so their text is counted with
+``o200k_base`` and the count is multiplied by a per-family safety factor (rounded up):
+
+==========================  ==========================================  ======
+family                      model name starts with                      factor
+==========================  ==========================================  ======
+claude                      ``claude``                                  1.25
+gemini                      ``gemini``                                  1.15
+llama                       ``llama``, ``meta-llama``                   1.15
+mistral                     ``mistral``, ``mixtral``, ``codestral``,    1.25
+                            ``ministral``
+unknown                     anything else tiktoken does not know        1.25
+==========================  ==========================================  ======
+
+The factors are deliberate margins, not measured ratios. Claude's tokenizer is not
+published, and older Mistral models use a 32k-entry SentencePiece vocabulary that splits
+text into more pieces than ``o200k_base`` does, so they get the wide margin. Llama 3's
+tokenizer is itself a tiktoken-style BPE with a 128k vocabulary and Gemini's has a 256k
+vocabulary; both stay close to ``o200k_base`` and get the narrower one.
+
+A provider prefix (``openai/gpt-4o``, ``anthropic/claude-...``) is dropped before the
+lookup, as is a Bedrock-style vendor prefix (``anthropic.claude-...``) for the families.
+A configuration may pin an encoding for a model tiktoken cannot know (a fine-tune behind
+a custom name, say): ``tokenizer_for(model, encoding="o200k_base")`` uses it as is, with
+factor 1.
+
+When an encoding cannot be loaded (no network and no local cache, for example) the
+estimate falls back to the text's UTF-8 byte length. Every token of a byte-level BPE
+covers at least one byte, so this over-counts but never under-counts; a single warning
+per process says so, and nothing raises.
+
+Chat format
+-----------
+Messages follow the accounting of OpenAI's cookbook "How to count tokens with tiktoken"
+(valid for gpt-3.5-turbo-0613 and later, gpt-4, gpt-4o): 3 tokens per message, 1 more
+when the message has a ``name``, and 3 for priming the reply. Tool definitions follow the
+same cookbook's function-calling formula. Each image is counted as ``IMAGE_TOKENS``
+tokens whatever its size, because its pixels are not at hand (see the constant).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import cache, lru_cache
+from typing import Any
+
+import tiktoken
+
+from .errors import InvalidArgument, InvalidArgumentType
+
+__all__ = [
+    "IMAGE_TOKENS",
+    "Tokenizer",
+    "count_text_tokens",
+    "estimate_input_tokens",
+    "tokenizer_for",
+]
+
+logger = logging.getLogger("budgetguard.tokens")
+
+#: Every chat message is wrapped in ``<|start|>{role}<|message|>...<|end|>``.
+TOKENS_PER_MESSAGE = 3
+#: A ``name`` on a message costs one token on top of its text.
+TOKENS_PER_NAME = 1
+#: Every reply is primed with ``<|start|>assistant<|message|>``.
+REPLY_PRIMING_TOKENS = 3
+
+#: Tokens charged for one image, whatever its size or detail setting.
+#:
+#: The largest per-image costs the providers document for their current tiling are:
+#: OpenAI gpt-4o high detail, 85 + 170 per 512 px tile with at most 8 tiles (an image
+#: fitted to 768 x 2048) = 1445; OpenAI gpt-4.1, one token per 32 px patch capped at
+#: 1536 patches = 1536; Anthropic, (width x height) / 750 after downscaling to about
+#: 1.15 megapixels, which the vision docs put at ~1590 for 1092 x 1092. 1600 covers all
+#: three. It does not cover models that multiply their image tokens (gpt-4o-mini,
+#: gpt-4.1-mini/nano, o4-mini) or very large images on models with a higher resolution
+#: cap; the settled usage corrects those.
+IMAGE_TOKENS = 1600
+
+_FALLBACK_ENCODING = "o200k_base"
+_MAX_MEMO = 1024  # short strings (roles, names) whose counts each Tokenizer remembers
+_MEMO_MAX_LEN = 64
+
+# Family rules for models tiktoken does not know: (family, name prefixes, factor).
+_FAMILIES: tuple[tuple[str, tuple[str, ...], Fraction], ...] = (
+    ("claude", ("claude",), Fraction(5, 4)),
+    ("gemini", ("gemini",), Fraction(23, 20)),
+    ("llama", ("llama", "meta-llama"), Fraction(23, 20)),
+    ("mistral", ("mistral", "mixtral", "codestral", "ministral"), Fraction(5, 4)),
+)
+_UNKNOWN_FAMILY = "unknown"
+_UNKNOWN_FACTOR = Fraction(5, 4)
+
+# OpenAI o200k models that an older tiktoken (the floor is 0.7) may not know yet. Without
+# this they would still be estimated, only with the 1.25 margin for unknown models.
+_OPENAI_O200K = re.compile(r"(?:gpt-4o|gpt-4\.1|gpt-4\.5|gpt-5|chatgpt-4o|o[1-9])(?:$|[-.:@])")
+
+
+@dataclass(frozen=True, slots=True)
+class _ToolOverheads:
+    """Constants of the cookbook's function-calling formula (fitted per encoding)."""
+
+    func_init: int
+    prop_init: int
+    prop_key: int
+    enum_init: int
+    enum_item: int
+    func_end: int
+
+
+_TOOLS_O200K = _ToolOverheads(7, 3, 3, -3, 3, 12)
+# Also used whenever the encoding is not o200k (or is missing): 10 > 7 keeps it conservative.
+_TOOLS_CL100K = _ToolOverheads(10, 3, 3, -3, 3, 12)
+
+_SHORT_KEYS = frozenset({"role", "type"})  # message keys whose values repeat call after call
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+_TOOL_USE_PARTS = frozenset({"tool_use", "server_tool_use"})
+# Keys the function-calling formula accounts for; anything else in a schema is added as JSON.
+_FORMULA_PROPERTY_KEYS = frozenset({"type", "description", "enum"})
+_FORMULA_PARAMETER_KEYS = frozenset({"type", "properties", "required", "additionalProperties"})
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """How one model's text is counted.
+
+    ``factor`` scales tiktoken counts up for models whose real tokenizer is not
+    available; it is 1 for OpenAI models, for pinned encodings, and when counting bytes
+    (``encoding_name`` is None), since a byte count already bounds any byte-level BPE.
+    """
+
+    encoding_name: str | None
+    factor: Fraction
+    family: str
+    _encoding: tiktoken.Encoding | None = field(default=None, repr=False, compare=False)
+    _memo: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def count(self, text: str) -> int:
+        """Tokens ``text`` is expected to cost on this model, rounded up after scaling."""
+        if not isinstance(text, str):
+            raise InvalidArgumentType(f"text must be a string, got {_type_name(text)}")
+        return self._scale(self._raw(text))
+
+    def _raw(self, text: str) -> int:
+        # Unscaled count. disallowed_special=() lets user text mention "<|endoftext|>"
+        # without tiktoken raising: it is counted as the plain text it is.
+        if not text:
+            return 0
+        enc = self._encoding
+        if enc is None:
+            # surrogatepass: a lone surrogate must not make an estimate raise.
+            return len(text.encode("utf-8", "surrogatepass"))
+        return len(enc.encode(text, disallowed_special=()))
+
+    def _raw_short(self, text: str) -> int:
+        # Roles and names repeat on every message of every call; remember their counts.
+        n = self._memo.get(text)
+        if n is None:
+            n = self._raw(text)
+            if len(text) <= _MEMO_MAX_LEN and len(self._memo) < _MAX_MEMO:
+                self._memo[text] = n
+        return n
+
+    def _scale(self, n: int) -> int:
+        f = self.factor
+        if f.denominator == 1 and f.numerator == 1:
+            return n
+        return -(-n * f.numerator // f.denominator)
+
+    @property
+    def _tool_overheads(self) -> _ToolOverheads:
+        name = self.encoding_name
+        if name is not None and name.startswith("o200k"):
+            return _TOOLS_O200K
+        return _TOOLS_CL100K
+
+
+# --------------------------------------------------------------------------- lookup
+
+_warn_lock = threading.Lock()
+_warned = False
+
+
+def _warn_fallback(encoding_name: str, exc: BaseException) -> None:
+    global _warned
+    with _warn_lock:
+        if _warned:
+            return
+        _warned = True
+    logger.warning(
+        "could not load tiktoken encoding %r (%s: %s); token estimates fall back to UTF-8 "
+        "byte counts, which over-estimate (conservative)",
+        encoding_name,
+        type(exc).__name__,
+        exc,
+    )
+
+
+@cache
+def _load_encoding(name: str) -> tiktoken.Encoding | None:
+    # A failure is remembered too: retrying a download on every LLM call would put network
+    # timeouts on the hot path, and the byte fallback is safe.
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as exc:
+        _warn_fallback(name, exc)
+        return None
+
+
+@lru_cache(maxsize=1)
+def _known_encodings() -> frozenset[str] | None:
+    try:
+        return frozenset(tiktoken.list_encoding_names())
+    except Exception:
+        return None
+
+
+def _normalise(model: str) -> str:
+    return model.strip().lower().rsplit("/", 1)[-1]
+
+
+def _family(name: str) -> tuple[str, Fraction]:
+    for family, prefixes, factor in _FAMILIES:
+        for prefix in prefixes:
+            if name.startswith(prefix) or f".{prefix}" in name:
+                return family, factor
+    return _UNKNOWN_FAMILY, _UNKNOWN_FACTOR
+
+
+def _openai_encoding_name(name: str) -> str | None:
+    try:
+        return tiktoken.encoding_name_for_model(name)
+    except KeyError:
+        return _FALLBACK_ENCODING if _OPENAI_O200K.match(name) else None
+
+
+def _build(encoding_name: str, factor: Fraction, family: str) -> Tokenizer:
+    enc = _load_encoding(encoding_name)
+    if enc is None:
+        return Tokenizer(None, Fraction(1), family)
+    return Tokenizer(encoding_name, factor, family, enc)
+
+
+@lru_cache(maxsize=512)
+def _tokenizer_cached(model: str, encoding: str | None) -> Tokenizer:
+    name = _normalise(model)
+    if not name:
+        raise InvalidArgument(f"model must name a model, got {model!r}")
+    if encoding is not None:
+        known = _known_encodings()
+        if known is not None and encoding not in known:
+            raise InvalidArgument(
+                f"encoding {encoding!r} pinned for model {model!r} is not a tiktoken "
+                f"encoding (known: {', '.join(sorted(known))})"
+            )
+        openai_encoding = _openai_encoding_name(name)
+        family = "openai" if openai_encoding else _family(name)[0]
+        return _build(encoding, Fraction(1), family)
+    openai_encoding = _openai_encoding_name(name)
+    if openai_encoding is not None:
+        return _build(openai_encoding, Fraction(1), "openai")
+    family, factor = _family(name)
+    return _build(_FALLBACK_ENCODING, factor, family)
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, str):
+        raise InvalidArgumentType(f"model must be a string, got {_type_name(model)}")
+    if not model or model.isspace():
+        raise InvalidArgument("model must be a non-empty string")
+
+
+def tokenizer_for(model: str, encoding: str | None = None) -> Tokenizer:
+    """The tokenizer to count ``model``'s input with, built once per (model, encoding).
+
+    ``encoding`` comes from configuration (``models: {name: {tokenizer: ...}}``) and wins
+    over the name-based lookup, for models whose real encoding the name cannot reveal.
+    """
+    _check_model(model)
+    if encoding is not None:
+        if not isinstance(encoding, str):
+            raise InvalidArgumentType(
+                f"encoding must be a string or None, got {_type_name(encoding)}"
+            )
+        if not encoding:
+            raise InvalidArgument("encoding must be a non-empty string or None")
+    return _tokenizer_cached(model, encoding)
+
+
+def _clear_caches() -> None:
+    """Forget loaded encodings, tokenizers and the warning flag (tests use this)."""
+    global _warned
+    _tokenizer_cached.cache_clear()
+    _load_encoding.cache_clear()
+    _known_encodings.cache_clear()
+    with _warn_lock:
+        _warned = False
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def count_text_tokens(model: str, text: str) -> int:
+    """Tokens of plain ``text`` on ``model``, with the same margin as chat estimates.
+
+    For text that is not wrapped in messages: completion prompts, embeddings input.
+    """
+    tok = tokenizer_for(model)
+    if not isinstance(text, str):
+        raise InvalidArgumentType(f"text must be a string, got {_type_name(text)}")
+    return tok._scale(tok._raw(text))
+
+
+class _Tally:
+    """Running totals of one estimate: tokenizer units (scaled at the end) and images."""
+
+    __slots__ = ("images", "tok", "units")
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+        self.units = 0
+        self.images = 0
+
+
+def estimate_input_tokens(
+    model: str,
+    messages: list | None = None,
+    *,
+    tools: list | None = None,
+    prompt: str | list[str] | None = None,
+    system: str | list | None = None,
+    encoding: str | None = None,
+) -> int:
+    """Upper-leaning estimate of the input tokens a call will be billed for.
+
+    Runs before anything is reserved, so malformed arguments raise
+    ``InvalidArgumentType``/``InvalidArgument`` naming the offending place rather than
+    being guessed at; a tokenizer that cannot be loaded never raises (see the module
+    docstring). Message overheads and tool formulas are in OpenAI's token units, so for
+    other families they are scaled by the family factor along with the text; image
+    tokens are already in the target model's units and are added unscaled. ``encoding``
+    pins a tiktoken encoding (limits.yaml ``models.<name>.tokenizer``).
+    """
+    tok = tokenizer_for(model, encoding)
+    tally = _Tally(tok)
+
+    if messages is not None:
+        if not isinstance(messages, list):
+            raise InvalidArgumentType(
+                f"messages must be a list of dicts or None, got {_type_name(messages)}"
+            )
+        for i, message in enumerate(messages):
+            _count_message(tally, message, i)
+
+    if system is not None:
+        tally.units += TOKENS_PER_MESSAGE + tok._raw_short("system")
+        if isinstance(system, str):
+            tally.units += tok._raw(system)
+        elif isinstance(system, list):
+            for j, block in enumerate(system):
+                _count_part(tally, block, "system", j)
+        else:
+            raise InvalidArgumentType(
+                f"system must be a string, a list of text blocks or null, got {_type_name(system)}"
+            )
+
+    if messages is not None or system is not None:
+        tally.units += REPLY_PRIMING_TOKENS
+
+    if tools is not None:
+        _count_tools(tally, tools)
+
+    if prompt is not None:
+        if isinstance(prompt, str):
+            tally.units += tok._raw(prompt)
+        elif isinstance(prompt, list):
+            for i, item in enumerate(prompt):
+                if not isinstance(item, str):
+                    raise InvalidArgumentType(
+                        f"prompt[{i}] must be a string, got {_type_name(item)}"
+                    )
+                tally.units += tok._raw(item)
+        else:
+            raise InvalidArgumentType(
+                f"prompt must be a string, a list of strings or null, got {_type_name(prompt)}"
+            )
+
+    return tok._scale(tally.units) + tally.images * IMAGE_TOKENS
+
+
+def _count_message(tally: _Tally, message: object, i: int) -> None:
+    if not isinstance(message, dict):
+        raise InvalidArgumentType(f"messages[{i}] must be a dict, got {_type_name(message)}")
+    role = message.get("role")
+    if role is None:
+        # Responses API input items (function_call, function_call_output, ...) have a
+        # type instead of a role; anything with neither is not a message.
+        if not isinstance(message.get("type"), str):
+            raise InvalidArgument(f"messages[{i}] has no role")
+    elif not isinstance(role, str):
+        raise InvalidArgumentType(f"messages[{i}].role must be a string, got {_type_name(role)}")
+    elif not role:
+        raise InvalidArgument(f"messages[{i}].role must not be empty")
+
+    tok = tally.tok
+    tally.units += TOKENS_PER_MESSAGE
+    for key, value in message.items():
+        if value is None:
+            continue
+        if key == "content":
+            _count_content(tally, value, f"messages[{i}].content")
+        elif key == "name":
+            if not isinstance(value, str):
+                raise InvalidArgumentType(
+                    f"messages[{i}].name must be a string, got {_type_name(value)}"
+                )
+            tally.units += tok._raw_short(value) + TOKENS_PER_NAME
+        elif key == "tool_calls":
+            _count_tool_calls(tally, value, f"messages[{i}].tool_calls")
+        elif key == "function_call":
+            _count_function_call(tally, value, f"messages[{i}].function_call")
+        elif isinstance(value, str):
+            tally.units += tok._raw_short(value) if key in _SHORT_KEYS else tok._raw(value)
+        elif key == "output" and isinstance(value, list):
+            _count_content(tally, value, f"messages[{i}].output")
+        else:
+            tally.units += tok._raw(_dumps(value, f"messages[{i}].{key}"))
+
+
+def _count_content(tally: _Tally, content: object, where: str) -> None:
+    if isinstance(content, str):
+        tally.units += tally.tok._raw(content)
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            _count_part(tally, part, where, j)
+    elif content is not None:
+        raise InvalidArgumentType(
+            f"{where} must be a string, a list of parts or null, got {_type_name(content)}"
+        )
+
+
+def _count_part(tally: _Tally, part: object, parent: str, j: int) -> None:
+    if not isinstance(part, dict):
+        raise InvalidArgumentType(f"{parent}[{j}] must be a dict, got {_type_name(part)}")
+    tok = tally.tok
+    kind = part.get("type")
+    if kind in _TEXT_PARTS:
+        tally.units += tok._raw(_required_str(part, "text", f"{parent}[{j}]"))
+    elif kind in _IMAGE_PARTS:
+        tally.images += 1
+    elif kind in _TOOL_USE_PARTS:
+        name = part.get("name")
+        if isinstance(name, str):
+            tally.units += tok._raw_short(name)
+        tool_input = part.get("input")
+        if tool_input is not None:
+            tally.units += tok._raw(_dumps(tool_input, f"{parent}[{j}].input"))
+    elif kind == "tool_result":
+        _count_content(tally, part.get("content"), f"{parent}[{j}].content")
+    elif kind == "refusal":
+        tally.units += tok._raw(_required_str(part, "refusal", f"{parent}[{j}]"))
+    elif kind == "thinking":
+        tally.units += tok._raw(_required_str(part, "thinking", f"{parent}[{j}]"))
+    else:
+        # Audio, files, documents, blocks added after this was written: their JSON is
+        # longer than what the model sees, which errs on the safe side and is never zero.
+        tally.units += tok._raw(_dumps(part, f"{parent}[{j}]"))
+
+
+def _count_tool_calls(tally: _Tally, calls: object, where: str) -> None:
+    if not isinstance(calls, list):
+        raise InvalidArgumentType(f"{where} must be a list, got {_type_name(calls)}")
+    for k, call in enumerate(calls):
+        if not isinstance(call, dict):
+            raise InvalidArgumentType(f"{where}[{k}] must be a dict, got {_type_name(call)}")
+        function = call.get("function")
+        if function is None:
+            tally.units += tally.tok._raw(_dumps(call, f"{where}[{k}]"))
+        else:
+            _count_function_call(tally, function, f"{where}[{k}].function")
+
+
+def _count_function_call(tally: _Tally, function: object, where: str) -> None:
+    if not isinstance(function, dict):
+        raise InvalidArgumentType(f"{where} must be a dict, got {_type_name(function)}")
+    tok = tally.tok
+    name = function.get("name")
+    if name is not None:
+        if not isinstance(name, str):
+            raise InvalidArgumentType(f"{where}.name must be a string, got {_type_name(name)}")
+        tally.units += tok._raw_short(name)
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        tally.units += tok._raw(arguments)
+    elif arguments is not None:
+        # The API wants a JSON string; some clients hand over the decoded object.
+        tally.units += tok._raw(_dumps(arguments, f"{where}.arguments"))
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def _count_tools(tally: _Tally, tools: object) -> None:
+    if not isinstance(tools, list):
+        raise InvalidArgumentType(f"tools must be a list of dicts or None, got {_type_name(tools)}")
+    tok = tally.tok
+    consts = tok._tool_overheads
+    functions = 0
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise InvalidArgumentType(f"{where} must be a dict, got {_type_name(tool)}")
+        spec, spec_where = _function_spec(tool, where)
+        if spec is None:
+            # Anthropic {"name", "description", "input_schema"}, built-in tools, ...
+            tally.units += tok._raw(_dumps(tool, where))
+            continue
+        functions += 1
+        tally.units += consts.func_init + _function_definition_units(tok, consts, spec, spec_where)
+    if functions:
+        tally.units += consts.func_end
+
+
+def _function_spec(tool: dict, where: str) -> tuple[dict | None, str]:
+    if tool.get("type") == "function":
+        if "function" in tool:  # Chat Completions: {"type": "function", "function": {...}}
+            spec = tool["function"]
+            if not isinstance(spec, dict):
+                raise InvalidArgumentType(
+                    f"{where}.function must be a dict, got {_type_name(spec)}"
+                )
+            return spec, f"{where}.function"
+        return tool, where  # Responses API: the definition sits on the tool itself
+    if "type" not in tool and "parameters" in tool and "name" in tool:
+        return tool, where  # legacy `functions=[...]` entry
+    return None, where
+
+
+def _function_definition_units(
+    tok: Tokenizer, consts: _ToolOverheads, spec: dict, where: str
+) -> int:
+    name = spec.get("name")
+    if not isinstance(name, str):
+        raise InvalidArgumentType(f"{where}.name must be a string, got {_type_name(name)}")
+    if not name:
+        raise InvalidArgument(f"{where}.name must not be empty")
+    description = _optional_str(spec, "description", where)
+    units = tok._raw(f"{name}:{description.removesuffix('.')}")
+
+    parameters = spec.get("parameters")
+    if parameters is None:
+        return units
+    if not isinstance(parameters, dict):
+        raise InvalidArgumentType(
+            f"{where}.parameters must be a dict, got {_type_name(parameters)}"
+        )
+    properties = parameters.get("properties")
+    if properties is not None and not isinstance(properties, dict):
+        raise InvalidArgumentType(
+            f"{where}.parameters.properties must be a dict, got {_type_name(properties)}"
+        )
+    if properties:
+        units += consts.prop_init
+        for key, prop in properties.items():
+            units += consts.prop_key + _property_units(
+                tok, consts, key, prop, f"{where}.parameters.properties.{key}"
+            )
+    extra = {k: v for k, v in parameters.items() if k not in _FORMULA_PARAMETER_KEYS}
+    if extra:  # $defs, anyOf, ...: the formula has no term for them, so add their JSON
+        units += tok._raw(_dumps(extra, f"{where}.parameters"))
+    return units
+
+
+def _property_units(
+    tok: Tokenizer, consts: _ToolOverheads, key: object, prop: object, where: str
+) -> int:
+    if not isinstance(prop, dict):
+        raise InvalidArgumentType(f"{where} must be a dict, got {_type_name(prop)}")
+    units = 0
+    ptype = prop.get("type", "")
+    if isinstance(ptype, list):
+        ptype = " | ".join(str(t) for t in ptype)
+    elif not isinstance(ptype, str):
+        ptype = _dumps(ptype, f"{where}.type")
+    description = _optional_str(prop, "description", where)
+    enum = prop.get("enum")
+    if enum is not None:
+        if not isinstance(enum, list):
+            raise InvalidArgumentType(f"{where}.enum must be a list, got {_type_name(enum)}")
+        units += consts.enum_init
+        for item in enum:
+            text = item if isinstance(item, str) else _dumps(item, f"{where}.enum")
+            units += consts.enum_item + tok._raw(text)
+    units += tok._raw(f"{key}:{ptype}:{description.removesuffix('.')}")
+    extra = {k: v for k, v in prop.items() if k not in _FORMULA_PROPERTY_KEYS}
+    if extra:  # nested objects, items, defaults, ...: not in the formula, add their JSON
+        units += tok._raw(_dumps(extra, where))
+    return units
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _required_str(part: dict, key: str, where: str) -> str:
+    value = part.get(key)
+    if not isinstance(value, str):
+        raise InvalidArgumentType(f"{where}.{key} must be a string, got {_type_name(value)}")
+    return value
+
+
+def _optional_str(obj: dict, key: str, where: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgumentType(f"{where}.{key} must be a string, got {_type_name(value)}")
+    return value
+
+
+def _dumps(value: Any, where: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"{where} cannot be serialised to JSON: {exc}") from None
