@@ -22,7 +22,7 @@ from .decision import Decision, Status, Ticket, WindowStatus
 from .errors import InvalidArgument, InvalidArgumentType
 from .policy import Policies, UserPolicy
 from .pricing import ModelPrice, nano_to_usd
-from .tokens import estimate_input_tokens
+from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for
 from .usage import Usage
 from .windows import WINDOWS, WindowClock, WindowSet, user_tag
 
@@ -213,14 +213,18 @@ class Engine:
                                     f"{policy.max_input_tokens}")
 
         candidates = [Candidate(model, price, input_tokens, price.estimate_nano(input_tokens, max_out), _REQUESTED)]
-        for route, target in ((_USER_ROUTE, policy.routes.get(model)), (_ORG_ROUTE, self.policies.org.routes.get(model))):
+        routes = ((_USER_ROUTE, policy.routes.get(model)), (_ORG_ROUTE, self.policies.org.routes.get(model)))
+        for route, target in routes:
             if target is None or not policy.allows(target) or any(c.model == target for c in candidates):
                 continue
             target_price = self._price(target)
             if target_price is None:  # config validation makes this unreachable; stay safe
                 continue
-            tokens = self._estimate(target, messages, tools, prompt, system)
-            candidates.append(Candidate(target, target_price, tokens, target_price.estimate_nano(tokens, max_out), route))
+            # Most routes stay within a tokenizer family: count again only if it differs.
+            same = self._tokenizer(target) == self._tokenizer(model)
+            tokens = input_tokens if same else self._estimate(target, messages, tools, prompt, system)
+            amount = target_price.estimate_nano(tokens, max_out)
+            candidates.append(Candidate(target, target_price, tokens, amount, route))
         if policy.max_cost_nano is not None:
             affordable = [c for c in candidates if c.amount_nano <= policy.max_cost_nano]
             if not affordable:
@@ -237,6 +241,9 @@ class Engine:
     def _estimate(self, model: str, messages: Any, tools: Any, prompt: Any, system: Any) -> int:
         return estimate_input_tokens(model, messages, tools=tools, prompt=prompt, system=system,
                                      encoding=self._encodings.get(model))
+
+    def _tokenizer(self, model: str) -> Tokenizer:
+        return tokenizer_for(model, self._encodings.get(model))
 
     def _price(self, model: str) -> ModelPrice | None:
         price = self.prices.resolve(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -57,10 +58,8 @@ def test_200_threaded_checks_allow_exactly_100(backend_url, clock):
     barrier = threading.Barrier(32)
 
     def one(_):
-        try:
+        with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait(timeout=5)
-        except threading.BrokenBarrierError:
-            pass
         return g.check("alice", "gpt-4o", MSG, max_tokens=100)
 
     with ThreadPoolExecutor(max_workers=32) as pool:
