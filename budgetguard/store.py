@@ -128,7 +128,7 @@ def connect(config: Config, url: str) -> redis.Redis:
                                      max_connections=config.redis_max_connections)
         # In-process: a wait is never an outage, so no deadline (it would only turn
         # load into unenforced calls).
-        client.connection_pool.timeout = None
+        client.connection_pool.timeout = None  # type: ignore[attr-defined]  # a BlockingConnectionPool
         return client
     from redis.retry import Retry
 
@@ -147,7 +147,7 @@ def connect_async(config: Config, url: str) -> redis.asyncio.Redis:
         aclient = fakeredis.FakeAsyncRedis(server=_memory_server(url),
                                            connection_pool_class=redis.asyncio.BlockingConnectionPool,
                                            max_connections=config.redis_max_connections)
-        aclient.connection_pool.timeout = None
+        aclient.connection_pool.timeout = None  # type: ignore[attr-defined]
         return aclient
     from redis.asyncio.retry import Retry
 
