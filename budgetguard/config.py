@@ -34,7 +34,8 @@ __all__ = [
     "parse_config",
 ]
 
-Usd = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=9)]
+# Caps stay below 2**53 nano-USD, the range where the Lua scripts compare exactly.
+Usd = Annotated[Decimal, Field(ge=0, le=9_000_000, decimal_places=9)]
 Threshold = Annotated[Decimal, Field(gt=0, le=1)]
 TokenCount = Annotated[int, Field(gt=0, le=100_000_000)]
 PerMTok = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=9)]

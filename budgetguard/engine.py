@@ -8,12 +8,13 @@ answer into a :class:`Decision`) lives here once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
-import uuid
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -24,7 +25,7 @@ from .policy import Policies, UserPolicy
 from .pricing import ModelPrice, nano_to_usd
 from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for
 from .usage import Usage
-from .windows import WINDOWS, WindowClock, WindowSet, user_tag
+from .windows import WINDOWS, WindowClock, WindowSet, user_tag, windows_at
 
 __all__ = ["MAX_OUTPUT_TOKENS_CEILING", "CheckPlan", "Engine", "ScriptCall"]
 
@@ -34,7 +35,7 @@ _MAX_TAGS = 32
 _MAX_REQUEST_ID = 256
 
 # Route kinds in the reserve script's calling convention.
-_REQUESTED, _USER_ROUTE, _ORG_ROUTE = 0, 1, 2
+_REQUESTED, _USER_ROUTE, _ORG_ROUTE, _BOTH_ROUTES = 0, 1, 2, 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,7 @@ class CheckPlan:
     rid: str
     now: datetime
     windows: WindowSet
+    user_prefix: str
     candidates: list[Candidate] = field(default_factory=list)
     dropped_for_cost: bool = False
     call: ScriptCall | None = None
@@ -75,12 +77,17 @@ def _fmt(nano: int) -> str:
     return f"${nano_to_usd(nano).normalize():f}"
 
 
-def _ms(delta: timedelta) -> int:
-    return max(1000, math.ceil(delta.total_seconds() * 1000))
-
-
 def _as_int(value: Any) -> int:
     return int(value)
+
+
+def _epoch_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def settled_state(candidate: int, cost_nano: int | None) -> str:
+    # The nonce tells this call's own resend (same state) from a second settle call.
+    return f"S|{candidate}|{'released' if cost_nano is None else cost_nano}|{os.urandom(4).hex()}"
 
 
 def _validate_text(name: str, value: Any, *, max_len: int | None = None) -> str:
@@ -131,11 +138,13 @@ class Engine:
         self._windows = WindowClock(config.tz)
         self._prefix = config.key_prefix
         self._org_prefix = f"{config.key_prefix}:{{org}}:"
-        self._lease = timedelta(seconds=config.reservation_ttl_s)
         # A settled request's state outlives its lease so that retries and late
         # records still find it; window keys outlive their window by a day.
         self._state_ms = (2 * config.reservation_ttl_s + 3600) * 1000
-        self._grace = timedelta(seconds=config.reservation_ttl_s + 86_400)
+        self._grace_ms = (config.reservation_ttl_s + 86_400) * 1000
+        self._lease_ms = config.reservation_ttl_s * 1000
+        # Per (policy, hour): the packed "cap,threshold,end" argument, built once.
+        self._specs: dict[tuple[int, WindowSet], str] = {}
         self._encodings = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
 
     # -- time ------------------------------------------------------------------------
@@ -144,10 +153,11 @@ class Engine:
         now = self._clock()
         if now.tzinfo is None:
             raise InvalidArgument("clock() must return an aware datetime")
-        return now
+        # On the UTC line, differences are true durations even across a DST change.
+        return now.astimezone(UTC)
 
-    def _key_ttls(self, windows: WindowSet, now: datetime) -> list[int]:
-        return [_ms(windows.of(spec.period).end + self._grace - now) for spec in WINDOWS]
+    def _ends_ms(self, windows: WindowSet) -> list[int]:
+        return [_epoch_ms(windows.of(spec.period).end) for spec in WINDOWS]
 
     def _user_prefix(self, user: str) -> str:
         return f"{self._prefix}:{user_tag(user)}:"
@@ -188,13 +198,13 @@ class Engine:
         # Estimating also validates messages/tools, so it runs before any early denial.
         input_tokens = self._estimate(model, messages, tools, prompt, system)
 
-        rid = (
-            hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-            if request_id is not None
-            else uuid.uuid4().hex
-        )
+        user_prefix = self._user_prefix(user)
+        if request_id is None:
+            rid = os.urandom(16).hex()
+        else:  # scoped to the user: two users' "req-1" are two requests
+            rid = hashlib.sha256(f"{user_prefix}\0{request_id}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
         now = self.now()
-        plan = CheckPlan(user, model, policy, tags, max_out, rid, now, self._windows.at(now))
+        plan = CheckPlan(user, model, policy, tags, max_out, rid, now, self._windows.at(now), user_prefix)
 
         if not policy.allows(model):
             return self._deny_local(plan, input_tokens, "model.not_allowed",
@@ -215,7 +225,11 @@ class Engine:
         candidates = [Candidate(model, price, input_tokens, price.estimate_nano(input_tokens, max_out), _REQUESTED)]
         routes = ((_USER_ROUTE, policy.routes.get(model)), (_ORG_ROUTE, self.policies.org.routes.get(model)))
         for route, target in routes:
-            if target is None or not policy.allows(target) or any(c.model == target for c in candidates):
+            if target is None or not policy.allows(target) or target == model:
+                continue
+            same_target = next((i for i, c in enumerate(candidates) if c.model == target), None)
+            if same_target is not None:  # the tier and the org route alike: either may trigger it
+                candidates[same_target] = dataclasses.replace(candidates[same_target], route=_BOTH_ROUTES)
                 continue
             target_price = self._price(target)
             if target_price is None:  # config validation makes this unreachable; stay safe
@@ -251,40 +265,46 @@ class Engine:
             price = self.prices.resolve(self.config.unknown_model)
         return price
 
+    def _window_spec(self, policy: UserPolicy, windows: WindowSet) -> str:
+        key = (id(policy), windows)
+        spec = self._specs.get(key)
+        if spec is None:
+            if len(self._specs) > 4096:  # a new hour (or many overridden users): start over
+                self._specs.clear()
+            caps = (*policy.caps, *self.policies.org.caps)
+            triggers = (*policy.triggers, *self.policies.org.triggers)
+            spec = self._specs[key] = ",".join(
+                f"{-1 if cap is None else cap},{-1 if trigger is None else trigger},{end}"
+                for cap, trigger, end in zip(caps, triggers, self._ends_ms(windows), strict=True)
+            )
+        return spec
+
     def _reserve_call(self, plan: CheckPlan) -> ScriptCall:
-        user_prefix = self._user_prefix(plan.user)
-        w = plan.windows
-        caps = (*plan.policy.caps, *self.policies.org.caps)
-        triggers = (*plan.policy.triggers, *self.policies.org.triggers)
-        ttls = self._key_ttls(w, plan.now)
-        per_window: list[str | int] = []
-        for cap, trigger, ttl in zip(caps, triggers, ttls, strict=True):
-            per_window += [-1 if cap is None else cap, -1 if trigger is None else trigger, ttl]
-        per_candidate: list[str | int] = []
-        for c in plan.candidates:
-            per_candidate += [c.amount_nano, c.route]
-        now_ms = int(plan.now.timestamp() * 1000)
+        prefix, w = plan.user_prefix, plan.windows
+        now_ms = _epoch_ms(plan.now)
         return ScriptCall(
             "reserve",
-            (user_prefix + "rq:" + plan.rid, user_prefix + "leases", self._org_prefix + "leases",
-             *self._window_keys(user_prefix, w)),
-            (now_ms, now_ms + int(self._lease.total_seconds() * 1000), self._state_ms, user_prefix,
-             self._org_prefix, f"|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", f"|{w.d.stamp}|{w.m.stamp}",
-             plan.rid, *per_window, len(plan.candidates), *per_candidate),
+            (prefix + "rq:" + plan.rid, prefix + "leases", self._org_prefix + "leases",
+             *self._window_keys(prefix, w)),
+            (now_ms, now_ms + self._lease_ms, self._state_ms, self._grace_ms, prefix, self._org_prefix,
+             f"|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", f"|{w.d.stamp}|{w.m.stamp}", plan.rid,
+             self._window_spec(plan.policy, w),
+             ",".join(f"{c.amount_nano},{c.route}" for c in plan.candidates)),
         )
 
     def _decision(self, plan: CheckPlan, candidate: Candidate | None, *, allowed: bool, reason: str,
                   limit: str | None, retry_after: int | None = None, amount: int | None = None,
                   input_tokens: int | None = None, enforced: bool = True,
-                  remaining: int | None = None) -> Decision:
-        amount = candidate.amount_nano if candidate else (amount or 0)
+                  remaining: int | None = None, windows: WindowSet | None = None) -> Decision:
+        if amount is None:
+            amount = candidate.amount_nano if candidate else 0
         ticket = Ticket(
-            request_key=f"{self._user_prefix(plan.user)}rq:{plan.rid}",
-            user_prefix=self._user_prefix(plan.user),
+            request_key=f"{plan.user_prefix}rq:{plan.rid}",
+            user_prefix=plan.user_prefix,
             org_prefix=self._org_prefix,
-            windows=plan.windows,
+            windows=windows or plan.windows,
             amount_nano=amount,
-            candidate=(plan.candidates.index(candidate) + 1) if candidate else 0,
+            candidate=(plan.candidates.index(candidate) + 1) if candidate in plan.candidates else 0,
         )
         return Decision(
             allowed=allowed,
@@ -314,12 +334,7 @@ class Engine:
     def read_check(self, plan: CheckPlan, reply: Sequence[Any]) -> Decision:
         code = _as_int(reply[0])
         if code == 2:
-            state = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-            kind, index = state.split("|")[:2]
-            candidate = plan.candidates[int(index) - 1] if index.isdigit() else plan.candidates[0]
-            settled = " (already settled)" if kind == "S" else ""
-            return self._decision(plan, candidate, allowed=True, limit=None,
-                                  reason=f"allowed: duplicate request_id, the original reservation stands{settled}")
+            return self._repeat(plan, reply[1])
         mask, triggered = _as_int(reply[2]), _as_int(reply[3])
         spent = [_as_int(v) for v in reply[4:9]]
         reserved = [_as_int(v) for v in reply[9:14]]
@@ -333,8 +348,9 @@ class Engine:
             cap = caps[w]
             assert cap is not None
             end = plan.windows.of(spec.period).end
-            # Waiting helps only if the request fits an empty window at all.
-            retry = math.ceil((end - plan.now).total_seconds()) if cheapest.amount_nano <= cap else None
+            # Waiting helps only if the request fits every capped window when empty.
+            fits_empty = all(c is None or cheapest.amount_nano <= c for c in caps)
+            retry = math.ceil((end - plan.now).total_seconds()) if fits_empty else None
             reason = (f"denied: {spec.name} cap {_fmt(cap)} would be exceeded "
                       f"(spent {_fmt(spent[w])} + reserved {_fmt(reserved[w])} + this request "
                       f"{_fmt(cheapest.amount_nano)})")
@@ -354,14 +370,23 @@ class Engine:
             limit = WINDOWS[self._latest_reset(mask, plan.windows)].name
             why = f"{plan.requested} would exceed {limit}, {chosen.model} fits"
         else:
-            scope = "user" if chosen.route == _USER_ROUTE else "org"
-            w = next(i for i, spec in enumerate(WINDOWS) if spec.scope == scope and triggered >> i & 1)
+            scopes = {_USER_ROUTE: ("user",), _ORG_ROUTE: ("org",)}.get(chosen.route, ("user", "org"))
+            w = next(i for i, spec in enumerate(WINDOWS) if spec.scope in scopes and triggered >> i & 1)
             limit = WINDOWS[w].name
             cap = caps[w]
             assert cap is not None
             why = f"{limit} is at {Decimal(used[w] * 100) / cap:.0f}% of {_fmt(cap)}"
         return self._decision(plan, chosen, allowed=True, limit=limit, remaining=remaining,
                               reason=f"routed {plan.requested} -> {chosen.model}: {why}")
+
+    def _repeat(self, plan: CheckPlan, state: Any) -> Decision:
+        """A retried check: rebuild the original reservation from its stored state."""
+        _, index, amount, reserved_ms = (state.decode() if isinstance(state, bytes) else str(state)).split("|")
+        i = int(index) - 1
+        candidate = plan.candidates[i] if 0 <= i < len(plan.candidates) else plan.candidates[0]
+        windows = windows_at(datetime.fromtimestamp(int(reserved_ms) / 1000, UTC), self.config.tz)
+        return self._decision(plan, candidate, allowed=True, limit=None, amount=int(amount), windows=windows,
+                              reason="allowed: a repeat of a live reservation (same request id), which stands")
 
     @staticmethod
     def _latest_reset(mask: int, windows: WindowSet) -> int:
@@ -395,22 +420,30 @@ class Engine:
         t = decision._ticket
         now = self.now()
         user_member, org_member = t.members(decision.reservation_id)
-        # A record that arrives after the reservation's windows have expired charges the
+        # A record that arrives after the reservation's hour key has expired charges the
         # current windows: late spend is still spend.
-        charge = t.windows if t.windows.h.end + self._grace > now else self._windows.at(now)
-        label = f"S|{t.candidate}|" + ("released" if cost_nano is None else str(cost_nano))
+        expired = _epoch_ms(t.windows.h.end) + self._grace_ms <= _epoch_ms(now)
+        charge = self._windows.at(now) if expired else t.windows
         return ScriptCall(
             "settle",
             (t.request_key, t.user_prefix + "leases", t.org_prefix + "leases",
              *self._window_keys(t.user_prefix, charge)),
-            (int(now.timestamp() * 1000), self._state_ms, t.user_prefix, t.org_prefix, user_member, org_member,
-             "" if cost_nano is None else cost_nano, *self._key_ttls(charge, now), label),
+            (_epoch_ms(now), self._state_ms, self._grace_ms, t.user_prefix, t.org_prefix, user_member, org_member,
+             "" if cost_nano is None else cost_nano, ",".join(map(str, self._ends_ms(charge))),
+             settled_state(t.candidate, cost_nano)),
         )
 
     @staticmethod
-    def read_settle(reply: Sequence[Any]) -> bool:
-        """True when this call applied the settlement, False for a repeat."""
-        return _as_int(reply[0]) == 1
+    def read_settle(call: ScriptCall, reply: Sequence[Any]) -> bool:
+        """True when this settlement applied, False when an earlier one had.
+
+        A repeat that finds exactly the state this call writes is its own resend
+        (redis-py retried it), so it counts as applied.
+        """
+        if _as_int(reply[0]) == 1:
+            return True
+        state = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        return state == call.args[-1]
 
     # -- status --------------------------------------------------------------------
 
@@ -422,7 +455,7 @@ class Engine:
         call = ScriptCall(
             "status",
             (user_prefix + "leases", self._org_prefix + "leases", *self._window_keys(user_prefix, windows)),
-            (int(now.timestamp() * 1000), user_prefix, self._org_prefix),
+            (_epoch_ms(now), user_prefix, self._org_prefix),
         )
         return call, windows, self.policies.for_user(user)
 

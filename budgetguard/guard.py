@@ -18,7 +18,7 @@ import redis.asyncio as redis_async
 from .config import Config, load_config
 from .decision import Decision, Status
 from .engine import CheckPlan, Engine, ScriptCall
-from .errors import BudgetExceeded, InvalidArgumentType
+from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
 from .store import AsyncStore, Health, StoreUnavailable, SyncStore, ThreadedStore, connect, connect_async, is_memory
 from .usage import Usage
 
@@ -60,6 +60,7 @@ class BudgetGuard:
         self._owns_async = async_redis is None
         self._given_async = async_redis
         self._async: tuple[asyncio.AbstractEventLoop, AsyncStore | ThreadedStore] | None = None
+        self._orphans: set[asyncio.Future[bool]] = set()  # releases of cancelled checks, in flight
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **kwargs: Any) -> BudgetGuard:
@@ -80,7 +81,8 @@ class BudgetGuard:
                 store = ThreadedStore(self._sync)
             else:
                 client = self._given_async or connect_async(self.config, self._url)
-                timeout = None if is_memory(self._url) else self.config.redis_timeout_ms / 1000
+                embedded = self._given_async is None and is_memory(self._url)
+                timeout = None if embedded else self.config.redis_timeout_ms / 1000
                 store = AsyncStore(client, self._health, timeout)
             self._async = (loop, store)
         return self._async[1]
@@ -109,10 +111,24 @@ class BudgetGuard:
                                        request_id=request_id, tools=tools, prompt=prompt, system=system)
         if plan.call is None:
             return self._decided(plan, None)
+        running = asyncio.ensure_future(self._async_store().run(plan.call))
         try:
-            return self._decided(plan, await self._async_store().run(plan.call))
+            return self._decided(plan, await asyncio.shield(running))
         except StoreUnavailable as exc:
             return self._decided(plan, exc)
+        except asyncio.CancelledError:
+            # The caller gave up, but the script may still reserve: give that back.
+            running.add_done_callback(functools.partial(self._release_orphan, plan))
+            raise
+
+    def _release_orphan(self, plan: CheckPlan, running: asyncio.Future[Any]) -> None:
+        if running.cancelled() or running.exception() is not None:
+            return
+        decision = self._engine.read_check(plan, running.result())
+        if decision.allowed:
+            task = asyncio.ensure_future(self.arelease(decision))
+            self._orphans.add(task)
+            task.add_done_callback(self._orphans.discard)
 
     def _decided(self, plan: CheckPlan, reply: Any) -> Decision:
         if plan.decision is not None:
@@ -128,48 +144,53 @@ class BudgetGuard:
 
     # -- settle ------------------------------------------------------------------------
 
-    def _settle_call(self, decision: Decision, response_or_usage: Any) -> ScriptCall:
-        if response_or_usage is None:
-            return self._engine.settle_call(decision, None)
+    def _record_call(self, decision: Decision, response_or_usage: Any) -> ScriptCall:
+        if isinstance(decision, Decision) and not decision.allowed:
+            raise InvalidArgument(f"cannot record usage for a denied decision (limit {decision.limit}); "
+                                  "nothing was reserved for it")
         usage = Usage.from_response(response_or_usage)
         return self._engine.settle_call(decision, self._engine.cost_nano(decision, usage))
 
+    def _release_call(self, decision: Decision) -> ScriptCall | None:
+        # A denial reserved nothing, except a fail-closed one: its script may have run
+        # after the deadline, and releasing is harmless when it did not.
+        if isinstance(decision, Decision) and not decision.allowed and decision.limit != "store.unavailable":
+            return None
+        return self._engine.settle_call(decision, None)
+
     def record(self, decision: Decision, response_or_usage: Any) -> bool:
         """Replace the reservation with the actual cost. Applies once; True if this call applied it."""
-        return self._settled(decision, self._sync, self._settle_call(decision, response_or_usage))
+        return self._settled(decision, self._record_call(decision, response_or_usage))
 
     def release(self, decision: Decision) -> bool:
         """Give the reservation back (the call failed). Applies once; True if this call applied it."""
-        if isinstance(decision, Decision) and not decision.allowed:
-            return False
-        return self._settled(decision, self._sync, self._settle_call(decision, None))
+        call = self._release_call(decision)
+        return call is not None and self._settled(decision, call)
 
     async def arecord(self, decision: Decision, response_or_usage: Any) -> bool:
-        call = self._settle_call(decision, response_or_usage)
-        return await self._asettled(decision, call)
+        return await self._asettled(decision, self._record_call(decision, response_or_usage))
 
     async def arelease(self, decision: Decision) -> bool:
-        if isinstance(decision, Decision) and not decision.allowed:
-            return False
-        return await self._asettled(decision, self._settle_call(decision, None))
+        call = self._release_call(decision)
+        return call is not None and await self._asettled(decision, call)
 
-    def _settled(self, decision: Decision, store: SyncStore, call: ScriptCall) -> bool:
+    def _settled(self, decision: Decision, call: ScriptCall) -> bool:
         try:
-            return self._engine.read_settle(store.run(call))
+            return self._engine.read_settle(call, self._sync.run(call))
         except StoreUnavailable:
-            return self._unsettled(decision, call)
+            return self._unsettled(decision)
 
     async def _asettled(self, decision: Decision, call: ScriptCall) -> bool:
         try:
-            return self._engine.read_settle(await self._async_store().run(call))
+            return self._engine.read_settle(call, await self._async_store().run(call))
         except StoreUnavailable:
-            return self._unsettled(decision, call)
+            return self._unsettled(decision)
 
     @staticmethod
-    def _unsettled(decision: Decision, call: ScriptCall) -> bool:
-        what = "release" if call.args[6] == "" else f"spend of {call.args[6]} nano-USD"
-        log.error("budget store unavailable: %s for user %r (reservation %s) not applied; "
-                  "the reservation lapses after reservation_ttl_s", what, decision.user, decision.reservation_id)
+    def _unsettled(decision: Decision) -> bool:
+        log.error("budget store unavailable: settling reservation %s of user %r failed; its spend is not "
+                  "counted and the reservation lapses after reservation_ttl_s", decision.reservation_id,
+                  decision.user)
         return False
 
     # -- reserve / limit ---------------------------------------------------------------
@@ -248,6 +269,8 @@ class BudgetGuard:
             self._sync.client.close()
 
     async def aclose(self) -> None:
+        if self._orphans:
+            await asyncio.gather(*self._orphans, return_exceptions=True)
         if self._async is not None and self._owns_async and self._async[1].client is not None:
             await self._async[1].client.aclose()
         self._async = None

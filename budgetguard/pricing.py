@@ -143,8 +143,10 @@ class Pricebook:
         except KeyError:
             pass
         price = self._build(model)
-        with self._lock:
-            self._cache[model] = price
+        # Model names can come from clients: remember misses only up to a bound.
+        if price is not None or len(self._cache) < 10_000:
+            with self._lock:
+                self._cache[model] = price
         return price
 
     def _build(self, model: str) -> ModelPrice | None:

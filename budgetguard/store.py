@@ -136,7 +136,7 @@ def connect(config: Config, url: str) -> redis.Redis:
         pool = redis.BlockingConnectionPool.from_url(url, **_pool_options(config, _retry(Retry)))
     except ValueError as exc:
         raise ConfigError(f"redis_url: {exc}") from None
-    return redis.Redis(connection_pool=pool)
+    return redis.Redis.from_pool(pool)  # the client owns the pool: close() closes its sockets
 
 
 def connect_async(config: Config, url: str) -> redis.asyncio.Redis:
@@ -155,7 +155,7 @@ def connect_async(config: Config, url: str) -> redis.asyncio.Redis:
         pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_pool_options(config, _retry(Retry)))
     except ValueError as exc:
         raise ConfigError(f"redis_url: {exc}") from None
-    return redis.asyncio.Redis(connection_pool=pool)
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 # -- stores ----------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 
 Key layout (``bg`` is ``key_prefix``)::
 
-    bg:{u:<user>}:h:2026112314   user hourly counters    hash {s: spent, r: reserved}
+    bg:{u:<user>}:h:202611231400 user hourly counters    hash {s: spent, r: reserved}; the hour's UTC start
     bg:{u:<user>}:d:20261123     user daily counters
     bg:{u:<user>}:m:202611       user monthly counters
-    bg:{u:<user>}:leases         live reservations       zset member "rid|amount|h:..|d:..|m:.." score expiry ms
-    bg:{u:<user>}:rq:<rid>       request state           "L|<candidate>" reserved, "S|..." settled
+    bg:{u:<user>}:leases         live reservations       zset "rid|amount|h:..|d:..|m:.." scored by deadline ms
+    bg:{u:<user>}:rq:<rid>       request state           "L|<candidate>|<amount>|<ms>" reserved, "S|..." settled
     bg:{org}:d:20261123, bg:{org}:m:202611, bg:{org}:leases
 
 The braces are Redis Cluster hash tags: a user's keys share one slot, the org's another.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 __all__ = ["WINDOWS", "Period", "WindowSet", "WindowSpec", "user_tag"]
@@ -53,7 +53,7 @@ WINDOWS: tuple[WindowSpec, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Period:
-    stamp: str  # key suffix, e.g. "h:2026112314"
+    stamp: str  # key suffix, e.g. "h:202611231400"
     start: datetime
     end: datetime
 
@@ -80,17 +80,17 @@ def _local_midnight(day: datetime, tz: ZoneInfo) -> datetime:
 
 def windows_at(now: datetime, tz: ZoneInfo) -> WindowSet:
     """The calendar windows containing ``now`` (an aware datetime) in ``tz``."""
-    local = now.astimezone(tz)
-    # Arithmetic on UTC instants: an hour is 3600 s even across a DST change.
-    hour_start = local.replace(minute=0, second=0, microsecond=0)
-    hour_end = (hour_start.astimezone(ZoneInfo("UTC")) + timedelta(hours=1)).astimezone(tz)
-    fold = "b" if local.fold else ""
+    utc = now.astimezone(UTC)
+    local = utc.astimezone(tz)
+    # The hour is taken on the UTC line, so it is always 3600 s long and contains now,
+    # even across a DST change (also the half-hour ones); its key names its UTC start.
+    hour_start = utc - timedelta(minutes=local.minute, seconds=local.second, microseconds=local.microsecond)
     day_start = _local_midnight(local, tz)
     day_end = _local_midnight(local + timedelta(days=1), tz)
     month_start = datetime(local.year, local.month, 1, tzinfo=tz)
     next_month = datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=tz)
     return WindowSet(
-        h=Period(f"h:{local:%Y%m%d%H}{fold}", hour_start, hour_end),
+        h=Period(f"h:{hour_start:%Y%m%d%H%M}", hour_start, hour_start + timedelta(hours=1)),
         d=Period(f"d:{local:%Y%m%d}", day_start, day_end),
         m=Period(f"m:{local:%Y%m}", month_start, next_month),
     )

@@ -106,9 +106,45 @@ def test_request_id_makes_check_idempotent(backend_url, clock):
     assert g.status("u1").windows["user.daily"].reserved_usd == d1.estimated_cost_usd
     assert g.record(d2, Usage(input_tokens=5, output_tokens=5)) is True
     assert g.record(d1, Usage(input_tokens=5, output_tokens=5)) is False
+    # Once settled, the same id is a new attempt (a retry after a failed call): it
+    # reserves afresh and its record counts.
     d3 = g.check("u1", "gpt-4o", MSG, max_tokens=100, request_id="req-42")
-    assert d3.allowed and "already settled" in d3.reason
-    assert g.status("u1").windows["user.daily"].reserved_usd == 0
+    assert d3.allowed and d3.reason == "allowed"
+    assert g.status("u1").windows["user.daily"].reserved_usd == d3.estimated_cost_usd
+    assert g.record(d3, Usage(input_tokens=5, output_tokens=5)) is True
+    w = g.status("u1").windows["user.daily"]
+    assert (w.spent_usd, w.reserved_usd) == (2 * cost_usd("gpt-4o", 5, 5), 0)
+
+
+def test_retry_after_release_with_the_same_request_id_is_charged(backend_url, clock):
+    g = guard(backend_url, clock)
+    first = g.check("u1", "gpt-4o", MSG, max_tokens=100, request_id="idem-1")
+    assert g.release(first) is True  # the provider failed
+    retry = g.check("u1", "gpt-4o", MSG, max_tokens=100, request_id="idem-1")
+    assert retry.allowed and g.record(retry, Usage(input_tokens=50, output_tokens=50)) is True
+    assert g.status("u1").windows["user.daily"].spent_usd == cost_usd("gpt-4o", 50, 50)
+
+
+def test_request_ids_are_scoped_to_the_user(backend_url, clock):
+    g = guard(backend_url, clock)
+    a = g.check("alice", "gpt-4o", MSG, max_tokens=100, request_id="req-1")
+    b = g.check("bob", "gpt-4o", MSG, max_tokens=100, request_id="req-1")
+    assert a.reservation_id != b.reservation_id
+    assert g.status("alice").windows["org.daily"].reserved_usd == a.estimated_cost_usd + b.estimated_cost_usd
+    assert g.release(a) and g.release(b)
+    assert g.status("alice").windows["org.daily"].reserved_usd == 0
+
+
+def test_repeated_check_across_an_hour_settles_the_original(backend_url, clock):
+    clock.now = clock.now.replace(minute=59, second=59)
+    g = guard(backend_url, clock)
+    d1 = g.check("u1", "gpt-4o", MSG, max_tokens=100, request_id="r")
+    clock.advance(seconds=2)  # the retry lands in the next hour
+    d2 = g.check("u1", "gpt-4o", MSG, max_tokens=100, request_id="r")
+    assert d2.reservation_id == d1.reservation_id
+    assert g.record(d2, Usage(input_tokens=10, output_tokens=10)) is True
+    w = g.status("u1").windows["user.daily"]
+    assert (w.spent_usd, w.reserved_usd) == (cost_usd("gpt-4o", 10, 10), 0)
 
 
 def test_downgrade_when_utilization_reaches_at(backend_url, clock):
@@ -139,6 +175,46 @@ def test_org_downgrade_routes(backend_url, clock):
     g.record(g.check("a", "gpt-4o", MSG, max_tokens=10), Usage(input_tokens=20_000, output_tokens=0))  # 50%
     d = g.check("b", "gpt-4o", MSG, max_tokens=100)
     assert d.model == "gpt-4o-mini" and d.limit == "org.daily"
+
+
+def test_org_route_applies_when_the_tier_routes_the_same_model(backend_url, clock):
+    route = {"routes": {"gpt-4o": "gpt-4o-mini"}}
+    g = guard(backend_url, clock, tiers={"default": {"hourly_usd": "10", "downgrade": {"at": "0.8", **route}}},
+              org={"daily_usd": "0.10", "downgrade": {"at": "0.5", **route}})
+    g.record(g.check("a", "gpt-4o", MSG, max_tokens=10), Usage(input_tokens=20_000, output_tokens=0))  # org 50%
+    d = g.check("b", "gpt-4o", MSG, max_tokens=100)
+    assert d.model == "gpt-4o-mini" and d.limit == "org.daily"
+
+
+def test_record_needs_usage_and_an_allowed_decision(backend_url, clock):
+    g = guard(backend_url, clock, tiers={"default": {"models": ["gpt-4o-mini"]}})
+    d = g.check("u1", "gpt-4o-mini", MSG, max_tokens=10)
+    with pytest.raises(ValueError, match="got NoneType"):
+        g.record(d, None)
+    denied = g.check("u1", "gpt-4o", MSG, max_tokens=10)
+    with pytest.raises(ValueError, match="denied decision"):
+        g.record(denied, Usage(input_tokens=1, output_tokens=1))
+    assert g.release(denied) is False
+    w = g.status("u1").windows["user.daily"]
+    assert (w.spent_usd, w.reserved_usd) == (0, d.estimated_cost_usd)
+
+
+def test_retry_after_in_a_dst_timezone(backend_url):
+    from zoneinfo import ZoneInfo
+
+    from .conftest import FrozenClock
+
+    paris = ZoneInfo("Europe/Paris")
+    # 2026-10-25 02:30 CET (second pass, after clocks went back): the day has 25 hours.
+    clock = FrozenClock(datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=paris))
+    g = guard(backend_url, clock, timezone="Europe/Paris",
+              tiers={"default": {"hourly_usd": "0.008", "daily_usd": "0.008"}})
+    assert g.check("u1", "gpt-4o", MSG, max_tokens=600).allowed
+    d = g.check("u1", "gpt-4o", MSG, max_tokens=600)
+    assert d.limit == "user.daily"
+    assert d.retry_after == 21 * 3600 + 30 * 60  # until midnight local, 21.5 real hours away
+    d = g.check("u1", "gpt-4o", MSG, max_tokens=10**6)
+    assert d.retry_after is None  # bigger than a whole window: waiting cannot help
 
 
 def test_per_request_caps(backend_url, clock):
@@ -322,9 +398,13 @@ def test_same_call_twice_applies_once(backend_url, clock):
     again = g._engine.read_check(plan, g._sync.run(plan.call))
     assert first.allowed and again.allowed
     assert g.status("u1").windows["user.daily"].reserved_usd == first.estimated_cost_usd
+    assert "repeat" in again.reason and again.reservation_id == first.reservation_id
     call = g._engine.settle_call(first, 1234)
-    assert g._engine.read_settle(g._sync.run(call)) is True
-    assert g._engine.read_settle(g._sync.run(call)) is False
+    assert g._engine.read_settle(call, g._sync.run(call)) is True
+    # The resend finds the state it would have written: applied once, reported as applied.
+    assert g._engine.read_settle(call, g._sync.run(call)) is True
+    other = g._engine.settle_call(first, 9999)
+    assert g._engine.read_settle(other, g._sync.run(other)) is False
     w = g.status("u1").windows["user.daily"]
     assert (w.spent_usd, w.reserved_usd) == (Decimal("0.000001234"), 0)
 
@@ -338,11 +418,19 @@ def test_noscript_is_handled(real_redis, real_redis_url, clock):
 
 def test_keys_expire_after_their_window(real_redis, real_redis_url, clock):
     g = guard(real_redis_url, clock)
-    g.record(g.check("u1", "gpt-4o", MSG, max_tokens=10), Usage(input_tokens=1, output_tokens=1))
-    hourly = next(k for k in real_redis.keys("*:h:*"))
-    ttl = real_redis.pttl(hourly)
-    window_left = (datetime(2026, 3, 14, 16, tzinfo=UTC) - clock.now) / timedelta(milliseconds=1)
-    assert window_left < ttl <= window_left + (60 + 86_400) * 1000
+    g.check("u1", "gpt-4o", MSG, max_tokens=10)  # left unsettled: an abandoned lease
+    grace_ms = (60 + 86_400) * 1000
+
+    def left_ms(end: datetime) -> float:
+        return (end - clock.now) / timedelta(milliseconds=1)
+
+    hour_left, month_left = left_ms(datetime(2026, 3, 14, 16, tzinfo=UTC)), left_ms(datetime(2026, 4, 1, tzinfo=UTC))
+    assert real_redis.pttl(next(iter(real_redis.keys("*:h:*")))) == pytest.approx(hour_left + grace_ms, abs=2000)
+    assert real_redis.pttl(next(iter(real_redis.keys("*{u:u1}:m:*")))) == pytest.approx(month_left + grace_ms,
+                                                                                       abs=2000)
+    # The lease sets live as long as the month counters they may have to sweep.
+    for leases in real_redis.keys("*:leases"):
+        assert real_redis.pttl(leases) == pytest.approx(month_left + grace_ms, abs=2000)
 
 
 def test_config_object_is_required():

@@ -68,8 +68,10 @@ async def test_unreachable_redis_applies_fail_mode(mode, clock, caplog):
         assert d.enforced is False or not d.allowed
     # One log line for the outage, not one per call.
     assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1
-    # Settling during the outage neither raises nor hangs.
-    assert g.record(decisions[0], Usage(input_tokens=1, output_tokens=1)) is False
+    # Settling during the outage neither raises nor hangs; it reports that nothing applied.
+    if mode == "open":
+        assert g.record(decisions[0], Usage(input_tokens=1, output_tokens=1)) is False
+    assert g.release(decisions[1]) is False
     assert await g.arelease(decisions[-1]) is False
     await g.aclose()
 
@@ -88,6 +90,42 @@ async def test_silent_redis_times_out(mode, clock, blackhole):
 
 @pytest.mark.skipif(not shutil.which("redis-server") and os.environ.get("CI") != "true",
                     reason="needs redis-server on PATH")
+async def test_fail_closed_release_gives_back_a_late_reservation(clock):
+    """A check that timed out may still have reserved; releasing the denial undoes it."""
+    port = _free_port()
+    proc, url = start_redis_server(port)
+    try:
+        g = guard(url, clock, fail_mode="closed", tiers={"default": {"hourly_usd": "1"}})
+        plan = g._engine.plan_check("u1", "gpt-4o", MSG, max_tokens=10)
+        g._sync.run(plan.call)  # the script ran...
+        denied = g._engine.unavailable(plan, TimeoutError())  # ...but the reply came too late
+        assert not denied.allowed and denied.limit == "store.unavailable"
+        assert g.status("u1").windows["user.hourly"].reserved_usd == denied.estimated_cost_usd
+        assert g.release(denied) is True
+        assert g.status("u1").windows["user.hourly"].reserved_usd == 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_cancelled_acheck_leaves_no_reservation(real_redis, real_redis_url, clock):
+    import asyncio
+
+    g = guard(real_redis_url, clock)
+    for _ in range(20):
+        task = asyncio.create_task(g.acheck("u1", "gpt-4o", MSG, max_tokens=10))
+        await asyncio.sleep(0)  # let it send the script
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        else:  # it finished before the cancel landed: an ordinary release
+            await g.arelease(task.result())
+    await g.aclose()  # waits for the releases of cancelled checks
+    assert g.status("u1").windows["user.hourly"].reserved_usd == 0
+
+
 async def test_enforcement_resumes_after_a_restart(clock):
     port = _free_port()
     proc, url = start_redis_server(port)

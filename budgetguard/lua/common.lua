@@ -2,16 +2,16 @@
 -- Money values stay strings on their way to HINCRBY: Lua numbers are doubles and
 -- tostring() would print large ones in exponent form, which Redis rejects.
 
-local function split(s)
+local function split(s, sep)
   local out = {}
-  for part in string.gmatch(s, '[^|]+') do out[#out + 1] = part end
+  for part in string.gmatch(s, '[^' .. sep .. ']+') do out[#out + 1] = part end
   return out
 end
 
 -- A lease member is "rid|amount|<window suffix>|...": give its amount back to each
 -- window it was taken on (windows whose key already expired are skipped).
 local function unreserve(prefix, member)
-  local f = split(member)
+  local f = split(member, '|')
   if f[2] == '0' then return end
   for i = 3, #f do
     local key = prefix .. f[i]

@@ -2,34 +2,38 @@
 --
 -- KEYS[1] request state   KEYS[2] user leases   KEYS[3] org leases
 -- KEYS[4..8] window counters: user hour, day, month; org day, month
--- ARGV[1] now ms   ARGV[2] lease deadline ms   ARGV[3] request-state ttl ms
--- ARGV[4] user key prefix   ARGV[5] org key prefix
--- ARGV[6] user window suffixes "|h:..|d:..|m:.."   ARGV[7] org window suffixes "|d:..|m:.."
--- ARGV[8] reservation id
--- ARGV[9..23] per window w: cap (-1 none), routing threshold (-1 none), key ttl ms
--- ARGV[24] n candidates, then per candidate: amount, route (0 requested, 1 user, 2 org)
+-- ARGV[1] now ms   ARGV[2] lease deadline ms   ARGV[3] request-state ttl ms   ARGV[4] key grace ms
+-- ARGV[5] user key prefix   ARGV[6] org key prefix
+-- ARGV[7] user window suffixes "|h:..|d:..|m:.."   ARGV[8] org window suffixes "|d:..|m:.."
+-- ARGV[9] reservation id
+-- ARGV[10] per window "cap,threshold,end_ms" x5 joined by ',' (cap/threshold -1: none)
+-- ARGV[11] candidates "amount,route" joined by ',' (route 0 requested, 1 user, 2 org, 3 both)
 --
 -- Returns {1, chosen, requested_blockers, triggered, spent..., reserved...} when reserved,
 --         {0, 0, blockers of the cheapest candidate, triggered, spent..., reserved...} when denied,
---         {2, state} when the request id already has a reservation (a retry).
+--         {2, state} when the request id holds a live reservation (a retry).
 -- Bit w-1 of a blockers / triggered mask stands for window w.
 
 local now = tonumber(ARGV[1])
-sweep(KEYS[2], ARGV[4], now)
-sweep(KEYS[3], ARGV[5], now)
+sweep(KEYS[2], ARGV[5], now)
+sweep(KEYS[3], ARGV[6], now)
 
+-- Only a live reservation is a repeat; a settled request id reserves afresh.
 local prior = redis.call('GET', KEYS[1])
-if prior then return {2, prior} end
+if prior and string.sub(prior, 1, 1) == 'L' then return {2, prior} end
 
-local cap, used, raw_spent, raw_reserved = {}, {}, {}, {}
+local spec = split(ARGV[10], ',')
+local cap, used, ends, fresh, raw_spent, raw_reserved = {}, {}, {}, {}, {}, {}
 local triggered, trig_user, trig_org = 0, false, false
 for w = 1, 5 do
   local v = redis.call('HMGET', KEYS[3 + w], 's', 'r')
+  fresh[w] = not v[1] and not v[2]
   raw_spent[w] = v[1] or '0'
   raw_reserved[w] = v[2] or '0'
   used[w] = tonumber(raw_spent[w]) + tonumber(raw_reserved[w])
-  cap[w] = tonumber(ARGV[6 + 3 * w])
-  local at = tonumber(ARGV[7 + 3 * w])
+  cap[w] = tonumber(spec[3 * w - 2])
+  local at = tonumber(spec[3 * w - 1])
+  ends[w] = tonumber(spec[3 * w])
   if at >= 0 and used[w] >= at then
     triggered = triggered + 2 ^ (w - 1)
     if w <= 3 then trig_user = true else trig_org = true end
@@ -44,11 +48,13 @@ local function blockers(amount)
   return mask
 end
 
-local n = tonumber(ARGV[24])
-local function route_of(i) return tonumber(ARGV[24 + 2 * i]) end
+local cand = split(ARGV[11], ',')
+local n = #cand / 2
+local function amount_of(i) return cand[2 * i - 1] end
+local function route_of(i) return tonumber(cand[2 * i]) end
 local function routed_by_trigger(i)
   local r = route_of(i)
-  return (r == 1 and trig_user) or (r == 2 and trig_org)
+  return ((r == 1 or r == 3) and trig_user) or ((r == 2 or r == 3) and trig_org)
 end
 
 -- Try order: routes whose threshold was reached, the requested model, other routes.
@@ -60,7 +66,7 @@ for i = 1, n do if route_of(i) ~= 0 and not routed_by_trigger(i) then order[#ord
 local chosen, requested_mask = 0, -1
 local cheapest, cheapest_mask = nil, 0
 for _, i in ipairs(order) do
-  local amount = tonumber(ARGV[23 + 2 * i])
+  local amount = tonumber(amount_of(i))
   local mask = blockers(amount)
   if route_of(i) == 0 then requested_mask = mask end
   if mask == 0 then chosen = i break end
@@ -72,15 +78,19 @@ for w = 1, 5 do reply[#reply + 1] = raw_spent[w] end
 for w = 1, 5 do reply[#reply + 1] = raw_reserved[w] end
 if chosen == 0 then return reply end
 
-local amount = ARGV[23 + 2 * chosen]
+local amount = amount_of(chosen)
+local grace = tonumber(ARGV[4])
 for w = 1, 5 do
   redis.call('HINCRBY', KEYS[3 + w], 'r', amount)
-  redis.call('PEXPIRE', KEYS[3 + w], ARGV[8 + 3 * w])
+  -- Counters live until a grace period after their window ends; set once, at creation.
+  if fresh[w] then redis.call('PEXPIRE', KEYS[3 + w], ends[w] + grace - now) end
 end
 local deadline = ARGV[2]
-redis.call('ZADD', KEYS[2], deadline, ARGV[8] .. '|' .. amount .. ARGV[6])
-redis.call('ZADD', KEYS[3], deadline, ARGV[8] .. '|' .. amount .. ARGV[7])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
-redis.call('SET', KEYS[1], 'L|' .. chosen, 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], deadline, ARGV[9] .. '|' .. amount .. ARGV[7])
+redis.call('ZADD', KEYS[3], deadline, ARGV[9] .. '|' .. amount .. ARGV[8])
+-- A lease set lives as long as the longest window its leases count against, so that
+-- no abandoned lease outlives the set that would sweep it.
+redis.call('PEXPIRE', KEYS[2], ends[3] + grace - now)
+redis.call('PEXPIRE', KEYS[3], ends[5] + grace - now)
+redis.call('SET', KEYS[1], 'L|' .. chosen .. '|' .. amount .. '|' .. ARGV[1], 'PX', ARGV[3])
 return reply
