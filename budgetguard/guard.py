@@ -60,7 +60,7 @@ class BudgetGuard:
         self._owns_async = async_redis is None
         self._given_async = async_redis
         self._async: tuple[asyncio.AbstractEventLoop, AsyncStore | ThreadedStore] | None = None
-        self._orphans: set[asyncio.Future[bool]] = set()  # releases of cancelled checks, in flight
+        self._orphans: set[asyncio.Future[Any]] = set()  # cancelled checks and their releases, in flight
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **kwargs: Any) -> BudgetGuard:
@@ -118,17 +118,20 @@ class BudgetGuard:
             return self._decided(plan, exc)
         except asyncio.CancelledError:
             # The caller gave up, but the script may still reserve: give that back.
+            self._track(running)
             running.add_done_callback(functools.partial(self._release_orphan, plan))
             raise
+
+    def _track(self, future: asyncio.Future[Any]) -> None:
+        self._orphans.add(future)
+        future.add_done_callback(self._orphans.discard)
 
     def _release_orphan(self, plan: CheckPlan, running: asyncio.Future[Any]) -> None:
         if running.cancelled() or running.exception() is not None:
             return
         decision = self._engine.read_check(plan, running.result())
         if decision.allowed:
-            task = asyncio.ensure_future(self.arelease(decision))
-            self._orphans.add(task)
-            task.add_done_callback(self._orphans.discard)
+            self._track(asyncio.ensure_future(self.arelease(decision)))
 
     def _decided(self, plan: CheckPlan, reply: Any) -> Decision:
         if plan.decision is not None:
@@ -269,8 +272,8 @@ class BudgetGuard:
             self._sync.client.close()
 
     async def aclose(self) -> None:
-        if self._orphans:
-            await asyncio.gather(*self._orphans, return_exceptions=True)
+        while self._orphans:  # cancelled checks still in flight, then their releases
+            await asyncio.gather(*list(self._orphans), return_exceptions=True)
         if self._async is not None and self._owns_async and self._async[1].client is not None:
             await self._async[1].client.aclose()
         self._async = None

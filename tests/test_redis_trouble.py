@@ -112,9 +112,10 @@ async def test_cancelled_acheck_leaves_no_reservation(real_redis, real_redis_url
     import asyncio
 
     g = guard(real_redis_url, clock)
-    for _ in range(20):
+    for i in range(60):
         task = asyncio.create_task(g.acheck("u1", "gpt-4o", MSG, max_tokens=10))
-        await asyncio.sleep(0)  # let it send the script
+        for _ in range(i % 4):  # land the cancel before, while and after the script is sent
+            await asyncio.sleep(0)
         task.cancel()
         try:
             await task
