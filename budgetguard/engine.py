@@ -144,7 +144,7 @@ class Engine:
         self._grace_ms = (config.reservation_ttl_s + 86_400) * 1000
         self._lease_ms = config.reservation_ttl_s * 1000
         # Per (policy, hour): the packed "cap,threshold,end" argument, built once.
-        self._specs: dict[tuple[int, WindowSet], str] = {}
+        self._specs: dict[tuple[int, str], str] = {}
         self._encodings = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
 
     # -- time ------------------------------------------------------------------------
@@ -162,11 +162,10 @@ class Engine:
     def _user_prefix(self, user: str) -> str:
         return f"{self._prefix}:{user_tag(user)}:"
 
-    def _window_keys(self, user_prefix: str, windows: WindowSet) -> list[str]:
-        return [
-            (user_prefix if spec.scope == "user" else self._org_prefix) + windows.of(spec.period).stamp
-            for spec in WINDOWS
-        ]
+    def _window_keys(self, user_prefix: str, windows: WindowSet) -> tuple[str, ...]:
+        h, d, m = windows.h.stamp, windows.d.stamp, windows.m.stamp
+        org = self._org_prefix
+        return user_prefix + h, user_prefix + d, user_prefix + m, org + d, org + m
 
     # -- check ---------------------------------------------------------------------
 
@@ -266,7 +265,7 @@ class Engine:
         return price
 
     def _window_spec(self, policy: UserPolicy, windows: WindowSet) -> str:
-        key = (id(policy), windows)
+        key = (id(policy), windows.h.stamp)  # the hour fixes the day and month too
         spec = self._specs.get(key)
         if spec is None:
             if len(self._specs) > 4096:  # a new hour (or many overridden users): start over

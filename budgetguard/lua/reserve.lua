@@ -88,9 +88,10 @@ end
 local deadline = ARGV[2]
 redis.call('ZADD', KEYS[2], deadline, ARGV[9] .. '|' .. amount .. ARGV[7])
 redis.call('ZADD', KEYS[3], deadline, ARGV[9] .. '|' .. amount .. ARGV[8])
--- A lease set lives as long as the longest window its leases count against, so that
--- no abandoned lease outlives the set that would sweep it.
-redis.call('PEXPIRE', KEYS[2], ends[3] + grace - now)
-redis.call('PEXPIRE', KEYS[3], ends[5] + grace - now)
+-- A lease set must outlive every window its leases count against, so that no
+-- abandoned lease outlives the set that would sweep it: the first reservation of each
+-- hour (user) or day (org) pushes its expiry to the end of the month plus the grace.
+if fresh[1] then redis.call('PEXPIRE', KEYS[2], ends[3] + grace - now) end
+if fresh[4] then redis.call('PEXPIRE', KEYS[3], ends[5] + grace - now) end
 redis.call('SET', KEYS[1], 'L|' .. chosen .. '|' .. amount .. '|' .. ARGV[1], 'PX', ARGV[3])
 return reply
