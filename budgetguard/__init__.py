@@ -4,6 +4,7 @@ from .config import Config, load_config
 from .decision import Decision, Status, WindowStatus
 from .errors import BudgetExceeded, BudgetGuardError, ConfigError, InvalidArgument, InvalidArgumentType
 from .guard import BudgetGuard, Reservation
+from .store import ScriptError, StoreUnavailable
 from .usage import Usage
 
 __all__ = [
@@ -16,7 +17,9 @@ __all__ = [
     "InvalidArgument",
     "InvalidArgumentType",
     "Reservation",
+    "ScriptError",
     "Status",
+    "StoreUnavailable",
     "Usage",
     "WindowStatus",
     "load_config",

@@ -20,6 +20,7 @@ from .usage import Usage
 from .windows import WINDOWS
 
 DEFAULT_CONFIG = "limits.yaml"
+DEMO_RUNAWAY_CALLS = 500
 
 
 def _usd(value: Decimal | None) -> str:
@@ -130,8 +131,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     call("alice", "gpt-4o", 1_000, 8_000)  # over the per-request output cap
     call("carol", "gpt-4o", 500, 200)  # free tier: gpt-4o is not on its allow-list
     runaway = 0
-    while call("carol", "gpt-4o-mini", 7_000, 1_000, quiet=True):  # a runaway loop, stopped by the hourly cap
-        runaway += 1
+    while runaway < DEMO_RUNAWAY_CALLS and call("carol", "gpt-4o-mini", 7_000, 1_000, quiet=True):
+        runaway += 1  # a runaway loop, stopped by the hourly cap when the config has one
     print(f"carol  (the {runaway} allowed gpt-4o-mini calls of her runaway loop are not listed)")
     print()
     for user in ("alice", "carol"):
@@ -167,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # a failing store becomes the one-line error below
+        logging.getLogger("budgetguard.store").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))
     except BudgetGuardError as exc:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -35,10 +35,18 @@ __all__ = [
 ]
 
 # Caps stay below 2**53 nano-USD, the range where the Lua scripts compare exactly.
-Usd = Annotated[Decimal, Field(ge=0, le=9_000_000, decimal_places=9)]
-Threshold = Annotated[Decimal, Field(gt=0, le=1)]
-TokenCount = Annotated[int, Field(gt=0, le=100_000_000)]
-PerMTok = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=9)]
+def _not_bool(value: Any) -> Any:
+    # YAML's `true` would otherwise pass as the integer 1.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Usd = Annotated[Decimal, Field(ge=0, le=9_000_000, decimal_places=9), BeforeValidator(_not_bool)]
+Threshold = Annotated[Decimal, Field(gt=0, le=1), BeforeValidator(_not_bool)]
+TokenCount = Annotated[int, Field(gt=0, le=100_000_000), BeforeValidator(_not_bool)]
+Count = Annotated[int, BeforeValidator(_not_bool)]
+PerMTok = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=9), BeforeValidator(_not_bool)]
 
 
 class _Strict(BaseModel):
@@ -81,7 +89,6 @@ class OrgConfig(_Strict):
     monthly_usd: Usd | None = None
     alert_at: list[Threshold] = Field(default_factory=list)
     downgrade: Downgrade | None = None
-    forecast: bool = False
 
 
 class ModelOverride(_Strict):
@@ -136,9 +143,9 @@ class Config(_Strict):
     key_prefix: str = Field(default="bg", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     timezone: str = "UTC"
     fail_mode: Literal["open", "closed"] = "open"
-    redis_timeout_ms: int = Field(default=250, gt=0, le=60_000)
-    redis_max_connections: int = Field(default=64, gt=0, le=10_000)
-    reservation_ttl_s: int = Field(default=600, gt=0, le=7 * 86_400)
+    redis_timeout_ms: Count = Field(default=250, gt=0, le=60_000)
+    redis_max_connections: Count = Field(default=64, gt=0, le=10_000)
+    reservation_ttl_s: Count = Field(default=600, gt=0, le=7 * 86_400)
     default_max_output_tokens: TokenCount = 4096
     unknown_model: str = "deny"
     models: dict[str, ModelOverride] = Field(default_factory=dict)
@@ -147,6 +154,16 @@ class Config(_Strict):
     users: dict[str, UserConfig] = Field(default_factory=dict)
     org: OrgConfig = Field(default_factory=OrgConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix", "memory") or "://" not in value:
+            raise ValueError(f"{value!r} is not a redis://, rediss://, unix:// or memory:// URL")
+        return value
 
     @field_validator("timezone")
     @classmethod
@@ -183,6 +200,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: a key must be a plain value, "
+                                  f"not {type(key).__name__}") from None
             if key in seen:
                 line = key_node.start_mark.line + 1
                 raise ConfigError(f"duplicate key {key!r} at line {line}")
@@ -216,6 +238,8 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {os.fspath(path)}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{os.fspath(path)} is not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
@@ -244,15 +268,31 @@ def _check_references(config: Config) -> None:
     if config.unknown_model != "deny" and prices.resolve(config.unknown_model) is None:
         raise ConfigError(f"unknown_model: {config.unknown_model!r} has no known price (use 'deny' or a priced model)")
 
+    def priced(model: str) -> bool:
+        return prices.resolve(model) is not None or config.unknown_model != "deny"
+
     scopes: list[tuple[str, _TierFields | OrgConfig]] = [(f"tiers.{n}", t) for n, t in config.tiers.items()]
     scopes += [(f"users.{n}", u) for n, u in config.users.items()]
     scopes.append(("org", config.org))
     for where, scope in scopes:
+        allowed = getattr(scope, "models", None)
+        for i, model in enumerate(allowed or ()):
+            if not priced(model):
+                raise ConfigError(f"{where}.models.{i}: {model!r} has no known price, so it could never be used")
         if scope.downgrade is None:
             continue
         for source, target in scope.downgrade.routes.items():
-            if prices.resolve(target) is None:
-                raise ConfigError(f"{where}.downgrade.routes.{source}: route target {target!r} has no known price")
+            here = f"{where}.downgrade.routes.{source}"
+            source_price, target_price = prices.resolve(source), prices.resolve(target)
+            if source_price is None:
+                raise ConfigError(f"{here}: {source!r} has no known price, so no request for it is ever allowed")
+            if target_price is None:
+                raise ConfigError(f"{here}: route target {target!r} has no known price")
+            if allowed is not None and target not in allowed:
+                raise ConfigError(f"{here}: route target {target!r} is not in {where}.models")
+            if (target_price.input.base > source_price.input.base
+                    or target_price.output.base > source_price.output.base):
+                raise ConfigError(f"{here}: route target {target!r} costs more than {source!r}")
 
 
 def _check_encoding(where: str, name: str) -> None:

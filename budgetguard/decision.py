@@ -64,7 +64,13 @@ class Decision:
             raise RuntimeError(
                 "Decision.record() works inside `with guard.reserve(...)`; use guard.record(decision, usage)"
             )
-        self._usage = Usage.from_response(response_or_usage)
+        try:
+            self._usage = Usage.from_response(response_or_usage)
+        except (ValueError, TypeError):
+            # The call happened but its usage is unreadable: charge the worst case
+            # reserved for it rather than nothing, then let the caller see the error.
+            self._usage = Usage(input_tokens=self.estimated_input_tokens, output_tokens=self.max_output_tokens)
+            raise
 
 
 @dataclass(frozen=True, slots=True)

@@ -380,9 +380,12 @@ class Engine:
 
     def _repeat(self, plan: CheckPlan, state: Any) -> Decision:
         """A retried check: rebuild the original reservation from its stored state."""
-        _, index, amount, reserved_ms = (state.decode() if isinstance(state, bytes) else str(state)).split("|")
+        _, index, amount, reserved_ms, _ = (state.decode() if isinstance(state, bytes) else str(state)).split("|")
         i = int(index) - 1
-        candidate = plan.candidates[i] if 0 <= i < len(plan.candidates) else plan.candidates[0]
+        if not (0 <= i < len(plan.candidates) and plan.candidates[i].amount_nano == int(amount)):
+            raise InvalidArgument("request_id is already in use by a live reservation for a different request "
+                                  "(another model or size); use a new request_id")
+        candidate = plan.candidates[i]
         windows = windows_at(datetime.fromtimestamp(int(reserved_ms) / 1000, UTC), self.config.tz)
         return self._decision(plan, candidate, allowed=True, limit=None, amount=int(amount), windows=windows,
                               reason="allowed: a repeat of a live reservation (same request id), which stands")

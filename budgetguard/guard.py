@@ -57,6 +57,9 @@ class BudgetGuard:
         self._health = Health()
         self._owns_sync = redis is None
         self._sync = SyncStore(redis if redis is not None else connect(config, self._url), self._health)
+        if async_redis is not None and redis is None and is_memory(self._url):
+            raise InvalidArgument("async_redis= needs redis= (or a redis_url) for the sync calls too; "
+                                  "otherwise they would keep a separate, embedded ledger")
         self._owns_async = async_redis is None
         self._given_async = async_redis
         self._async: tuple[asyncio.AbstractEventLoop, AsyncStore | ThreadedStore] | None = None
@@ -123,13 +126,17 @@ class BudgetGuard:
             raise
 
     def _track(self, future: asyncio.Future[Any]) -> None:
+        """Keep ``future`` (a settle the caller no longer awaits) until it is done; aclose() waits."""
         self._orphans.add(future)
         future.add_done_callback(self._orphans.discard)
 
     def _release_orphan(self, plan: CheckPlan, running: asyncio.Future[Any]) -> None:
         if running.cancelled() or running.exception() is not None:
             return
-        decision = self._engine.read_check(plan, running.result())
+        reply = running.result()
+        if int(reply[0]) != 1:  # denied, or a repeat whose reservation belongs to the original call
+            return
+        decision = self._engine.read_check(plan, reply)
         if decision.allowed:
             self._track(asyncio.ensure_future(self.arelease(decision)))
 
@@ -316,7 +323,6 @@ class Reservation:
             d.record(result)
         except (ValueError, TypeError) as exc:
             log.warning("no usage in the result of a guarded call (%s); charging the reserved worst case", exc)
-            d._usage = Usage(input_tokens=d.estimated_input_tokens, output_tokens=d.max_output_tokens)
 
     def _pending(self, exc_type: type[BaseException] | None) -> Usage | None:
         d = self.decision
@@ -344,7 +350,9 @@ class Reservation:
                         tb: TracebackType | None) -> None:
         assert self.decision is not None
         usage = self._pending(exc_type)
-        settle = (self._guard.arecord(self.decision, usage) if usage is not None
-                  else self._guard.arelease(self.decision))
-        # Shielded: a second cancellation must not leave the reservation behind.
+        settle = asyncio.ensure_future(self._guard.arecord(self.decision, usage) if usage is not None
+                                       else self._guard.arelease(self.decision))
+        # Shielded and tracked: a second cancellation must not leave the reservation
+        # behind, and aclose() waits for it.
+        self._guard._track(settle)
         await asyncio.shield(settle)

@@ -18,8 +18,7 @@ from typing import Any
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .config import Config
 from .engine import ScriptCall
@@ -34,6 +33,19 @@ SCRIPTS = ("reserve", "settle", "status")
 
 class StoreUnavailable(BudgetGuardError):
     """Redis did not answer in time or failed; the guard applies ``fail_mode``."""
+
+
+class ScriptError(StoreUnavailable):
+    """Redis answered with an error (out of memory, a foreign key of the wrong type).
+
+    The guard applies ``fail_mode`` as for an outage, but every occurrence is logged:
+    it does not heal by itself.
+    """
+
+
+def _script_error(call: ScriptCall, exc: ResponseError) -> ScriptError:
+    log.error("the %s script failed: %s", call.script, exc)
+    return ScriptError(f"the {call.script} script failed: {exc}")
 
 
 @cache
@@ -61,7 +73,8 @@ class Health:
             if not first and now - self._last_log < self.REPEAT_S:
                 return
             self._last_log = now
-        log.error("budget store unavailable (%s: %s); applying fail_mode", type(error).__name__, error)
+        log.error("budget store unavailable (%s: %s); checks follow fail_mode until it is back",
+                  type(error).__name__, error)
 
     def ok(self) -> None:
         if self._down_since is None:
@@ -109,10 +122,11 @@ def _pool_options(config: Config, retry: Any) -> dict[str, Any]:
 
 
 def _retry(retry_class: Any) -> Any:
-    # One immediate retry on a dropped connection (a restarted Redis leaves stale
-    # sockets in the pool), none on a timeout, which would stretch the call. The
-    # scripts are idempotent per reservation id, so a retry never applies twice.
-    return retry_class(NoBackoff(), 1, (RedisConnectionError,))
+    # No retries: a retry would stretch a call past its bound. A restarted Redis leaves
+    # stale sockets in the pool, but the pool itself notices those (a closed socket
+    # reads as EOF) and reconnects before use. Were a script resent anyway, it is
+    # idempotent per reservation id.
+    return retry_class(NoBackoff(), 0)
 
 
 def is_memory(url: str) -> bool:
@@ -170,9 +184,11 @@ class SyncStore:
     def run(self, call: ScriptCall) -> Any:
         try:
             reply = self._scripts[call.script](keys=call.keys, args=call.args)
+        except ResponseError as exc:
+            raise _script_error(call, exc) from exc
         except (RedisError, OSError) as exc:
             self.health.failed(exc)
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(f"budget store unavailable: {exc}") from exc
         self.health.ok()
         return reply
 
@@ -189,9 +205,11 @@ class AsyncStore:
             # One deadline over pool wait, connect and reply together.
             async with asyncio.timeout(self._timeout):
                 reply = await self._scripts[call.script](keys=call.keys, args=call.args)
+        except ResponseError as exc:
+            raise _script_error(call, exc) from exc
         except (RedisError, OSError, TimeoutError) as exc:
             self.health.failed(exc)
-            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+            raise StoreUnavailable(f"budget store unavailable: {exc or type(exc).__name__}") from exc
         self.health.ok()
         return reply
 

@@ -131,11 +131,18 @@ def _field(obj: object, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default)
 
 
+# No call bills this many tokens; a larger count is a bug upstream, and it keeps every
+# cost far inside Redis' 64-bit counters.
+MAX_TOKENS_PER_CALL = 1_000_000_000
+
+
 def _check_count(value: object, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentType(f"{path} must be an int, got {type(value).__name__} {value!r}")
     if value < 0:
         raise InvalidArgument(f"{path} must be >= 0, got {value}")
+    if value > MAX_TOKENS_PER_CALL:
+        raise InvalidArgument(f"{path}={value} is absurd (more than {MAX_TOKENS_PER_CALL:,} tokens in one call)")
     return value
 
 

@@ -55,14 +55,14 @@ async def test_200_async_checks_allow_exactly_100(backend_url, clock):
 def test_200_threaded_checks_allow_exactly_100(backend_url, clock):
     cap = _estimate(backend_url, clock) * FITS
     g = guard(backend_url, clock, tiers={"default": {"hourly_usd": str(cap)}}, redis_max_connections=16)
-    barrier = threading.Barrier(32)
+    barrier = threading.Barrier(CALLERS)
 
     def one(_):
         with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait(timeout=5)
         return g.check("alice", "gpt-4o", MSG, max_tokens=100)
 
-    with ThreadPoolExecutor(max_workers=32) as pool:
+    with ThreadPoolExecutor(max_workers=CALLERS) as pool:  # 200 threads, released together
         decisions = list(pool.map(one, range(CALLERS)))
     allowed = [d for d in decisions if d.allowed]
     assert len(allowed) == FITS

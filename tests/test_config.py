@@ -70,6 +70,16 @@ BAD = [
     ({"tiers": {"pro": {"per_request": {"max_output_tokens": -3}}}}, "tiers.pro.per_request.max_output_tokens"),
     ({"tiers": {"pro": {"hourly_usd": "lots"}}}, "tiers.pro.hourly_usd"),
     ([1, 2], "<root>"),
+    ({"tiers": {"t": {"models": ["gpt4o-mini-typo"]}}}, "tiers.t.models.0"),
+    ({"tiers": {"t": {"models": ["gpt-4o"], "downgrade": {"routes": {"gpt-4o": "gpt-4o-mini"}}}}},
+     "tiers.t.downgrade.routes.gpt-4o"),
+    ({"org": {"downgrade": {"routes": {"gpt-4o-mini": "gpt-4o"}}}}, "org.downgrade.routes.gpt-4o-mini"),
+    ({"org": {"downgrade": {"routes": {"no-such-source": "gpt-4o-mini"}}}}, "org.downgrade.routes.no-such-source"),
+    ({"redis_url": "redis//localhost"}, "redis_url"),
+    ({"redis_timeout_ms": True}, "redis_timeout_ms"),
+    ({"tiers": {"t": {"hourly_usd": True}}}, "tiers.t.hourly_usd"),
+    ({"tiers": {"t": {"hourly_usd": 10_000_000}}}, "tiers.t.hourly_usd"),
+    ({"org": {"forecast": True}}, "org.forecast"),
 ]
 
 
@@ -91,3 +101,11 @@ def test_yaml_errors(tmp_path):
         load_config(broken)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+    odd_key = tmp_path / "odd.yaml"
+    odd_key.write_text("? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="line 1: a key must be a plain value"):
+        load_config(odd_key)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("timezone: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(latin)

@@ -437,3 +437,58 @@ def test_config_object_is_required():
     with pytest.raises(TypeError):
         BudgetGuard({"tiers": {}})  # type: ignore[arg-type]
     assert config().fail_mode == "open"
+
+
+def test_a_lapsed_request_id_reserves_afresh(backend_url, clock):
+    g = guard(backend_url, clock, tiers={"default": {"hourly_usd": "0.0015"}})
+    first = g.check("u1", "gpt-4o", MSG, max_tokens=100, request_id="r1")  # ~$0.001045, then abandoned
+    clock.advance(seconds=61)  # the lease lapsed
+    other = g.check("u1", "gpt-4o", MSG, max_tokens=100)
+    assert other.allowed
+    retry = g.check("u1", "gpt-4o", MSG, max_tokens=100, request_id="r1")
+    assert not retry.allowed and retry.limit == "user.hourly"  # not waved through as a repeat
+    assert first.allowed
+
+
+def test_a_live_request_id_reused_for_another_request_is_an_error(backend_url, clock):
+    g = guard(backend_url, clock)
+    g.check("u1", "gpt-4o-mini", MSG, max_tokens=100, request_id="r1")
+    with pytest.raises(ValueError, match="different request"):
+        g.check("u1", "gpt-4o", MSG, max_tokens=100, request_id="r1")
+    assert g.status("u1").windows["user.daily"].reserved_usd == estimate_usd("gpt-4o-mini",
+                                                                              g.check("x", "gpt-4o-mini", MSG,
+                                                                                      max_tokens=100)
+                                                                              .estimated_input_tokens, 100)
+
+
+def test_lease_sets_recreated_in_the_same_hour_still_expire(real_redis, real_redis_url, clock):
+    g = guard(real_redis_url, clock)
+    g.record(g.check("u1", "gpt-4o", MSG, max_tokens=10), Usage(input_tokens=1, output_tokens=1))
+    g.check("u1", "gpt-4o", MSG, max_tokens=10)  # the emptied lease sets are created again
+    for leases in real_redis.keys("*:leases"):
+        assert real_redis.pttl(leases) > 0
+
+
+def test_absurd_usage_is_refused_and_changes_nothing(backend_url, clock):
+    g = guard(backend_url, clock)
+    d = g.check("u1", "gpt-4o", MSG, max_tokens=10)
+    with pytest.raises(ValueError, match="absurd"):
+        g.record(d, Usage(input_tokens=10**16, output_tokens=0))
+    w = g.status("u1").windows["user.daily"]
+    assert (w.spent_usd, w.reserved_usd) == (0, d.estimated_cost_usd)
+    assert g.healthy
+
+
+def test_unreadable_usage_in_a_reserve_block_charges_the_worst_case(backend_url, clock):
+    g = guard(backend_url, clock)
+    with pytest.raises(ValueError), g.reserve("u1", "gpt-4o", MSG, max_tokens=100) as d:
+        d.record({"choices": []})  # the call happened; its usage is missing
+    w = g.status("u1").windows["user.daily"]
+    assert (w.spent_usd, w.reserved_usd) == (d.estimated_cost_usd, 0)
+
+
+def test_async_client_alone_is_refused(clock):
+    import redis.asyncio
+
+    with pytest.raises(ValueError, match="async_redis= needs redis="):
+        BudgetGuard(config(), async_redis=redis.asyncio.Redis(), clock=clock)

@@ -127,6 +127,22 @@ async def test_cancelled_acheck_leaves_no_reservation(real_redis, real_redis_url
     assert g.status("u1").windows["user.hourly"].reserved_usd == 0
 
 
+async def test_cancelled_repeat_keeps_the_original_reservation(real_redis, real_redis_url, clock):
+    import asyncio
+
+    g = guard(real_redis_url, clock)
+    original = await g.acheck("u1", "gpt-4o", MSG, max_tokens=10, request_id="R")
+    for i in range(20):
+        task = asyncio.create_task(g.acheck("u1", "gpt-4o", MSG, max_tokens=10, request_id="R"))
+        for _ in range(i % 4):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await g.aclose()
+    assert g.record(original, Usage(input_tokens=10, output_tokens=10)) is True
+    assert g.status("u1").windows["user.daily"].spent_usd > 0
+
+
 async def test_enforcement_resumes_after_a_restart(clock):
     port = _free_port()
     proc, url = start_redis_server(port)

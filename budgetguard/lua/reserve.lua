@@ -11,16 +11,19 @@
 --
 -- Returns {1, chosen, requested_blockers, triggered, spent..., reserved...} when reserved,
 --         {0, 0, blockers of the cheapest candidate, triggered, spent..., reserved...} when denied,
---         {2, state} when the request id holds a live reservation (a retry).
+--         {2, state} when the request id holds a live reservation (a retry); the state is
+--         "L|<candidate>|<amount>|<reserved at ms>|<deadline ms>".
 -- Bit w-1 of a blockers / triggered mask stands for window w.
 
 local now = tonumber(ARGV[1])
 sweep(KEYS[2], ARGV[5], now)
 sweep(KEYS[3], ARGV[6], now)
 
--- Only a live reservation is a repeat; a settled request id reserves afresh.
+-- Only a live reservation is a repeat: a settled or lapsed request id reserves afresh.
 local prior = redis.call('GET', KEYS[1])
-if prior and string.sub(prior, 1, 1) == 'L' then return {2, prior} end
+if prior and string.sub(prior, 1, 1) == 'L' and tonumber(split(prior, '|')[5]) > now then
+  return {2, prior}
+end
 
 local spec = split(ARGV[10], ',')
 local cap, used, ends, fresh, raw_spent, raw_reserved = {}, {}, {}, {}, {}, {}
@@ -88,10 +91,9 @@ end
 local deadline = ARGV[2]
 redis.call('ZADD', KEYS[2], deadline, ARGV[9] .. '|' .. amount .. ARGV[7])
 redis.call('ZADD', KEYS[3], deadline, ARGV[9] .. '|' .. amount .. ARGV[8])
--- A lease set must outlive every window its leases count against, so that no
--- abandoned lease outlives the set that would sweep it: the first reservation of each
--- hour (user) or day (org) pushes its expiry to the end of the month plus the grace.
-if fresh[1] then redis.call('PEXPIRE', KEYS[2], ends[3] + grace - now) end
-if fresh[4] then redis.call('PEXPIRE', KEYS[3], ends[5] + grace - now) end
-redis.call('SET', KEYS[1], 'L|' .. chosen .. '|' .. amount .. '|' .. ARGV[1], 'PX', ARGV[3])
+-- A lease set lives as long as the longest window its leases count against, so that
+-- no abandoned lease outlives the set that would sweep it.
+redis.call('PEXPIRE', KEYS[2], ends[3] + grace - now)
+redis.call('PEXPIRE', KEYS[3], ends[5] + grace - now)
+redis.call('SET', KEYS[1], 'L|' .. chosen .. '|' .. amount .. '|' .. ARGV[1] .. '|' .. deadline, 'PX', ARGV[3])
 return reply
