@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
 
 from budgetguard import Usage
 
@@ -34,17 +34,33 @@ def machine(url_factory):
             self.g = guard(url_factory(), self.clock, tiers={"default": {"hourly_usd": str(USER_CAP)}},
                            org={"daily_usd": str(ORG_CAP)})
             self.spent = {u: Decimal(0) for u in USERS}
-            self.leases: dict[str, tuple[str, Decimal, datetime]] = {}  # rid -> (user, amount, deadline)
+            # rid -> (user, amount, deadline, (user, request_id))
+            self.leases: dict[str, tuple[str, Decimal, datetime, tuple[str, str | None]]] = {}
 
         def live_reserved(self, user: str | None) -> Decimal:
-            return sum((a for u, a, deadline in self.leases.values()
+            return sum((a for u, a, deadline, _ in self.leases.values()
                         if (user is None or u == user) and deadline > self.clock.now), Decimal(0))
 
-        @rule(target=live, user=st.sampled_from(USERS), max_tokens=st.integers(1, 3000))
-        def check(self, user, max_tokens):
+        @rule(target=live, user=st.sampled_from(USERS), max_tokens=st.sampled_from([1, 300, 900, 2000, 3000]),
+              request_id=st.one_of(st.none(), st.sampled_from(["r1", "r2"])))
+        def check(self, user, max_tokens, request_id):
             user_used = self.spent[user] + self.live_reserved(user)
             org_used = sum(self.spent.values()) + self.live_reserved(None)
-            d = self.g.check(user, "gpt-4o", MSG, max_tokens=max_tokens)
+            held = next((rid for rid, (_, _, _, key) in self.leases.items()
+                         if request_id and key == (user, request_id)), None)
+            if held is not None and self.leases[held][2] <= self.clock.now:
+                # Reusing the id of a lapsed, never-settled reservation while its decision
+                # may still be recorded is a documented limit; the machine does not do it.
+                return multiple()
+            repeat = held
+            if repeat is not None and self.leases[repeat][1] != self.estimate(max_tokens):
+                with pytest.raises(ValueError, match="different request"):
+                    self.g.check(user, "gpt-4o", MSG, max_tokens=max_tokens, request_id=request_id)
+                return multiple()
+            d = self.g.check(user, "gpt-4o", MSG, max_tokens=max_tokens, request_id=request_id)
+            if repeat is not None:  # a live reservation under this id: the same one, nothing new
+                assert d.allowed and d.reservation_id == repeat and "repeat" in d.reason
+                return multiple()
             fits_user = user_used + d.estimated_cost_usd <= USER_CAP
             fits_org = org_used + d.estimated_cost_usd <= ORG_CAP
             # Allowed exactly when the estimate fits both caps. A denial names the cap that
@@ -54,8 +70,12 @@ def machine(url_factory):
                 assert d.limit == ("org.daily" if not fits_org else "user.hourly")
             if d.allowed:
                 self.leases[d.reservation_id] = (user, d.estimated_cost_usd,
-                                                 self.clock.now + timedelta(seconds=TTL))
+                                                 self.clock.now + timedelta(seconds=TTL), (user, request_id))
             return d
+
+        def estimate(self, max_tokens: int) -> Decimal:
+            probe = self.g._engine.plan_check("probe", "gpt-4o", MSG, max_tokens=max_tokens)
+            return Decimal(probe.candidates[0].amount_nano) / 10**9
 
         @rule(d=consumes(live), inp=st.integers(0, 5000), out=st.integers(0, 3000), twice=st.booleans())
         def record(self, d, inp, out, twice):
