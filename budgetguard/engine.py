@@ -24,7 +24,7 @@ from .errors import InvalidArgument, InvalidArgumentType
 from .policy import Policies, UserPolicy
 from .pricing import ModelPrice, nano_to_usd
 from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for
-from .usage import Usage
+from .usage import Usage, check_token_count
 from .windows import WINDOWS, WindowClock, WindowSet, user_tag, windows_at
 
 __all__ = ["MAX_OUTPUT_TOKENS_CEILING", "CheckPlan", "Engine", "ScriptCall"]
@@ -97,18 +97,6 @@ def _validate_text(name: str, value: Any, *, max_len: int | None = None) -> str:
         raise InvalidArgument(f"{name} must not be empty")
     if max_len is not None and len(value) > max_len:
         raise InvalidArgument(f"{name} is {len(value)} characters long; at most {max_len} are allowed")
-    return value
-
-
-def _validate_max_tokens(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentType(f"max_tokens must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise InvalidArgument(f"max_tokens must be >= 1, got {value}")
-    if value > MAX_OUTPUT_TOKENS_CEILING:
-        raise InvalidArgument(f"max_tokens={value} is absurd (more than {MAX_OUTPUT_TOKENS_CEILING:,})")
     return value
 
 
@@ -188,7 +176,8 @@ class Engine:
         """
         user = _validate_text("user", user)
         model = _validate_text("model", model, max_len=256)
-        max_tokens = _validate_max_tokens(max_tokens)
+        if max_tokens is not None:
+            max_tokens = check_token_count(max_tokens, "max_tokens", minimum=1, maximum=MAX_OUTPUT_TOKENS_CEILING)
         tags = _validate_tags(tags)
         if request_id is not None:
             request_id = _validate_text("request_id", request_id, max_len=_MAX_REQUEST_ID)

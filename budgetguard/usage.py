@@ -68,7 +68,7 @@ class Usage:
 
     def __post_init__(self) -> None:
         for field in fields(self):
-            _check_count(getattr(self, field.name), f"Usage.{field.name}")
+            check_token_count(getattr(self, field.name), f"Usage.{field.name}")
         _require_at_most(
             self.cached_input_tokens + self.cache_write_tokens,
             "Usage.cached_input_tokens + Usage.cache_write_tokens",
@@ -136,13 +136,14 @@ def _field(obj: object, name: str, default: Any = None) -> Any:
 MAX_TOKENS_PER_CALL = 1_000_000_000
 
 
-def _check_count(value: object, path: str) -> int:
+def check_token_count(value: object, path: str, *, minimum: int = 0, maximum: int = MAX_TOKENS_PER_CALL) -> int:
+    """``value`` as a token count in [minimum, maximum], or an error naming ``path``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentType(f"{path} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise InvalidArgument(f"{path} must be >= 0, got {value}")
-    if value > MAX_TOKENS_PER_CALL:
-        raise InvalidArgument(f"{path}={value} is absurd (more than {MAX_TOKENS_PER_CALL:,} tokens in one call)")
+    if value < minimum:
+        raise InvalidArgument(f"{path} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise InvalidArgument(f"{path}={value} is absurd (more than {maximum:,} tokens in one call)")
     return value
 
 
@@ -153,7 +154,7 @@ def _count(obj: object, path: str, name: str, default: int | None = None) -> int
         if default is None:
             raise InvalidArgument(f"{path}.{name} is missing")
         return default
-    return _check_count(value, f"{path}.{name}")
+    return check_token_count(value, f"{path}.{name}")
 
 
 def _require_at_most(part: int, part_path: str, whole: int, whole_path: str) -> None:
