@@ -52,14 +52,14 @@ class BudgetGuard:
         if not isinstance(config, Config):
             raise InvalidArgumentType(f"config must be a budgetguard Config, got {type(config).__name__}")
         self.config = config
-        self._engine = Engine(config, clock or _utcnow)
         self._url = redis_url or config.redis_url or os.environ.get("REDIS_URL") or "memory://"
-        self._health = Health()
-        self._owns_sync = redis is None
-        self._sync = SyncStore(redis if redis is not None else connect(config, self._url), self._health)
         if async_redis is not None and redis is None and is_memory(self._url):
             raise InvalidArgument("async_redis= needs redis= (or a redis_url) for the sync calls too; "
                                   "otherwise they would keep a separate, embedded ledger")
+        self._engine = Engine(config, clock or _utcnow)
+        self._health = Health()
+        self._owns_sync = redis is None
+        self._sync = SyncStore(redis if redis is not None else connect(config, self._url), self._health)
         self._owns_async = async_redis is None
         self._given_async = async_redis
         self._async: tuple[asyncio.AbstractEventLoop, AsyncStore | ThreadedStore] | None = None
