@@ -77,10 +77,6 @@ def _fmt(nano: int) -> str:
     return f"${nano_to_usd(nano).normalize():f}"
 
 
-def _as_int(value: Any) -> int:
-    return int(value)
-
-
 def _epoch_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
@@ -320,12 +316,12 @@ class Engine:
         return plan
 
     def read_check(self, plan: CheckPlan, reply: Sequence[Any]) -> Decision:
-        code = _as_int(reply[0])
+        code = int(reply[0])
         if code == 2:
             return self._repeat(plan, reply[1])
-        mask, triggered = _as_int(reply[2]), _as_int(reply[3])
-        spent = [_as_int(v) for v in reply[4:9]]
-        reserved = [_as_int(v) for v in reply[9:14]]
+        mask, triggered = int(reply[2]), int(reply[3])
+        spent = [int(v) for v in reply[4:9]]
+        reserved = [int(v) for v in reply[9:14]]
         used = [s + r for s, r in zip(spent, reserved, strict=True)]
         caps = (*plan.policy.caps, *self.policies.org.caps)
 
@@ -346,7 +342,7 @@ class Engine:
                                   retry_after=retry, amount=cheapest.amount_nano,
                                   input_tokens=cheapest.input_tokens)
 
-        chosen = plan.candidates[_as_int(reply[1]) - 1]
+        chosen = plan.candidates[int(reply[1]) - 1]
         remaining = min((cap - u - chosen.amount_nano for cap, u in zip(caps, used, strict=True) if cap is not None),
                         default=None)
         if chosen.route == _REQUESTED:
@@ -366,6 +362,11 @@ class Engine:
             why = f"{limit} is at {Decimal(used[w] * 100) / cap:.0f}% of {_fmt(cap)}"
         return self._decision(plan, chosen, allowed=True, limit=limit, remaining=remaining,
                               reason=f"routed {plan.requested} -> {chosen.model}: {why}")
+
+    @staticmethod
+    def reserved_now(reply: Sequence[Any]) -> bool:
+        """Whether this reserve reply took a new reservation (not a denial, not a repeat)."""
+        return int(reply[0]) == 1
 
     def _repeat(self, plan: CheckPlan, state: Any) -> Decision:
         """A retried check: rebuild the original reservation from its stored state."""
@@ -431,7 +432,7 @@ class Engine:
         A repeat that finds exactly the state this call writes is its own resend
         (redis-py retried it), so it counts as applied.
         """
-        if _as_int(reply[0]) == 1:
+        if int(reply[0]) == 1:
             return True
         state = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         return state == call.args[-1]
@@ -456,8 +457,8 @@ class Engine:
         for i, spec in enumerate(WINDOWS):
             cap = caps[i]
             result[spec.name] = WindowStatus(
-                spent_usd=nano_to_usd(_as_int(reply[i])),
-                reserved_usd=nano_to_usd(_as_int(reply[5 + i])),
+                spent_usd=nano_to_usd(int(reply[i])),
+                reserved_usd=nano_to_usd(int(reply[5 + i])),
                 limit_usd=None if cap is None else nano_to_usd(cap),
                 resets_at=windows.of(spec.period).end,
             )

@@ -134,11 +134,9 @@ class BudgetGuard:
         if running.cancelled() or running.exception() is not None:
             return
         reply = running.result()
-        if int(reply[0]) != 1:  # denied, or a repeat whose reservation belongs to the original call
-            return
-        decision = self._engine.read_check(plan, reply)
-        if decision.allowed:
-            self._track(asyncio.ensure_future(self.arelease(decision)))
+        # A denial holds nothing; a repeat's reservation belongs to the original call.
+        if self._engine.reserved_now(reply):
+            self._track(asyncio.ensure_future(self.arelease(self._engine.read_check(plan, reply))))
 
     def _decided(self, plan: CheckPlan, reply: Any) -> Decision:
         if plan.decision is not None:

@@ -38,16 +38,15 @@ class WindowSpec:
     name: str  # "user.hourly"
     scope: str  # "user" | "org"
     period: str  # "h" | "d" | "m"
-    field: str  # the tier/org config field holding its cap
 
 
 # The order is part of the Lua scripts' calling convention (KEYS[4..8]).
 WINDOWS: tuple[WindowSpec, ...] = (
-    WindowSpec("user.hourly", "user", "h", "hourly_usd"),
-    WindowSpec("user.daily", "user", "d", "daily_usd"),
-    WindowSpec("user.monthly", "user", "m", "monthly_usd"),
-    WindowSpec("org.daily", "org", "d", "daily_usd"),
-    WindowSpec("org.monthly", "org", "m", "monthly_usd"),
+    WindowSpec("user.hourly", "user", "h"),
+    WindowSpec("user.daily", "user", "d"),
+    WindowSpec("user.monthly", "user", "m"),
+    WindowSpec("org.daily", "org", "d"),
+    WindowSpec("org.monthly", "org", "m"),
 )
 
 
