@@ -1,20 +1,30 @@
-"""The ``budgetguard`` command: check a config, look at a user's budget, run a demo."""
+"""The ``budgetguard`` command: check a config, show budgets, report on and follow the usage log, run a demo."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, NoReturn
+
+import redis
 
 from . import __version__
-from .config import Config, load_config
+from .config import Config, load_config, parse_config
+from .decision import WindowStatus
 from .errors import BudgetGuardError
+from .eventlog import EventLogError, follow_jsonl, follow_stream, read_jsonl, read_stream, stream_key
 from .guard import BudgetGuard
 from .pricing import Pricebook
+from .report import FORMATS, GROUP_BY, ReportError, build_report, event_line, parse_duration, render
+from .stats import org_status
+from .store import is_memory
 from .tokens import count_text_tokens
 from .usage import Usage
 from .windows import WINDOWS
@@ -85,17 +95,134 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+BAR_WIDTH = 30
+
+
+def bar(window: WindowStatus, width: int = BAR_WIDTH) -> str:
+    """``[###++.....]  17%``: ``#`` spent, ``+`` reserved, ``.`` headroom; blank without a cap."""
+    if not window.limit_usd:
+        return " " * (width + 8)
+    used = window.spent_usd + window.reserved_usd
+    spent_cells = min(width, int(window.spent_usd * width / window.limit_usd))
+    used_cells = min(width, int(used * width / window.limit_usd))
+    cells = "#" * spent_cells + "+" * (used_cells - spent_cells) + "." * (width - used_cells)
+    return f"[{cells}] {used / window.limit_usd:>5.0%}"
+
+
+def _window_line(name: str, w: WindowStatus) -> str:
+    return (f"  {name:<13} spent {_usd(w.spent_usd):>10}  reserved {_usd(w.reserved_usd):>10}  "
+            f"limit {_usd(w.limit_usd):>10}  {bar(w)}  resets {w.resets_at:%Y-%m-%d %H:%M %Z}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    guard = BudgetGuard.from_yaml(args.config)
+    path = _config_path(args, required=True)
+    assert path is not None  # required
+    guard = BudgetGuard.from_yaml(path)
     try:
-        st = guard.status(args.user)
+        if args.user is None:
+            windows = org_status(guard)
+        else:
+            st = guard.status(args.user)
+            windows = st.windows
     finally:
         guard.close()
-    print(f"{st.user} (tier {st.tier})")
+    if args.user is not None:
+        print(f"{st.user} (tier {st.tier})")
+        for spec in WINDOWS:
+            if spec.scope == "user":
+                print(_window_line(spec.name, windows[spec.name]))
+    print("org")
     for spec in WINDOWS:
-        w = st.windows[spec.name]
-        print(f"  {spec.name:<13} spent {_usd(w.spent_usd):>10}  reserved {_usd(w.reserved_usd):>10}  "
-              f"limit {_usd(w.limit_usd):>10}  resets {w.resets_at:%Y-%m-%d %H:%M %Z}")
+        if spec.scope == "org":
+            print(_window_line(spec.name, windows[spec.name]))
+    return 0
+
+
+# -- the usage log -------------------------------------------------------------------------
+
+
+def _config_path(args: argparse.Namespace, *, required: bool) -> Path | None:
+    """``--config``, else ./limits.yaml; None when that is absent and not ``required``."""
+    if args.config is not None:
+        return Path(args.config)
+    default = Path(DEFAULT_CONFIG)
+    return default if required or default.exists() else None
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path = _config_path(args, required=False)
+    return load_config(path) if path is not None else parse_config({})
+
+
+def _stream_client(config: Config) -> redis.Redis:
+    url = config.redis_url or os.environ.get("REDIS_URL") or "memory://"
+    if is_memory(url):
+        raise EventLogError(f"the store is {url} (embedded in one process), so there is no usage stream to read: "
+                            "set REDIS_URL or redis_url, or read a JSON Lines file with --file")
+    try:
+        # Reads of a long stream and blocking XREADs outlast the guard's per-call deadline.
+        return redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=5)
+    except ValueError as exc:
+        raise EventLogError(f"redis_url: {exc}") from None
+
+
+def _instant(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ReportError(f"bad --until {text!r}: use an ISO-8601 time such as 2026-03-14T15:00Z") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    span = parse_duration(args.since)
+    until = _instant(args.until) if args.until else datetime.now(UTC)
+    if args.top < 0:
+        raise ReportError("--top must be 0 or more")
+    config = _load(args)
+    since = until - span
+    if args.file is not None:
+        loaded = read_jsonl(args.file, since, until)
+    else:
+        client = _stream_client(config)
+        try:
+            loaded = read_stream(client, stream_key(config), since, until)
+        finally:
+            client.close()
+    report = build_report(loaded.events, by=args.by, top=args.top, since=since, until=until,
+                          skipped=loaded.skipped, source=loaded.source)
+    sys.stdout.write(render(report, args.format))
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    if args.lines < 0 or (args.count is not None and args.count <= 0) or (args.timeout is not None
+                                                                          and args.timeout <= 0):
+        raise ReportError("--lines must be 0 or more, --count and --timeout above 0")
+    config = _load(args)
+    client = None
+    events: Iterator[dict[str, Any] | None]
+    if args.file is not None:
+        events = follow_jsonl(args.file, backlog=args.lines, idle_timeout=args.timeout)
+    else:
+        client = _stream_client(config)
+        events = follow_stream(client, stream_key(config), backlog=args.lines, idle_timeout=args.timeout)
+    shown = 0
+    try:
+        for event in events:
+            if event is None:
+                print("budgetguard: skipped an entry that is not a JSON object", file=sys.stderr, flush=True)
+                continue
+            line = json.dumps(event, ensure_ascii=False, separators=(",", ":")) if args.json else event_line(event)
+            print(line, flush=True)
+            shown += 1
+            if args.count is not None and shown >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a live tail ends
+    finally:
+        if client is not None:
+            client.close()
     return 0
 
 
@@ -142,20 +269,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit 2 (argparse would print the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="budgetguard", description="Budget enforcement for LLM calls.")
+    parser = _Parser(prog="budgetguard", description="Budget enforcement for LLM calls.")
     parser.add_argument("--version", action="version", version=f"budgetguard {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log budgetguard's decisions")
     sub = parser.add_subparsers(dest="command", required=True)
+    config_help = f"limits.yaml to read (default ./{DEFAULT_CONFIG})"
 
     p = sub.add_parser("check-config", help="validate limits.yaml and summarise what it enforces")
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path)
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("status", help="spent / reserved / limit of a user's windows and the org's")
-    p.add_argument("user")
-    p.add_argument("--config", default=DEFAULT_CONFIG, type=Path)
+    p = sub.add_parser("status", help="spent / reserved / limit of the org's windows and a user's, as bars",
+                       description="Each window's spent, reserved, limit and reset time, with a bar "
+                                   "(# spent, + reserved, . headroom). Without USER, the org's windows only.")
+    p.add_argument("user", nargs="?", default=None, help="a user id (omit for the org only)")
+    p.add_argument("--config", default=None, type=Path, help=config_help)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="spend, requests, tokens and estimate accuracy from the usage log",
+                       description="Sum the usage events of a time range, from the Redis stream "
+                                   "(REDIS_URL / redis_url) or a JSON Lines file.")
+    p.add_argument("--since", default="24h", help="how far back from --until: 90m, 24h, 7d, 30d, 2w (default 24h)")
+    p.add_argument("--until", default=None, help="end of the range, ISO-8601 (default now; naive means UTC)")
+    p.add_argument("--by", choices=GROUP_BY, default=None, help="group rows by this (default: totals only)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    p.add_argument("--file", default=None, type=Path, help="read this JSON Lines usage log instead of the stream")
+    p.add_argument("--top", default=10, type=int, help="how many top spenders to list (default 10)")
+    p.add_argument("--config", default=None, type=Path, help=config_help)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("tail", help="print usage events as they happen",
+                       description="Print the last events of the usage log, then follow it (Ctrl-C stops).")
+    p.add_argument("-n", "--lines", default=10, type=int, help="past events to print first (default 10)")
+    p.add_argument("--count", default=None, type=int, help="stop after printing this many events")
+    p.add_argument("--timeout", default=None, type=float, help="stop after this many seconds without an event")
+    p.add_argument("--json", action="store_true", help="print each event as its JSON object")
+    p.add_argument("--file", default=None, type=Path, help="follow this JSON Lines usage log instead of the stream")
+    p.add_argument("--config", default=None, type=Path, help=config_help)
+    p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("demo", help="run a small simulated workload on the embedded store")
     p.add_argument("--config", default=DEFAULT_CONFIG, type=Path)
@@ -175,3 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BudgetGuardError as exc:
         print(f"budgetguard: {exc}", file=sys.stderr)
         return 2
+    except redis.RedisError as exc:
+        print(f"budgetguard: redis: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `budgetguard tail | head` closed the pipe: not an error of ours.
+        sys.stderr.close()
+        return 0

@@ -1,0 +1,123 @@
+"""Prometheus metrics for a guard, and ASGI apps serving them and a JSON stats view.
+
+Each :class:`Metrics` owns its registry, so several guards in one process (or one test
+run) never collide. The guard calls the ``observe_*`` hooks; a failing hook is its
+caller's to contain, so they only do arithmetic and never touch I/O.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from .decision import Decision
+from .stats import ASGIApp, serve, stats_app
+
+__all__ = ["Metrics", "metrics_app", "stats_app"]
+
+_TOKEN_KINDS = (("input_tokens", "input"), ("cached_input_tokens", "cached_input"),
+                ("cache_write_tokens", "cache_write"), ("output_tokens", "output"),
+                ("reasoning_tokens", "reasoning"))
+_NONE = "none"
+
+
+def _label(value: Any) -> str:
+    return value if isinstance(value, str) and value else _NONE
+
+
+class _SpendCollector(Collector):
+    """Spend kept as exact Decimal sums and turned into floats only when scraped,
+    so millions of small costs do not accumulate float rounding error."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sums: dict[tuple[str, str, str], Decimal] = {}
+
+    def add(self, labels: tuple[str, str, str], amount: Decimal) -> None:
+        with self._lock:
+            self._sums[labels] = self._sums.get(labels, Decimal(0)) + amount
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("budgetguard_spend_usd", "Settled spend in USD.",
+                                     labels=("tier", "provider", "model"))
+        with self._lock:
+            items = sorted(self._sums.items())
+        for labels, amount in items:
+            family.add_metric(labels, float(amount))
+        yield family
+
+
+class Metrics:
+    """The guard's metrics. Pass one to the guard; mount :func:`metrics_app` to expose it."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.decisions = Counter("budgetguard_decisions", "Budget decisions by outcome and the limit involved.",
+                                 ("outcome", "limit"), registry=self.registry)
+        self.events = Counter("budgetguard_events", "Usage events by outcome.", ("outcome",),
+                              registry=self.registry)
+        self.tokens = Counter("budgetguard_tokens", "Tokens of settled calls by model and kind.",
+                              ("model", "kind"), registry=self.registry)
+        self.redis_seconds = Histogram("budgetguard_redis_script_seconds", "Latency of budget scripts on Redis.",
+                                       ("script",), registry=self.registry,
+                                       buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.redis_errors = Counter("budgetguard_redis_errors", "Budget scripts that failed or timed out.",
+                                    ("script",), registry=self.registry)
+        self.alerts = Counter("budgetguard_alert_deliveries", "Alert deliveries by sink and outcome.",
+                              ("sink", "outcome"), registry=self.registry)
+        self._spend = _SpendCollector()
+        self.registry.register(self._spend)
+
+    def observe_decision(self, decision: Decision) -> None:
+        if not decision.enforced and decision.allowed:
+            outcome = "unenforced"
+        elif not decision.allowed:
+            outcome = "denied"
+        elif decision.downgraded:
+            outcome = "routed"
+        else:
+            outcome = "allowed"
+        self.decisions.labels(outcome, decision.limit or _NONE).inc()
+
+    def observe_event(self, event: Mapping[str, Any]) -> None:
+        self.events.labels(_label(event.get("outcome"))).inc()
+        model = _label(event.get("model"))
+        for key, kind in _TOKEN_KINDS:
+            count = event.get(key)
+            if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                self.tokens.labels(model, kind).inc(count)
+        try:
+            cost = Decimal(str(event.get("cost_usd") or 0))
+        except InvalidOperation:
+            return
+        if cost.is_finite() and cost > 0:
+            self._spend.add((_label(event.get("tier")), _label(event.get("provider")), model), cost)
+
+    def observe_redis(self, script: str, seconds: float, ok: bool) -> None:
+        self.redis_seconds.labels(script).observe(seconds)
+        if not ok:
+            self.redis_errors.labels(script).inc()
+
+    def observe_alert(self, sink: str, outcome: str) -> None:
+        self.alerts.labels(sink, outcome).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of this registry, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def metrics_app(metrics: Metrics) -> ASGIApp:
+    """An ASGI app serving ``metrics`` in the Prometheus text format (mount it at ``/metrics``)."""
+
+    def produce() -> tuple[int, bytes, str]:
+        body, content_type = metrics.render()
+        return 200, body, content_type
+
+    return serve(produce)
