@@ -52,7 +52,7 @@ def test_status_and_usage_errors():
     out = run("status", "alice", "--config", "limits.yaml", env={"REDIS_URL": ""})
     assert out.returncode == 0, out.stderr
     assert re.search(r"user.hourly\s+spent\s+\$0.0000", out.stdout)
-    assert run("status").returncode == 2  # argparse: the user is required
+    assert run("status", "--colour").returncode == 2  # argparse: an unknown option
     out = run("status", "alice", "--config", "missing.yaml")
     assert out.returncode == 2 and "cannot read missing.yaml" in out.stderr
 
