@@ -18,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from .decision import Decision
-from .stats import ASGIApp, serve, stats_app
+from .stats import ASGIApp, GetApp, stats_app
 
 __all__ = ["Metrics", "metrics_app", "stats_app"]
 
@@ -120,4 +120,4 @@ def metrics_app(metrics: Metrics) -> ASGIApp:
         body, content_type = metrics.render()
         return 200, body, content_type
 
-    return serve(produce)
+    return GetApp(produce)

@@ -19,7 +19,7 @@ from .report import build_report, format_usd
 if TYPE_CHECKING:
     from .guard import BudgetGuard
 
-__all__ = ["ASGIApp", "org_status", "stats_app", "stats_snapshot"]
+__all__ = ["ASGIApp", "GetApp", "org_status", "stats_app", "stats_snapshot"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -113,10 +113,17 @@ async def respond(send: Send, status: int, body: bytes, content_type: str) -> No
     await send({"type": "http.response.body", "body": body})
 
 
-def serve(produce: Callable[[], tuple[int, bytes, str]]) -> ASGIApp:
-    """A GET-only ASGI app answering every path with ``produce()`` run in a worker thread."""
+class GetApp:
+    """A GET-only ASGI app answering every path with ``produce()``, run in a worker thread.
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    A class rather than a closure: Starlette's ``Route`` treats a plain function as a
+    request handler, but an instance as an ASGI app, so ``Route("/metrics", app)`` works.
+    """
+
+    def __init__(self, produce: Callable[[], tuple[int, bytes, str]]) -> None:
+        self._produce = produce
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
@@ -126,10 +133,8 @@ def serve(produce: Callable[[], tuple[int, bytes, str]]) -> ASGIApp:
             await respond(send, 405, b"method not allowed\n", "text/plain; charset=utf-8")
             return
         # Redis calls block: keep them off the event loop.
-        status, body, content_type = await asyncio.to_thread(produce)
+        status, body, content_type = await asyncio.to_thread(self._produce)
         await respond(send, status, b"" if scope["method"] == "HEAD" else body, content_type)
-
-    return app
 
 
 def stats_app(guard: BudgetGuard, window: timedelta = timedelta(hours=24)) -> ASGIApp:
@@ -139,4 +144,4 @@ def stats_app(guard: BudgetGuard, window: timedelta = timedelta(hours=24)) -> AS
         status, doc = stats_snapshot(guard, window)
         return status, json.dumps(doc, indent=2).encode(), "application/json"
 
-    return serve(produce)
+    return GetApp(produce)
