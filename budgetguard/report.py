@@ -349,6 +349,7 @@ _TABLE_COLUMNS: Sequence[tuple[str, str]] = (
     ("estimate_ratio", "actual/est"),
     ("estimate_mape_pct", "MAPE %"),
 )
+_TABLE_MONEY = frozenset({"cost_usd", "avg_cost_per_request_usd", "cost_per_1k_tokens_usd"})
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -368,9 +369,15 @@ def render_table(report: Report) -> str:
     if report.skipped:
         lines.append(f"warning: skipped {report.skipped} entries that are not valid events")
 
+    def cell(name: str, value: Any) -> str:
+        if value is None:
+            return "-"
+        # Nine places line the dollar amounts up and are still exact (costs are whole nano-USD).
+        return f"{Decimal(value):.9f}" if name in _TABLE_MONEY else str(value)
+
     def cells(key: str, totals: Totals) -> list[str]:
         row = totals.row()
-        return [key, *("-" if row[name] is None else str(row[name]) for name, _ in _TABLE_COLUMNS)]
+        return [key, *(cell(name, row[name]) for name, _ in _TABLE_COLUMNS)]
 
     header = [report.by or "", *(title for _, title in _TABLE_COLUMNS)]
     rows = [cells(key, g) for key, g in report.groups]
@@ -381,7 +388,7 @@ def render_table(report: Report) -> str:
     lines.append("top spenders")
     if report.top_spenders:
         lines.extend(_table(["user", "cost $", "requests", "denied"],
-                            [[u, format_usd(s.cost_usd), str(s.requests), str(s.denials)]
+                            [[u, cell("cost_usd", s.cost_usd), str(s.requests), str(s.denials)]
                              for u, s in report.top_spenders]))
     else:
         lines.append("(no spend)")
