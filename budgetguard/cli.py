@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
@@ -176,7 +176,8 @@ def _instant(text: str) -> datetime:
 
 def cmd_report(args: argparse.Namespace) -> int:
     span = parse_duration(args.since)
-    until = _instant(args.until) if args.until else datetime.now(UTC)
+    # Rounded up to the second: readable, and the last moment's events stay inside the range.
+    until = _instant(args.until) if args.until else datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
     if args.top < 0:
         raise ReportError("--top must be 0 or more")
     config = _load(args)

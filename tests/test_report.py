@@ -232,9 +232,11 @@ def test_cli_tail_prints_the_backlog_then_follows_the_stream(real_redis, real_re
     first = [proc.stdout.readline() for _ in range(2)]
     newer = [make_event(ts=START + timedelta(hours=1), user="late", outcome="denied", limit="user.hourly",
                         tags={"feature": "chat"}), make_event(ts=START + timedelta(hours=2), user="later")]
+    real_redis.xadd(STREAM, {"e": b"{not json"})
     write_stream(real_redis, newer)
     rest, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+    assert err == "budgetguard: skipped an entry that is not a JSON object\n"
     lines = first + rest.splitlines(keepends=True)
     assert [line.split()[2] for line in lines] == ["u1", "u2", "late", "later"]
     assert lines[0].startswith(iso(START + timedelta(minutes=1)))
