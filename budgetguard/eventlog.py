@@ -58,6 +58,12 @@ def _xread(client: redis.Redis, key: str, after: bytes, block_ms: int) -> list[E
     return [entry for _, entries in reply for entry in entries]
 
 
+def _payload(fields: dict[Any, Any]) -> bytes | str | None:
+    # b"e" from a client returning bytes (the guard's), "e" from one built with decode_responses=True.
+    value = fields.get(EVENT_FIELD)
+    return fields.get("e") if value is None else value
+
+
 class EventLogError(BudgetGuardError):
     """The usage log cannot be read (a missing file, a store without a stream)."""
 
@@ -124,7 +130,7 @@ def read_stream(client: redis.Redis, key: str, start: datetime | None = None, en
     while True:
         entries = _xrevrange(client, key, upper, page)
         for _, fields in entries:
-            event = loaded.add(fields.get(EVENT_FIELD))
+            event = loaded.add(_payload(fields))
             if event is None:
                 continue
             inside = _in_range(event, start, end)
@@ -185,7 +191,7 @@ def follow_stream(client: redis.Redis, key: str, backlog: int = 10, block_ms: in
     """
     backlog_entries, last_id = _last_ids(client, key, backlog)
     for _, fields in backlog_entries:
-        yield decode_event(fields.get(EVENT_FIELD, b""))
+        yield decode_event(_payload(fields) or b"")
     idle_since = clock()
     while True:
         wait = block_ms
@@ -197,7 +203,7 @@ def follow_stream(client: redis.Redis, key: str, backlog: int = 10, block_ms: in
         for entry_id, fields in _xread(client, key, last_id, wait):
             last_id = entry_id
             idle_since = clock()
-            yield decode_event(fields.get(EVENT_FIELD, b""))
+            yield decode_event(_payload(fields) or b"")
 
 
 def follow_jsonl(path: str | os.PathLike[str], backlog: int = 10, poll_s: float = 0.2,

@@ -263,3 +263,15 @@ def test_cli_tail_json_from_a_file_and_ctrl_c(tmp_path):
 def test_cli_tail_timeout_ends_an_idle_follow(real_redis, real_redis_url, limits):
     out = cli("tail", "--config", str(limits), "--timeout", "0.3", env={"REDIS_URL": real_redis_url})
     assert out.returncode == 0 and out.stdout == "", out.stderr
+
+
+def test_stream_reader_accepts_a_decoding_client(real_redis, real_redis_url):
+    import redis
+
+    events = [make_event(ts=START + timedelta(minutes=i)) for i in range(3)]
+    write_stream(real_redis, events)
+    client = redis.Redis.from_url(real_redis_url, decode_responses=True)
+    try:
+        assert read_stream(client, STREAM, START).events == events
+    finally:
+        client.close()
