@@ -166,6 +166,18 @@ def _stream_client(config: Config) -> redis.Redis:
         raise EventLogError(f"redis_url: {exc}") from None
 
 
+def _log_file(args: argparse.Namespace, config: Config) -> Path | None:
+    """The JSON Lines file to read: ``--file``, else the config's when it keeps no stream; None: the stream."""
+    if args.file is not None:
+        return Path(args.file)
+    if config.events.stream_maxlen == 0:
+        if config.events.jsonl_path:
+            return Path(config.events.jsonl_path)
+        raise EventLogError("events.stream_maxlen is 0 and events.jsonl_path is unset: there is no usage log "
+                            "to read (use --file)")
+    return None
+
+
 def _instant(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
@@ -182,8 +194,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ReportError("--top must be 0 or more")
     config = _load(args)
     since = until - span
-    if args.file is not None:
-        loaded = read_jsonl(args.file, since, until)
+    path = _log_file(args, config)
+    if path is not None:
+        loaded = read_jsonl(path, since, until)
     else:
         client = _stream_client(config)
         try:
@@ -203,8 +216,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
     config = _load(args)
     client = None
     events: Iterator[dict[str, Any] | None]
-    if args.file is not None:
-        events = follow_jsonl(args.file, backlog=args.lines, idle_timeout=args.timeout)
+    path = _log_file(args, config)
+    if path is not None:
+        events = follow_jsonl(path, backlog=args.lines, idle_timeout=args.timeout)
     else:
         client = _stream_client(config)
         events = follow_stream(client, stream_key(config), backlog=args.lines, idle_timeout=args.timeout)
@@ -302,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", default=None, help="end of the range, ISO-8601 (default now; naive means UTC)")
     p.add_argument("--by", choices=GROUP_BY, default=None, help="group rows by this (default: totals only)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
-    p.add_argument("--file", default=None, type=Path, help="read this JSON Lines usage log instead of the stream")
+    p.add_argument("--file", default=None, type=Path,
+                   help="read this JSON Lines usage log instead of the stream "
+                        "(default: the stream, or events.jsonl_path when events.stream_maxlen is 0)")
     p.add_argument("--top", default=10, type=int, help="how many top spenders to list (default 10)")
     p.add_argument("--config", default=None, type=Path, help=config_help)
     p.set_defaults(func=cmd_report)

@@ -275,3 +275,19 @@ def test_stream_reader_accepts_a_decoding_client(real_redis, real_redis_url):
         assert read_stream(client, STREAM, START).events == events
     finally:
         client.close()
+
+
+def test_cli_reads_the_configured_file_when_there_is_no_stream(tmp_path):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [make_event(ts=START, user="carol", cost_usd="0.25")])
+    limits = tmp_path / "limits.yaml"
+    limits.write_text(f"events: {{stream_maxlen: 0, jsonl_path: {json.dumps(str(path))}}}\n")
+    out = cli("report", "--config", str(limits), "--until", UNTIL, "--format", "json", env={"REDIS_URL": ""})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["top_spenders"] == [{"user": "carol", "cost_usd": "0.25", "requests": 1,
+                                                       "denials": 0}]
+    out = cli("tail", "--config", str(limits), "--count", "1", env={"REDIS_URL": ""})
+    assert out.returncode == 0 and " carol (pro) " in out.stdout
+    limits.write_text("events: {stream_maxlen: 0}\n")
+    out = cli("report", "--config", str(limits), env={"REDIS_URL": ""})
+    assert out.returncode == 2 and "events.stream_maxlen is 0 and events.jsonl_path is unset" in out.stderr
