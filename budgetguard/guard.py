@@ -212,7 +212,8 @@ class BudgetGuard:
                 engine.anomaly_baselines.clear()
             engine.anomaly_baselines[stamp] = None  # requested: no threshold until it is loaded
             hour = now.replace(minute=0, second=0, microsecond=0)
-            submit(functools.partial(baseline_job, engine, hour), "an anomaly baseline")
+            if not submit(functools.partial(baseline_job, engine, hour), "an anomaly baseline"):
+                engine.anomaly_baselines.pop(stamp, None)  # ask again on a later settle
         if self.config.org.forecast and (self._next_forecast is None or now >= self._next_forecast):
             self._next_forecast = now + timedelta(hours=1)
             submit(functools.partial(forecast_job, engine, now, self._alert_job), "a forecast")
