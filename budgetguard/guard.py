@@ -20,6 +20,7 @@ from .decision import Decision, Status
 from .engine import CheckPlan, Engine, ScriptCall
 from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
 from .store import AsyncStore, Health, StoreUnavailable, SyncStore, ThreadedStore, connect, connect_async, is_memory
+from .streams import is_stream, wrap_stream
 from .usage import Usage
 
 __all__ = ["BudgetGuard"]
@@ -219,6 +220,8 @@ class BudgetGuard:
         ``user`` (and ``tags``) receive the call's arguments by name. The function's
         ``model``, ``messages`` and ``max_tokens`` arguments are read for the check, a
         downgraded model is swapped in, and the usage of the returned response is recorded.
+        A returned stream (``stream=True``: any iterator or async iterator of events) is
+        wrapped instead and settled when it ends, fails or is closed (see ``streams``).
         """
 
         def decorate(fn: F) -> F:
@@ -242,8 +245,7 @@ class BudgetGuard:
                     bound, reservation = open_reservation(args, kwargs)
                     async with reservation as d:
                         bound.arguments[model] = d.model
-                        result = await fn(*bound.args, **bound.kwargs)
-                        reservation.note_result(result)
+                        result = reservation.note_result(await fn(*bound.args, **bound.kwargs))
                     return result
 
                 return async_wrapper  # type: ignore[return-value]
@@ -253,8 +255,7 @@ class BudgetGuard:
                 bound, reservation = open_reservation(args, kwargs)
                 with reservation as d:
                     bound.arguments[model] = d.model
-                    result = fn(*bound.args, **bound.kwargs)
-                    reservation.note_result(result)
+                    result = reservation.note_result(fn(*bound.args, **bound.kwargs))
                 return result
 
             return wrapper  # type: ignore[return-value]
@@ -305,6 +306,7 @@ class Reservation:
         self._args = (user, model, messages)
         self._kwargs = kwargs
         self.decision: Decision | None = None
+        self._handed_off = False  # a stream settles the reservation, not the block's exit
 
     def _enter(self, decision: Decision) -> Decision:
         if not decision.allowed:
@@ -313,14 +315,22 @@ class Reservation:
         self.decision = decision
         return decision
 
-    def note_result(self, result: Any) -> None:
-        """Record ``result``'s usage; without one, charge the worst case rather than nothing."""
+    def note_result(self, result: Any) -> Any:
+        """Record ``result``'s usage; without one, charge the worst case rather than nothing.
+
+        A stream is returned wrapped: its usage is only known when it ends, so the
+        wrapper, not this block's exit, settles the reservation.
+        """
         d = self.decision
         assert d is not None
+        if is_stream(result):
+            self._handed_off = True
+            return wrap_stream(result, self._guard, d)
         try:
             d.record(result)
         except (ValueError, TypeError) as exc:
             log.warning("no usage in the result of a guarded call (%s); charging the reserved worst case", exc)
+        return result
 
     def _pending(self, exc_type: type[BaseException] | None) -> Usage | None:
         d = self.decision
@@ -335,6 +345,8 @@ class Reservation:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         assert self.decision is not None
+        if self._handed_off:
+            return
         usage = self._pending(exc_type)
         if usage is not None:
             self._guard.record(self.decision, usage)
@@ -347,6 +359,8 @@ class Reservation:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         assert self.decision is not None
+        if self._handed_off:
+            return
         usage = self._pending(exc_type)
         settle = asyncio.ensure_future(self._guard.arecord(self.decision, usage) if usage is not None
                                        else self._guard.arelease(self.decision))
