@@ -38,7 +38,8 @@ WINDOWS = ("user.hourly", "user.daily", "user.monthly", "org.daily", "org.monthl
 def cost(model: str, input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0) -> Decimal:
     """Price arithmetic done independently of the library, rounded up to the nano-dollar."""
     p = {k: Decimal(v) for k, v in MODELS[model].items()}
-    exact = ((input_tokens - cached - written) * p["input_per_mtok"] + cached * p.get("cached_input_per_mtok", p["input_per_mtok"])
+    exact = ((input_tokens - cached - written) * p["input_per_mtok"]
+             + cached * p.get("cached_input_per_mtok", p["input_per_mtok"])
              + written * p.get("cache_write_per_mtok", p["input_per_mtok"]) + output_tokens * p["output_per_mtok"])
     return Decimal(math.ceil(exact * 1000)) / 10**9
 
@@ -423,7 +424,7 @@ def test_body_reaches_the_app_byte_for_byte(env):
     resp = httpx.post(f"{env.srv.url}/v1/chat/completions", content=body.encode(),
                       headers={"authorization": "Bearer sk-alice"})
     assert resp.status_code == 200
-    path, received, headers = env.up.received[0]
+    _path, received, headers = env.up.received[0]
     assert received == body.encode() and headers["content-length"] == str(len(body.encode()))
 
 
