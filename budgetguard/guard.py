@@ -245,8 +245,9 @@ class BudgetGuard:
                     bound, reservation = open_reservation(args, kwargs)
                     async with reservation as d:
                         bound.arguments[model] = d.model
-                        result = reservation.note_result(await fn(*bound.args, **bound.kwargs))
-                    return result
+                        # Returned straight away, never held in a local: a frame kept alive
+                        # elsewhere must not keep a stream from being finalized (and settled).
+                        return reservation.note_result(await fn(*bound.args, **bound.kwargs))
 
                 return async_wrapper  # type: ignore[return-value]
 
@@ -255,8 +256,7 @@ class BudgetGuard:
                 bound, reservation = open_reservation(args, kwargs)
                 with reservation as d:
                     bound.arguments[model] = d.model
-                    result = reservation.note_result(fn(*bound.args, **bound.kwargs))
-                return result
+                    return reservation.note_result(fn(*bound.args, **bound.kwargs))
 
             return wrapper  # type: ignore[return-value]
 
