@@ -419,6 +419,10 @@ class _Exchange:
                 if self.sse is not None:
                     body = self.read_sse(body, more)
                     message = {**message, "body": body}
+                    if self.tracker is not None and self.tracker.final:
+                        # Settled before the usage event goes out: a client that stops
+                        # reading there (SDKs stop at [DONE]) finds its spend counted.
+                        await self.settle()
                 elif self.json_body is not None:
                     if len(self.json_body) + len(body) <= _MAX_JSON_RESPONSE_BYTES:
                         self.json_body += body

@@ -162,13 +162,17 @@ class StreamUsage:
     forever for a stream cut short). :meth:`fallback` is what to charge otherwise.
     """
 
-    __slots__ = ("_anthropic", "_model", "_texts", "events", "usage")
+    __slots__ = ("_anthropic", "_model", "_texts", "events", "final", "usage")
 
     def __init__(self, model: str) -> None:
         self._model = model
         self._texts: list[str] = []
         self._anthropic: dict[str, int] = {}
         self.usage: Usage | None = None
+        # The usage came in the event that closes the accounting (OpenAI's usage-only
+        # chunk, a terminal Responses event, Anthropic's message_delta): it can be
+        # settled at once rather than at the end of the body.
+        self.final = False
         self.events = 0
 
     def feed_sse(self, event: SSEEvent) -> Any:
@@ -211,6 +215,7 @@ class StreamUsage:
                     self._text(_get(obj, "delta"))
                 elif kind in _RESPONSES_FINAL and _get(_get(obj, "response"), "usage") is not None:
                     self.usage = Usage.from_response(obj)
+                    self.final = True
                 return
         choices = _get(obj, "choices")  # OpenAI chat and completions chunks
         if choices:
@@ -227,6 +232,9 @@ class StreamUsage:
                     self._text(_get(function, "arguments"))
         if _get(obj, "usage") is not None:
             self.usage = Usage.from_response(obj)
+            # Some servers repeat a running usage on every chunk; only the usage-only
+            # chunk (no choices) is known to be the last word.
+            self.final = choices is not None and len(choices) == 0
 
     def _text(self, value: object) -> None:
         if isinstance(value, str) and value:
@@ -241,6 +249,7 @@ class StreamUsage:
                 self._anthropic[name] = value
         if final:
             self.usage = Usage.from_response(dict(self._anthropic))
+            self.final = True
 
     @property
     def text(self) -> str:
@@ -379,6 +388,8 @@ class GuardedStream:
             self._settler.settle()
             raise
         self._settler.tracker.feed(item)
+        if self._settler.tracker.final:
+            self._settler.settle()  # a consumer may stop reading right after the usage event
         return item
 
     def close(self) -> None:
@@ -426,6 +437,8 @@ class AsyncGuardedStream:
             await self._settler.asettle()
             raise
         self._settler.tracker.feed(item)
+        if self._settler.tracker.final:
+            await self._settler.asettle()  # a consumer may stop reading right after the usage event
         return item
 
     async def close(self) -> None:
