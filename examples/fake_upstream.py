@@ -2,8 +2,9 @@
 
 ``POST /v1/chat/completions`` answers with a fixed reply and usage, as JSON or as an SSE
 stream (with the final usage chunk when ``stream_options.include_usage`` is on), the
-way OpenAI does. Run it alone with ``python examples/fake_upstream.py [--port 8081]``,
-or start it in a thread with :func:`serve_in_thread`.
+way OpenAI does. Serve it with ``python examples/fake_upstream.py --serve [--port 8081]``
+or start it in a thread with :func:`serve_in_thread`; without ``--serve`` the script
+answers one request of its own and exits.
 """
 
 from __future__ import annotations
@@ -71,5 +72,15 @@ def serve_in_thread(app: object, port: int | None = None) -> tuple[uvicorn.Serve
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", action="store_true", help="serve until interrupted")
     parser.add_argument("--port", type=int, default=8081)
-    uvicorn.run(create_app(), host="127.0.0.1", port=parser.parse_args().port)
+    args = parser.parse_args()
+    if args.serve:
+        uvicorn.run(create_app(), host="127.0.0.1", port=args.port)
+    else:
+        import httpx
+
+        server, url = serve_in_thread(create_app())
+        answer = httpx.post(f"{url}/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []}).json()
+        print("fake upstream answered:", answer["choices"][0]["message"]["content"], "usage:", answer["usage"])
+        server.should_exit = True

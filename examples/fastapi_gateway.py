@@ -5,10 +5,10 @@ answer back untouched; the middleware checks the budget before the route runs an
 records the usage after. Offline demo (a fake upstream, the gateway and an OpenAI SDK
 client in one process, no network)::
 
-    python examples/fastapi_gateway.py --demo
+    python examples/fastapi_gateway.py
 
 Or serve it: ``UPSTREAM_URL=http://127.0.0.1:8081 uvicorn examples.fastapi_gateway:app``
-(with ``python examples/fake_upstream.py`` running).
+(with ``python examples/fake_upstream.py --serve`` running).
 """
 
 from __future__ import annotations
@@ -89,7 +89,4 @@ def demo() -> None:
 
 
 if __name__ == "__main__":
-    if "--demo" in sys.argv:
-        demo()
-    else:
-        print(__doc__)
+    demo()
