@@ -453,3 +453,25 @@ def test_constructor_validates(env):
         BudgetMiddleware(create_upstream(env.up), guard=env.guard, identify=identify, max_body_bytes=0)
     with pytest.raises(TypeError):
         BudgetMiddleware(create_upstream(env.up), guard=object(), identify=identify)  # type: ignore[arg-type]
+
+
+def test_client_gone_while_sending_the_body_reserves_nothing(env):
+    mw = BudgetMiddleware(create_upstream(env.up), guard=env.guard, identify=identify)
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"authorization", b"Bearer sk-alice")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    messages = [{"type": "http.request", "body": b'{"model": "gpt-4o", "mess', "more_body": True},
+                {"type": "http.disconnect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(mw(scope, receive, send))
+    assert sent == [] and messages == []
+    assert env.up.received == []
+    env.assert_ledger(Decimal(0))
