@@ -12,8 +12,8 @@ Pure ASGI, in the manner of Starlette's own middlewares: it wraps ``receive`` an
    replays the body downstream, identical unless the model was routed or OpenAI's
    ``stream_options.include_usage`` had to be switched on;
 4. reads the usage from the JSON answer or from the SSE events as they pass, and
-   settles the reservation before the last byte of the answer goes out, so a client
-   that has the whole answer sees its spend counted. Error answers (status >= 400)
+   settles the reservation before the usage event (or the answer's last byte) goes
+   out, so a client that has the whole answer sees its spend counted. Error answers (status >= 400)
    release it; a stream that ends without usage (cut upstream, client gone, app
    exception) is charged the estimated input plus the streamed output, counted.
 """
