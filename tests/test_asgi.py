@@ -475,3 +475,17 @@ def test_client_gone_while_sending_the_body_reserves_nothing(env):
     assert sent == [] and messages == []
     assert env.up.received == []
     env.assert_ledger(Decimal(0))
+
+
+def test_responses_stream_disconnect_charges_the_streamed_deltas(env):
+    env.up.mode = "hang"
+    stream = env.openai().responses.create(model="gpt-4o", input=MESSAGES, max_output_tokens=200, stream=True)
+    deltas = []
+    for event in stream:
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+            if len(deltas) == len(TEXT):
+                break
+    stream.close()
+    assert env.up.disconnected.wait(10)
+    assert env.settled() == fallback_cost("gpt-4o", "".join(deltas))
