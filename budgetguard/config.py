@@ -23,8 +23,10 @@ from .errors import ConfigError
 
 __all__ = [
     "AlertsConfig",
+    "AnomalyConfig",
     "Config",
     "Downgrade",
+    "EventsConfig",
     "ModelOverride",
     "OrgConfig",
     "PerRequest",
@@ -89,6 +91,7 @@ class OrgConfig(_Strict):
     monthly_usd: Usd | None = None
     alert_at: list[Threshold] = Field(default_factory=list)
     downgrade: Downgrade | None = None
+    forecast: bool = False  # alert once a month when the spend rate would exhaust monthly_usd early
 
 
 class ModelOverride(_Strict):
@@ -112,19 +115,31 @@ def _check_url(value: str) -> str:
     return value
 
 
-class SlackConfig(_Strict):
+Scope = Literal["org", "user"]
+
+
+class _Sink(_Strict):
+    # Which alerts a sink receives: at or above min_level, for these scopes.
+    min_level: Threshold | None = None
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org", "user"]), min_length=1)
+
+
+class SlackConfig(_Sink):
     webhook_url: str = ""
     _url = field_validator("webhook_url")(_check_url)
 
 
-class PagerDutyConfig(_Strict):
+class PagerDutyConfig(_Sink):
     routing_key: str = ""
-    min_level: Threshold = Decimal("0.9")
+    min_level: Threshold | None = Decimal("0.9")
+    # Paging on every user that reaches its own cap would drown on-call: org only by default.
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org"]), min_length=1)
     url: str = "https://events.pagerduty.com/v2/enqueue"
+    source: str = "budgetguard"
     _url = field_validator("url")(_check_url)
 
 
-class WebhookConfig(_Strict):
+class WebhookConfig(_Sink):
     url: str = ""
     headers: dict[str, str] = Field(default_factory=dict)
     _url = field_validator("url")(_check_url)
@@ -134,6 +149,29 @@ class AlertsConfig(_Strict):
     slack: SlackConfig | None = None
     pagerduty: PagerDutyConfig | None = None
     webhook: WebhookConfig | None = None
+    timeout_s: Annotated[float, Field(gt=0, le=60), BeforeValidator(_not_bool)] = 5.0
+    retries: Annotated[int, Field(ge=0, le=10), BeforeValidator(_not_bool)] = 4
+    backoff_s: Annotated[float, Field(gt=0, le=60), BeforeValidator(_not_bool)] = 0.5  # first retry's wait
+    queue_size: Annotated[int, Field(gt=0, le=1_000_000), BeforeValidator(_not_bool)] = 1000
+    # close() waits at most this long for queued alerts and events.
+    flush_timeout_s: Annotated[float, Field(ge=0, le=600), BeforeValidator(_not_bool)] = 5.0
+
+
+class EventsConfig(_Strict):
+    """The usage log: one event per settled call or denial."""
+
+    stream_maxlen: Annotated[int, Field(ge=0, le=100_000_000), BeforeValidator(_not_bool)] = 100_000  # 0: no stream
+    jsonl_path: str | None = None
+
+
+class AnomalyConfig(_Strict):
+    """Alert on an hour of org spend far above the same hour of the trailing days."""
+
+    enabled: bool = True
+    sigmas: Annotated[Decimal, Field(gt=0, le=100), BeforeValidator(_not_bool)] = Decimal(3)
+    baseline_days: Annotated[int, Field(ge=2, le=60), BeforeValidator(_not_bool)] = 14
+    min_history_days: Annotated[int, Field(ge=2, le=60), BeforeValidator(_not_bool)] = 7
+    min_spend_usd: Usd = Decimal(1)  # quieter hours than this never alert, however unusual
 
 
 class Config(_Strict):
@@ -154,6 +192,8 @@ class Config(_Strict):
     users: dict[str, UserConfig] = Field(default_factory=dict)
     org: OrgConfig = Field(default_factory=OrgConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
 
     @field_validator("redis_url")
     @classmethod
@@ -256,6 +296,10 @@ def _check_references(config: Config) -> None:
     for name, user in config.users.items():
         if user.tier is not None and user.tier not in config.tiers:
             raise ConfigError(f"users.{name}.tier: tier {user.tier!r} is not defined under tiers")
+
+    if config.anomaly.min_history_days > config.anomaly.baseline_days:
+        raise ConfigError(f"anomaly.min_history_days: {config.anomaly.min_history_days} exceeds baseline_days "
+                          f"({config.anomaly.baseline_days}), so the detector could never speak")
 
     prices = Pricebook(config.models)
     for name, override in config.models.items():

@@ -53,6 +53,7 @@ class Decision:
     _ticket: Ticket | None = field(default=None, repr=False)
     _usage: Usage | None = field(default=None, repr=False)
     _bound: bool = field(default=False, repr=False)
+    _started: float = field(default=0.0, repr=False)  # monotonic time of the check, for latency
 
     @property
     def downgraded(self) -> bool:

@@ -14,20 +14,23 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
+from .alerts.anomaly import Baseline
+from .alerts.model import Alert
 from .config import Config
 from .decision import Decision, Status, Ticket, WindowStatus
 from .errors import InvalidArgument, InvalidArgumentType
+from .events import Event, denial_event, stream_head, usage_event
 from .policy import Policies, UserPolicy
 from .pricing import ModelPrice, nano_to_usd
 from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for
 from .usage import Usage, check_token_count
-from .windows import WINDOWS, WindowClock, WindowSet, user_tag, windows_at
+from .windows import WINDOWS, Period, WindowClock, WindowSet, user_tag, windows_at
 
-__all__ = ["MAX_OUTPUT_TOKENS_CEILING", "CheckPlan", "Engine", "ScriptCall"]
+__all__ = ["MAX_OUTPUT_TOKENS_CEILING", "CheckPlan", "Engine", "ScriptCall", "SettlePlan", "Settled"]
 
 # No model produces this many tokens in one call; a larger value is a bug upstream.
 MAX_OUTPUT_TOKENS_CEILING = 10_000_000
@@ -36,6 +39,11 @@ _MAX_REQUEST_ID = 256
 
 # Route kinds in the reserve script's calling convention.
 _REQUESTED, _USER_ROUTE, _ORG_ROUTE, _BOTH_ROUTES = 0, 1, 2, 3
+_ORG_WINDOWS_MASK = 0b11000  # org.daily and org.monthly: their first denial always alerts
+_USER_WINDOWS_MASK = 0b00111
+_DAY_MS = 86_400_000
+# Long ids stay out of the per-user spend rankings' members (they are hashed instead).
+_MAX_SPENDER = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +60,26 @@ class Candidate:
     input_tokens: int
     amount_nano: int
     route: int
+
+
+@dataclass(frozen=True, slots=True)
+class SettlePlan:
+    call: ScriptCall
+    decision: Decision
+    event: Event  # without "outcome" until the script's reply says whether the lease had lapsed
+    outcome: str
+    lapsed_outcome: str
+    windows: WindowSet  # the windows charged
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A settle's reply, read: did this call apply it, what did it cross, its event."""
+
+    applied: bool
+    alerts: list[Alert]
+    event: Event | None  # None when an earlier settle had applied
 
 
 @dataclass(slots=True)
@@ -71,6 +99,10 @@ class CheckPlan:
     dropped_for_cost: bool = False
     call: ScriptCall | None = None
     decision: Decision | None = None
+
+
+def _ceil_share(cap: int, level: Decimal) -> int:
+    return int((Decimal(cap) * level).to_integral_value(rounding=ROUND_CEILING))
 
 
 def _fmt(nano: int) -> str:
@@ -129,6 +161,13 @@ class Engine:
         self._lease_ms = config.reservation_ttl_s * 1000
         # Per (policy, hour): the packed "cap,threshold,end" argument, built once.
         self._specs: dict[tuple[int, str], str] = {}
+        self._thresholds: dict[int, str] = {}  # per policy: the settle script's alert thresholds
+        # Spend history feeds anomaly baselines and forecasts: keep a baseline and a month.
+        self._history_ms = (max(config.anomaly.baseline_days, 31) + 2) * _DAY_MS
+        self._stream_maxlen = str(config.events.stream_maxlen)
+        # Anomaly baselines per UTC hour ("YYYYMMDDHH"), filled in the background (alerts.anomaly).
+        self.anomaly_baselines: dict[str, Baseline | None] = {}
+        self._snapshots: dict[str, tuple[dict[str, str], str | None]] = {}
         self._encodings = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
 
     # -- time ------------------------------------------------------------------------
@@ -139,6 +178,9 @@ class Engine:
             raise InvalidArgument("clock() must return an aware datetime")
         # On the UTC line, differences are true durations even across a DST change.
         return now.astimezone(UTC)
+
+    def windows_now(self, now: datetime) -> WindowSet:
+        return self._windows.at(now)
 
     def _ends_ms(self, windows: WindowSet) -> list[int]:
         return [_epoch_ms(windows.of(spec.period).end) for spec in WINDOWS]
@@ -269,11 +311,13 @@ class Engine:
         return ScriptCall(
             "reserve",
             (prefix + "rq:" + plan.rid, prefix + "leases", self._org_prefix + "leases",
-             *self._window_keys(prefix, w)),
+             *self._window_keys(prefix, w), self._org_prefix + "blocked"),
             (now_ms, now_ms + self._lease_ms, self._state_ms, self._grace_ms, prefix, self._org_prefix,
              f"|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", f"|{w.d.stamp}|{w.m.stamp}", plan.rid,
              self._window_spec(plan.policy, w),
-             ",".join(f"{c.amount_nano},{c.route}" for c in plan.candidates)),
+             ",".join(f"{c.amount_nano},{c.route}" for c in plan.candidates),
+             # A tier opts its users into alerts with alert_at; the org's blocks always alert.
+             _ORG_WINDOWS_MASK | (_USER_WINDOWS_MASK if plan.policy.alert_at else 0)),
         )
 
     def _decision(self, plan: CheckPlan, candidate: Candidate | None, *, allowed: bool, reason: str,
@@ -405,37 +449,188 @@ class Engine:
             raise InvalidArgument(f"cannot price usage: no price is known for model {decision.model!r}")
         return price.cost_nano(usage)
 
-    def settle_call(self, decision: Decision, cost_nano: int | None) -> ScriptCall:
-        """Release (``cost_nano`` None) or record a decision's reservation."""
+    def _snapshot(self, model: str) -> tuple[dict[str, str] | None, str | None]:
+        """The prices (USD per MTok) and provider recorded with a model's events."""
+        found = self._snapshots.get(model)
+        if found is None:
+            price = self._price(model)
+            if price is None:
+                return None, None
+            if len(self._snapshots) > 4096:
+                self._snapshots.clear()
+            found = self._snapshots[model] = (price.snapshot(), price.provider)
+        return found
+
+    def settle_call(self, decision: Decision, usage: Usage | None, *, outcome: str | None = None,
+                    error: str | None = None, latency_ms: int | None = None) -> SettlePlan:
+        """Record ``usage`` against a decision's reservation, or release it (``usage`` None)."""
         if not isinstance(decision, Decision) or decision._ticket is None:
             raise InvalidArgumentType(f"expected a Decision from check(), got {type(decision).__name__}")
         t = decision._ticket
+        cost = None if usage is None else self.cost_nano(decision, usage)
+        input_cost = 0
+        if usage is not None:
+            input_only = dataclasses.replace(usage, output_tokens=0, reasoning_tokens=0)
+            input_cost = self.cost_nano(decision, input_only)
         now = self.now()
         user_member, org_member = t.members(decision.reservation_id)
         # A record that arrives after the reservation's hour key has expired charges the
         # current windows: late spend is still spend.
         expired = _epoch_ms(t.windows.h.end) + self._grace_ms <= _epoch_ms(now)
         charge = self._windows.at(now) if expired else t.windows
-        return ScriptCall(
+        policy = self.policies.for_user(decision.user)
+        org = t.org_prefix
+        hour = f"{now:%Y%m%d%H}"  # spend history is kept by UTC hour
+        prices, provider = self._snapshot(decision.model)
+        outcome = outcome or ("ok" if usage is not None else "released")
+        event = usage_event(decision, now, usage=usage, input_cost_nano=input_cost, cost_nano=cost or 0,
+                            prices=prices, provider=provider, latency_ms=latency_ms, error=error)
+        baseline = self.anomaly_baselines.get(hour)
+        spender = decision.user if len(decision.user) <= _MAX_SPENDER else user_tag(decision.user)
+        call = ScriptCall(
             "settle",
-            (t.request_key, t.user_prefix + "leases", t.org_prefix + "leases",
-             *self._window_keys(t.user_prefix, charge)),
-            (_epoch_ms(now), self._state_ms, self._grace_ms, t.user_prefix, t.org_prefix, user_member, org_member,
-             "" if cost_nano is None else cost_nano, ",".join(map(str, self._ends_ms(charge))),
-             settled_state(t.candidate, cost_nano)),
+            (t.request_key, t.user_prefix + "leases", org + "leases", *self._window_keys(t.user_prefix, charge),
+             f"{org}hist:{hour[:8]}", f"{org}top:u:h:{hour}", f"{org}top:u:{charge.d.stamp}",
+             f"{org}top:u:{charge.m.stamp}", f"{org}top:f:h:{hour}", org + "events"),
+            (_epoch_ms(now), self._state_ms, self._grace_ms, t.user_prefix, org, user_member, org_member,
+             "" if cost is None else cost, ",".join(map(str, self._ends_ms(charge))),
+             settled_state(t.candidate, cost), self._alert_thresholds(policy), hour[8:], self._history_ms,
+             spender, decision.tags.get("feature", "")[:_MAX_SPENDER],
+             "" if baseline is None else baseline.threshold_nano,
+             stream_head(event) if self._stream_maxlen != "0" else "", outcome,
+             # Without a lease (fail_mode open let it through), a lapse is no news.
+             "expired" if decision.enforced and outcome in ("ok", "released") else outcome, self._stream_maxlen),
         )
+        return SettlePlan(call, decision, event, outcome, str(call.args[-2]), charge, now)
 
-    @staticmethod
-    def read_settle(call: ScriptCall, reply: Sequence[Any]) -> bool:
-        """True when this settlement applied, False when an earlier one had.
+    def _alert_thresholds(self, policy: UserPolicy) -> str:
+        packed = self._thresholds.get(id(policy))
+        if packed is None:
+            caps = (*policy.caps, *self.policies.org.caps)
+            levels = (policy.alert_at,) * 3 + (self.policies.org.alert_at,) * 2
+            packed = self._thresholds[id(policy)] = ",".join(
+                f"{w + 1},{level.normalize():f},{_ceil_share(cap, level)}"
+                for w, (cap, at) in enumerate(zip(caps, levels, strict=True)) if cap is not None
+                for level in at
+            )
+        return packed
+
+    def read_settle(self, plan: SettlePlan, reply: Sequence[Any]) -> Settled:
+        """Whether this settlement applied, the alerts it crossed, and its event.
 
         A repeat that finds exactly the state this call writes is its own resend
         (redis-py retried it), so it counts as applied.
         """
-        if int(reply[0]) == 1:
-            return True
-        state = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        return state == call.args[-1]
+        if int(reply[0]) != 1:
+            state = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+            return Settled(state == plan.call.args[9], [], None)
+        live = int(reply[1]) == 1
+        event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome)
+        d = plan.decision
+        policy = self.policies.for_user(d.user)
+        windows, now = plan.windows, plan.now
+        alerts = []
+        for raw in reply[2:]:
+            parts = (raw.decode() if isinstance(raw, bytes) else str(raw)).split("|")
+            if parts[0] == "t":
+                w, level, spent = int(parts[1]) - 1, Decimal(parts[2]), int(parts[3])
+                alerts.append(self._window_alert("threshold", w, windows, spent, level, d.user, policy, now))
+            elif parts[0] == "a":
+                alerts.append(self._anomaly_alert(now, int(parts[2])))
+        return Settled(True, alerts, event)
+
+    # -- alerts --------------------------------------------------------------------
+
+    def check_alerts(self, plan: CheckPlan, reply: Sequence[Any]) -> list[Alert]:
+        """The alerts a reserve reply reports: first denials by a cap, and resolved org blocks."""
+        if int(reply[0]) == 2 or len(reply) <= 14:
+            return []
+        spent = [int(v) for v in reply[4:9]]
+        alerts = []
+        for raw in reply[14:]:
+            parts = (raw.decode() if isinstance(raw, bytes) else str(raw)).split("|")
+            w = int(parts[1]) - 1
+            if parts[0] == "b":
+                alerts.append(self._window_alert("blocked", w, plan.windows, spent[w], Decimal(1), plan.user,
+                                                 plan.policy, plan.now))
+            elif parts[0] == "r":
+                spec = WINDOWS[w]
+                old = parts[2]
+                current = plan.windows.of(spec.period)
+                alerts.append(Alert(
+                    kind="resolved", scope="org", window=spec.name, window_key=old,
+                    window_start=current.start, window_end=current.end, level=Decimal(1),
+                    spent_usd=Decimal(0), limit_usd=self._cap_usd(plan.policy, w), at=plan.now,
+                    key_prefix=self._prefix, next_step=f"the {spec.name} window {current.stamp} is open",
+                ))
+        return alerts
+
+    def _cap_usd(self, policy: UserPolicy, w: int) -> Decimal | None:
+        cap = (*policy.caps, *self.policies.org.caps)[w]
+        return None if cap is None else nano_to_usd(cap)
+
+    def _window_alert(self, kind: str, w: int, windows: WindowSet, spent: int, level: Decimal, user: str,
+                      policy: UserPolicy, now: datetime) -> Alert:
+        spec = WINDOWS[w]
+        period = windows.of(spec.period)
+        scoped = spec.scope == "user"
+        return Alert(
+            kind="blocked" if kind == "blocked" else "threshold",
+            scope="user" if scoped else "org",
+            window=spec.name, window_key=period.stamp, window_start=period.start, window_end=period.end,
+            level=level, spent_usd=nano_to_usd(spent), limit_usd=self._cap_usd(policy, w), at=now,
+            key_prefix=self._prefix,
+            user=user if scoped else None, user_key=user_tag(user) if scoped else None,
+            tier=policy.tier if scoped else None,
+            next_step=self._next_step(kind, w, level, policy, period),
+        )
+
+    def _next_step(self, kind: str, w: int, level: Decimal, policy: UserPolicy, period: Period) -> str:
+        spec = WINDOWS[w]
+        resets = f"{period.end:%Y-%m-%d %H:%M %Z}"
+        blocked = f"requests that do not fit the {spec.name} cap are denied until it resets at {resets}"
+        if kind == "blocked":
+            return blocked.capitalize() + "."
+        user_scope = spec.scope == "user"
+        routes = policy.routes if user_scope else self.policies.org.routes
+        trigger = (policy.triggers if user_scope else self.policies.org.triggers)[w if user_scope else w - 3]
+        cap = (*policy.caps, *self.policies.org.caps)[w]
+        steps = []
+        if routes and trigger is not None and cap:
+            pairs = ", ".join(f"{a} -> {b}" for a, b in routes.items())
+            at = Decimal(trigger * 100) / cap
+            now_or_then = "now" if level * 100 >= at else f"from {at:.0f}%"
+            steps.append(f"requests are routed to cheaper models {now_or_then} ({pairs})")
+        steps.append(f"at 100% {blocked}")
+        return "; ".join(steps).capitalize() + "."
+
+    def _anomaly_alert(self, now: datetime, spent: int) -> Alert:
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        baseline = self.anomaly_baselines.get(f"{now:%Y%m%d%H}")
+        detail = baseline.describe(self.config.anomaly.sigmas) if baseline else ""
+        return Alert(
+            kind="anomaly", scope="org", window="org.hour", window_key=f"h:{hour:%Y%m%d%H}00",
+            window_start=hour, window_end=hour + timedelta(hours=1), level=Decimal(1),
+            spent_usd=nano_to_usd(spent), limit_usd=None, at=now, key_prefix=self._prefix,
+            detail=detail, next_step="Nothing is blocked by this alert; check the top users and features below.",
+        )
+
+    def top_keys(self, alert: Alert) -> tuple[str | None, str | None]:
+        """The org rankings (users, features) that name who spent in an alert's window."""
+        org = self._org_prefix
+        if alert.kind == "anomaly":
+            stamp = alert.window_key[2:12]
+            return f"{org}top:u:h:{stamp}", f"{org}top:f:h:{stamp}"
+        if alert.scope == "org" and alert.kind in ("threshold", "blocked", "forecast"):
+            return f"{org}top:u:{alert.window_key}", None
+        return None, None
+
+    def log_call(self, lines: list[str]) -> ScriptCall:
+        """Append finished event JSON lines to the usage stream."""
+        return ScriptCall("lookup", (self._org_prefix + "events",), ("log", self._stream_maxlen, *lines))
+
+    def denial_event(self, decision: Decision) -> Event:
+        return denial_event(decision, self.now(), provider=self._snapshot(decision.model)[1])
 
     # -- status --------------------------------------------------------------------
 

@@ -7,18 +7,23 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
 import redis as redis_sync
 import redis.asyncio as redis_async
 
+from .alerts.dispatch import Dispatcher
+from .alerts.jobs import Invoke, Job, RetryPolicy, alert_job, baseline_job, forecast_job
+from .alerts.model import Alert
 from .config import Config, load_config
 from .decision import Decision, Status
-from .engine import CheckPlan, Engine, ScriptCall
+from .engine import CheckPlan, Engine, Settled, SettlePlan
 from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
+from .events import Event, JsonlSink
 from .store import AsyncStore, Health, StoreUnavailable, SyncStore, ThreadedStore, connect, connect_async, is_memory
 from .streams import is_stream, wrap_stream
 from .usage import Usage
@@ -49,6 +54,8 @@ class BudgetGuard:
         async_redis: redis_async.Redis | None = None,
         redis_url: str | None = None,
         clock: Callable[[], datetime] | None = None,
+        on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] | None = None,
+        on_event: Callable[[Event], Any] | Sequence[Callable[[Event], Any]] | None = None,
     ) -> None:
         if not isinstance(config, Config):
             raise InvalidArgumentType(f"config must be a budgetguard Config, got {type(config).__name__}")
@@ -65,6 +72,15 @@ class BudgetGuard:
         self._given_async = async_redis
         self._async: tuple[asyncio.AbstractEventLoop, AsyncStore | ThreadedStore] | None = None
         self._orphans: set[asyncio.Future[Any]] = set()  # cancelled checks and their releases, in flight
+        self._on_alert = _callables("on_alert", on_alert)
+        self._on_event = _callables("on_event", on_event)
+        alerts = config.alerts
+        self._dispatcher = Dispatcher(RetryPolicy(alerts.retries, alerts.backoff_s), alerts.timeout_s,
+                                      alerts.queue_size, alerts.flush_timeout_s)
+        self._alerting = bool(self._on_alert or _any_sink(config))
+        self._jsonl = JsonlSink(config.events.jsonl_path) if config.events.jsonl_path else None
+        self._events_wanted = bool(self._on_event or self._jsonl)
+        self._next_forecast: datetime | None = None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **kwargs: Any) -> BudgetGuard:
@@ -101,11 +117,14 @@ class BudgetGuard:
         plan = self._engine.plan_check(user, model, messages, max_tokens=max_tokens, tags=tags,
                                        request_id=request_id, tools=tools, prompt=prompt, system=system)
         if plan.call is None:
-            return self._decided(plan, None)
+            return self._after_check(self._decided(plan, None), [], self._dispatcher.thread(self._sync).submit)
         try:
-            return self._decided(plan, self._sync.run(plan.call))
+            reply = self._sync.run(plan.call)
         except StoreUnavailable as exc:
             return self._decided(plan, exc)
+        decision = self._decided(plan, reply)
+        return self._after_check(decision, self._engine.check_alerts(plan, reply),
+                                 self._dispatcher.thread(self._sync).submit)
 
     async def acheck(self, user: str, model: str, messages: list[Any] | None = None, *,
                      max_tokens: int | None = None, tags: Mapping[str, str] | None = None,
@@ -114,10 +133,10 @@ class BudgetGuard:
         plan = self._engine.plan_check(user, model, messages, max_tokens=max_tokens, tags=tags,
                                        request_id=request_id, tools=tools, prompt=prompt, system=system)
         if plan.call is None:
-            return self._decided(plan, None)
+            return self._after_check(self._decided(plan, None), [], self._async_submit)
         running = asyncio.ensure_future(self._async_store().run(plan.call))
         try:
-            return self._decided(plan, await asyncio.shield(running))
+            reply = await asyncio.shield(running)
         except StoreUnavailable as exc:
             return self._decided(plan, exc)
         except asyncio.CancelledError:
@@ -125,6 +144,8 @@ class BudgetGuard:
             self._track(running)
             running.add_done_callback(functools.partial(self._release_orphan, plan))
             raise
+        decision = self._decided(plan, reply)
+        return self._after_check(decision, self._engine.check_alerts(plan, reply), self._async_submit)
 
     def _track(self, future: asyncio.Future[Any]) -> None:
         """Keep ``future`` (a settle the caller no longer awaits) until it is done; aclose() waits."""
@@ -146,54 +167,140 @@ class BudgetGuard:
             decision = self._engine.unavailable(plan, reply)
         else:
             decision = self._engine.read_check(plan, reply)
+        decision._started = time.monotonic()
         level = logging.DEBUG if decision.allowed and not decision.downgraded else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "user=%r model=%s %s", decision.user, decision.model, decision.reason)
         return decision
 
+    # -- background work -----------------------------------------------------------------
+
+    def _async_submit(self, job: Callable[[], Job], what: str) -> bool:
+        return self._dispatcher.task(self._async_store()).submit(job, what)
+
+    def _alert_job(self, alert: Alert) -> Job:
+        return alert_job(alert, self._engine, self._dispatcher.policy, self._on_alert, _no_metrics)
+
+    def _submit_alerts(self, alerts: list[Alert], submit: Callable[[Callable[[], Job], str], bool]) -> None:
+        if not self._alerting:
+            return
+        for alert in alerts:
+            submit(functools.partial(self._alert_job, alert), f"alert {alert.summary!r}")
+
+    def _after_check(self, decision: Decision, alerts: list[Alert],
+                     submit: Callable[[Callable[[], Job], str], bool]) -> Decision:
+        self._submit_alerts(alerts, submit)
+        if not decision.allowed and decision.limit != "store.unavailable":
+            event = self._engine.denial_event(decision)
+            submit(functools.partial(self._events_job, [event], True), "a denial event")
+        return decision
+
+    def _after_settle(self, settled: Settled, submit: Callable[[Callable[[], Job], str], bool]) -> bool:
+        self._submit_alerts(settled.alerts, submit)
+        if settled.event is not None and self._events_wanted:
+            submit(functools.partial(self._events_job, [settled.event], False), "a usage event")
+        if self._alerting and settled.event is not None:
+            self._schedule_periodic(submit)
+        return settled.applied
+
+    def _schedule_periodic(self, submit: Callable[[Callable[[], Job], str], bool]) -> None:
+        """Per process: this hour's anomaly baseline once, and a forecast at most hourly."""
+        now = self._engine.now()
+        stamp = f"{now:%Y%m%d%H}"
+        engine = self._engine
+        if self.config.anomaly.enabled and stamp not in engine.anomaly_baselines:
+            if len(engine.anomaly_baselines) > 48:
+                engine.anomaly_baselines.clear()
+            engine.anomaly_baselines[stamp] = None  # requested: no threshold until it is loaded
+            hour = now.replace(minute=0, second=0, microsecond=0)
+            submit(functools.partial(baseline_job, engine, hour), "an anomaly baseline")
+        if self.config.org.forecast and (self._next_forecast is None or now >= self._next_forecast):
+            self._next_forecast = now + timedelta(hours=1)
+            submit(functools.partial(forecast_job, engine, now, self._alert_job), "a forecast")
+
+    def _events_job(self, events: list[Event], denial: bool) -> Job:
+        if denial and self.config.events.stream_maxlen:
+            # Settled events are logged by the settle script itself; denials have no script to ride.
+            from .events import stream_head
+
+            lines = [stream_head({k: v for k, v in e.items() if k != "outcome"}) + e["outcome"] + '"}'
+                     for e in events]
+            yield self._engine.log_call(lines)
+        if self._jsonl is not None:
+            try:
+                self._jsonl.write(events)
+            except OSError as exc:
+                log.error("usage events not written to %s: %s", self._jsonl.path, exc)
+        for fn in self._on_event:
+            for event in events:
+                error = yield Invoke(fn, event)
+                if error is not None:
+                    log.error("on_event callback %r failed: %r", fn, error)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until alerts and events queued by sync calls so far are handled."""
+        driver = self._dispatcher._thread
+        return driver is None or driver.wait_idle(self.config.alerts.flush_timeout_s if timeout is None else timeout)
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """Wait until alerts and events queued by this loop's async calls so far are handled."""
+        driver = self._dispatcher._tasks.get(asyncio.get_running_loop())
+        limit = self.config.alerts.flush_timeout_s if timeout is None else timeout
+        return driver is None or await driver.wait_idle(limit)
+
     # -- settle ------------------------------------------------------------------------
 
-    def _record_call(self, decision: Decision, response_or_usage: Any) -> ScriptCall:
+    def _record_plan(self, decision: Decision, response_or_usage: Any, incomplete: bool) -> SettlePlan:
         if isinstance(decision, Decision) and not decision.allowed:
             raise InvalidArgument(f"cannot record usage for a denied decision (limit {decision.limit}); "
                                   "nothing was reserved for it")
         usage = Usage.from_response(response_or_usage)
-        return self._engine.settle_call(decision, self._engine.cost_nano(decision, usage))
+        return self._engine.settle_call(decision, usage, outcome="stream_incomplete" if incomplete else "ok",
+                                        latency_ms=_latency_ms(decision))
 
-    def _release_call(self, decision: Decision) -> ScriptCall | None:
+    def _release_plan(self, decision: Decision, error: BaseException | str | None) -> SettlePlan | None:
         # A denial reserved nothing, except a fail-closed one: its script may have run
         # after the deadline, and releasing is harmless when it did not.
         if isinstance(decision, Decision) and not decision.allowed and decision.limit != "store.unavailable":
             return None
-        return self._engine.settle_call(decision, None)
+        text = None if error is None else (error if isinstance(error, str) else f"{type(error).__name__}: {error}")
+        return self._engine.settle_call(decision, None, error=text, latency_ms=_latency_ms(decision))
 
-    def record(self, decision: Decision, response_or_usage: Any) -> bool:
-        """Replace the reservation with the actual cost. Applies once; True if this call applied it."""
-        return self._settled(decision, self._record_call(decision, response_or_usage))
+    def record(self, decision: Decision, response_or_usage: Any, *, incomplete: bool = False) -> bool:
+        """Replace the reservation with the actual cost. Applies once; True if this call applied it.
 
-    def release(self, decision: Decision) -> bool:
-        """Give the reservation back (the call failed). Applies once; True if this call applied it."""
-        call = self._release_call(decision)
-        return call is not None and self._settled(decision, call)
+        ``incomplete=True`` marks usage counted from a stream that ended early.
+        """
+        return self._settled(decision, self._record_plan(decision, response_or_usage, incomplete))
 
-    async def arecord(self, decision: Decision, response_or_usage: Any) -> bool:
-        return await self._asettled(decision, self._record_call(decision, response_or_usage))
+    def release(self, decision: Decision, *, error: BaseException | str | None = None) -> bool:
+        """Give the reservation back (the call failed). Applies once; True if this call applied it.
 
-    async def arelease(self, decision: Decision) -> bool:
-        call = self._release_call(decision)
-        return call is not None and await self._asettled(decision, call)
+        ``error`` (the failure) is kept in the usage event, cut to 500 characters.
+        """
+        plan = self._release_plan(decision, error)
+        return plan is not None and self._settled(decision, plan)
 
-    def _settled(self, decision: Decision, call: ScriptCall) -> bool:
+    async def arecord(self, decision: Decision, response_or_usage: Any, *, incomplete: bool = False) -> bool:
+        return await self._asettled(decision, self._record_plan(decision, response_or_usage, incomplete))
+
+    async def arelease(self, decision: Decision, *, error: BaseException | str | None = None) -> bool:
+        plan = self._release_plan(decision, error)
+        return plan is not None and await self._asettled(decision, plan)
+
+    def _settled(self, decision: Decision, plan: SettlePlan) -> bool:
         try:
-            return self._engine.read_settle(call, self._sync.run(call))
+            reply = self._sync.run(plan.call)
         except StoreUnavailable:
             return self._unsettled(decision)
+        return self._after_settle(self._engine.read_settle(plan, reply), self._dispatcher.thread(self._sync).submit)
 
-    async def _asettled(self, decision: Decision, call: ScriptCall) -> bool:
+    async def _asettled(self, decision: Decision, plan: SettlePlan) -> bool:
         try:
-            return self._engine.read_settle(call, await self._async_store().run(call))
+            reply = await self._async_store().run(plan.call)
         except StoreUnavailable:
             return self._unsettled(decision)
+        return self._after_settle(self._engine.read_settle(plan, reply), self._async_submit)
 
     @staticmethod
     def _unsettled(decision: Decision) -> bool:
@@ -274,16 +381,24 @@ class BudgetGuard:
         return self._engine.read_status(user, windows, policy, await self._async_store().run(call))
 
     def close(self) -> None:
+        """Flush queued alerts and events (within ``alerts.flush_timeout_s``), then disconnect."""
+        self._dispatcher.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._owns_sync:
             self._sync.client.close()
 
     async def aclose(self) -> None:
         while self._orphans:  # cancelled checks still in flight, then their releases
             await asyncio.gather(*list(self._orphans), return_exceptions=True)
+        await self._dispatcher.aclose()
         if self._async is not None and self._owns_async and self._async[1].client is not None:
             await self._async[1].client.aclose()
         self._async = None
-        self.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._owns_sync:
+            self._sync.client.close()
 
     def __enter__(self) -> BudgetGuard:
         return self
@@ -296,6 +411,31 @@ class BudgetGuard:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _callables(name: str, value: Any) -> list[Callable[[Any], Any]]:
+    if value is None:
+        return []
+    items = [value] if callable(value) else list(value)
+    for fn in items:
+        if not callable(fn):
+            raise InvalidArgumentType(f"{name} must be a callable or a list of callables, got {type(fn).__name__}")
+    return items
+
+
+def _any_sink(config: Config) -> bool:
+    a = config.alerts
+    return bool((a.slack and a.slack.webhook_url) or (a.pagerduty and a.pagerduty.routing_key)
+                or (a.webhook and a.webhook.url))
+
+
+def _latency_ms(decision: Decision) -> int | None:
+    started = getattr(decision, "_started", 0.0)
+    return round((time.monotonic() - started) * 1000) if started else None
+
+
+def _no_metrics(sink: str, outcome: str) -> None:
+    return None
 
 
 class Reservation:
@@ -351,7 +491,7 @@ class Reservation:
         if usage is not None:
             self._guard.record(self.decision, usage)
         else:
-            self._guard.release(self.decision)
+            self._guard.release(self.decision, error=exc)
 
     async def __aenter__(self) -> Decision:
         return self._enter(await self._guard.acheck(*self._args, **self._kwargs))
@@ -363,7 +503,7 @@ class Reservation:
             return
         usage = self._pending(exc_type)
         settle = asyncio.ensure_future(self._guard.arecord(self.decision, usage) if usage is not None
-                                       else self._guard.arelease(self.decision))
+                                       else self._guard.arelease(self.decision, error=exc))
         # Shielded and tracked: a second cancellation must not leave the reservation
         # behind, and aclose() waits for it.
         self._guard._track(settle)

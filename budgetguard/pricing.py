@@ -67,6 +67,7 @@ class ModelPrice:
     cache_write: Rate
     reasoning: Rate
     source: str
+    provider: str | None = None
 
     def estimate_nano(self, input_tokens: int, max_output_tokens: int) -> int:
         """Worst case: every input token uncached, every output token at the dearer output rate."""
@@ -152,6 +153,7 @@ class Pricebook:
     def _build(self, model: str) -> ModelPrice | None:
         found = _library_prices(model)
         source, rates = found if found else ("limits.yaml", {})
+        provider = source.split(":", 1)[1].split("/", 1)[0] if found else None
         override = self._overrides.get(model)
         if override is not None:
             for field, attr in (
@@ -180,4 +182,5 @@ class Pricebook:
             cache_write=rates.get("cache_write") or input_rate,
             reasoning=rates.get("reasoning") or output_rate,
             source=source,
+            provider=provider,
         )

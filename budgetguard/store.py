@@ -28,7 +28,7 @@ __all__ = ["AsyncStore", "StoreUnavailable", "SyncStore", "connect", "connect_as
 
 log = logging.getLogger("budgetguard.store")
 
-SCRIPTS = ("reserve", "settle", "status")
+SCRIPTS = ("reserve", "settle", "status", "lookup")
 
 
 class StoreUnavailable(BudgetGuardError):

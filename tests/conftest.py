@@ -93,6 +93,24 @@ def real_redis(real_redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture(autouse=True)
+def _flush_guards(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Let each test's background work (alerts, denial events) finish before the next test's flush."""
+    from budgetguard.guard import BudgetGuard
+
+    made: list[BudgetGuard] = []
+    original = BudgetGuard.__init__
+
+    def tracking_init(self: BudgetGuard, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        made.append(self)
+
+    monkeypatch.setattr(BudgetGuard, "__init__", tracking_init)
+    yield
+    for g in made:
+        g.flush(timeout=10)
+
+
 @pytest.fixture(params=["memory", "redis"])
 def backend_url(request: pytest.FixtureRequest) -> str:
     """Every engine test runs on embedded fakeredis and on a real Redis."""

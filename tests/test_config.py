@@ -79,7 +79,16 @@ BAD = [
     ({"redis_timeout_ms": True}, "redis_timeout_ms"),
     ({"tiers": {"t": {"hourly_usd": True}}}, "tiers.t.hourly_usd"),
     ({"tiers": {"t": {"hourly_usd": 10_000_000}}}, "tiers.t.hourly_usd"),
-    ({"org": {"forecast": True}}, "org.forecast"),
+    ({"org": {"forecast": "often"}}, "org.forecast"),
+    ({"alerts": {"pagerduty": {"routing_key": "k", "min_level": 1.5}}}, "alerts.pagerduty.min_level"),
+    ({"alerts": {"slack": {"webhook_url": "http://127.0.0.1:9/x", "min_level": -0.1}}}, "alerts.slack.min_level"),
+    ({"alerts": {"slack": {"webhook_url": "https://"}}}, "alerts.slack.webhook_url"),
+    ({"alerts": {"slack": {"scopes": ["team"]}}}, "alerts.slack.scopes.0"),
+    ({"alerts": {"pagerduty": {"url": "pagerduty.example"}}}, "alerts.pagerduty.url"),
+    ({"alerts": {"retries": 11}}, "alerts.retries"),
+    ({"events": {"stream_maxlen": -1}}, "events.stream_maxlen"),
+    ({"anomaly": {"sigmas": 0}}, "anomaly.sigmas"),
+    ({"anomaly": {"baseline_days": 7, "min_history_days": 8}}, "anomaly.min_history_days"),
 ]
 
 

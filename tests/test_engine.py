@@ -399,14 +399,16 @@ def test_same_call_twice_applies_once(backend_url, clock):
     assert first.allowed and again.allowed
     assert g.status("u1").windows["user.daily"].reserved_usd == first.estimated_cost_usd
     assert "repeat" in again.reason and again.reservation_id == first.reservation_id
-    call = g._engine.settle_call(first, 1234)
-    assert g._engine.read_settle(call, g._sync.run(call)) is True
+    usage = Usage(input_tokens=100, output_tokens=10)
+    cost = g._engine.cost_nano(first, usage)
+    plan = g._engine.settle_call(first, usage)
+    assert g._engine.read_settle(plan, g._sync.run(plan.call)).applied is True
     # The resend finds the state it would have written: applied once, reported as applied.
-    assert g._engine.read_settle(call, g._sync.run(call)) is True
-    other = g._engine.settle_call(first, 9999)
-    assert g._engine.read_settle(other, g._sync.run(other)) is False
+    assert g._engine.read_settle(plan, g._sync.run(plan.call)).applied is True
+    other = g._engine.settle_call(first, Usage(input_tokens=9999, output_tokens=1))
+    assert g._engine.read_settle(other, g._sync.run(other.call)).applied is False
     w = g.status("u1").windows["user.daily"]
-    assert (w.spent_usd, w.reserved_usd) == (Decimal("0.000001234"), 0)
+    assert (w.spent_usd, w.reserved_usd) == (Decimal(cost) / 10**9, 0)
 
 
 def test_noscript_is_handled(real_redis, real_redis_url, clock):
@@ -487,8 +489,10 @@ def test_unreadable_usage_in_a_reserve_block_charges_the_worst_case(backend_url,
     assert (w.spent_usd, w.reserved_usd) == (d.estimated_cost_usd, 0)
 
 
-def test_async_client_alone_is_refused(clock):
+def test_async_client_alone_is_refused(clock, monkeypatch):
     import redis.asyncio
+
+    monkeypatch.delenv("REDIS_URL", raising=False)  # the embedded default is what is refused
 
     with pytest.raises(ValueError, match="async_redis= needs redis="):
         BudgetGuard(config(), async_redis=redis.asyncio.Redis(), clock=clock)

@@ -2,18 +2,22 @@
 --
 -- KEYS[1] request state   KEYS[2] user leases   KEYS[3] org leases
 -- KEYS[4..8] window counters: user hour, day, month; org day, month
+-- KEYS[9] the org's open "blocked" alerts (field: window, value: its key suffix)
 -- ARGV[1] now ms   ARGV[2] lease deadline ms   ARGV[3] request-state ttl ms   ARGV[4] key grace ms
 -- ARGV[5] user key prefix   ARGV[6] org key prefix
 -- ARGV[7] user window suffixes "|h:..|d:..|m:.."   ARGV[8] org window suffixes "|d:..|m:.."
 -- ARGV[9] reservation id
 -- ARGV[10] per window "cap,threshold,end_ms" x5 joined by ',' (cap/threshold -1: none)
 -- ARGV[11] candidates "amount,route" joined by ',' (route 0 requested, 1 user, 2 org, 3 both)
+-- ARGV[12] mask of the windows whose first denial is an alert
 --
 -- Returns {1, chosen, requested_blockers, triggered, spent..., reserved...} when reserved,
 --         {0, 0, blockers of the cheapest candidate, triggered, spent..., reserved...} when denied,
 --         {2, state} when the request id holds a live reservation (a retry); the state is
 --         "L|<candidate>|<amount>|<reserved at ms>|<deadline ms>".
 -- Bit w-1 of a blockers / triggered mask stands for window w.
+-- Reserved and denied replies end with alerts: "b|<window>" the window's first denial,
+-- "r|<window>|<suffix>" an org window blocked earlier whose successor has now opened.
 
 local now = tonumber(ARGV[1])
 sweep(KEYS[2], ARGV[5], now)
@@ -79,14 +83,41 @@ end
 local reply = {chosen > 0 and 1 or 0, chosen, chosen > 0 and requested_mask or cheapest_mask, triggered}
 for w = 1, 5 do reply[#reply + 1] = raw_spent[w] end
 for w = 1, 5 do reply[#reply + 1] = raw_reserved[w] end
-if chosen == 0 then return reply end
+local grace = tonumber(ARGV[4])
+if chosen == 0 then
+  -- The first denial by each blocking window is an alert; the marker lives with the window.
+  local wanted = tonumber(ARGV[12])
+  for w = 1, 5 do
+    local bit = 2 ^ (w - 1)
+    if cheapest_mask % (2 * bit) >= bit and wanted % (2 * bit) >= bit
+        and redis.call('HSETNX', KEYS[3 + w], 'b', now) == 1 then
+      if fresh[w] then redis.call('PEXPIRE', KEYS[3 + w], ends[w] + grace - now) end
+      if w > 3 then
+        redis.call('HSET', KEYS[9], w, split(ARGV[8], '|')[w - 3])
+        -- Kept until the next month's window can resolve it.
+        redis.call('PEXPIRE', KEYS[9], ends[5] + grace + 32 * 86400000 - now)
+      end
+      reply[#reply + 1] = 'b|' .. w
+    end
+  end
+  return reply
+end
 
 local amount = amount_of(chosen)
-local grace = tonumber(ARGV[4])
 for w = 1, 5 do
   redis.call('HINCRBY', KEYS[3 + w], 'r', amount)
   -- Counters live until a grace period after their window ends; set once, at creation.
-  if fresh[w] then redis.call('PEXPIRE', KEYS[3 + w], ends[w] + grace - now) end
+  if fresh[w] then
+    redis.call('PEXPIRE', KEYS[3 + w], ends[w] + grace - now)
+    if w > 3 then
+      -- A new org window: a "blocked" alert of its predecessor can be resolved.
+      local open = redis.call('HGET', KEYS[9], w)
+      if open and open ~= split(ARGV[8], '|')[w - 3] then
+        redis.call('HDEL', KEYS[9], w)
+        reply[#reply + 1] = 'r|' .. w .. '|' .. open
+      end
+    end
+  end
 end
 local deadline = ARGV[2]
 redis.call('ZADD', KEYS[2], deadline, ARGV[9] .. '|' .. amount .. ARGV[7])

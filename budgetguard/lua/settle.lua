@@ -1,15 +1,28 @@
--- Settle a reservation: give the lease back and, for a record, charge the actual cost.
+-- Settle a reservation: give the lease back and, for a record, charge the actual cost,
+-- report the alert thresholds this spend crossed, and log the usage event, all in one
+-- atomic step so that spend, alerts and the event log never disagree.
 -- Applies once per reservation id; a retry (or a second record/release) changes nothing.
 --
 -- KEYS[1] request state   KEYS[2] user leases   KEYS[3] org leases
 -- KEYS[4..8] window counters to charge: user hour, day, month; org day, month
+-- KEYS[9] org spend history of the UTC day (field: hour)   KEYS[10] org spend by user, this hour
+-- KEYS[11] org spend by user, today   KEYS[12] org spend by user, this month
+-- KEYS[13] org spend by feature, this hour   KEYS[14] usage event stream
 -- ARGV[1] now ms   ARGV[2] request-state ttl ms   ARGV[3] key grace ms
 -- ARGV[4] user prefix   ARGV[5] org prefix   ARGV[6] user lease member   ARGV[7] org lease member
 -- ARGV[8] cost in nano-USD, or '' for a release
 -- ARGV[9] end ms of each charged window, joined by ','
 -- ARGV[10] the settled state to store, "S|<candidate>|<cost or released>|<nonce>"
+-- ARGV[11] alert thresholds "window,level,nano" joined by ',' ('' none)
+-- ARGV[12] history field (UTC hour "HH")   ARGV[13] history ttl ms
+-- ARGV[14] spender (user id)   ARGV[15] feature tag ('' none)
+-- ARGV[16] anomaly threshold of this org hour in nano-USD ('' none)
+-- ARGV[17] usage event JSON up to its closing outcome ('' no event)
+-- ARGV[18] outcome   ARGV[19] outcome when the lease had lapsed   ARGV[20] stream max length
 --
--- Returns {1, lease_was_live} when applied, {0, state} when it was already settled.
+-- Returns {1, lease_was_live, crossing...} when applied, {0, state} when already settled.
+-- A crossing is "t|<window>|<level>|<spent>" (a threshold) or "a|<hour>|<spent>" (an anomaly);
+-- each is claimed by a marker field so that it is reported once, whoever crosses it.
 
 local now = tonumber(ARGV[1])
 sweep(KEYS[2], ARGV[4], now)
@@ -22,14 +35,44 @@ local live = redis.call('ZREM', KEYS[2], ARGV[6])
 if live == 1 then unreserve(ARGV[4], ARGV[6]) end
 if redis.call('ZREM', KEYS[3], ARGV[7]) == 1 then unreserve(ARGV[5], ARGV[7]) end
 
+local reply = {1, live}
 local cost = ARGV[8]
 if cost ~= '' then
   local ends = split(ARGV[9], ',')
   local grace = tonumber(ARGV[3])
+  local spent = {}
   for w = 1, 5 do
-    redis.call('HINCRBY', KEYS[3 + w], 's', cost)
+    spent[w] = redis.call('HINCRBY', KEYS[3 + w], 's', cost)
     redis.call('PEXPIRE', KEYS[3 + w], math.max(1000, tonumber(ends[w]) + grace - now))
   end
+  local t = split(ARGV[11], ',')
+  for i = 1, #t, 3 do
+    local w = tonumber(t[i])
+    if spent[w] >= tonumber(t[i + 2]) and redis.call('HSETNX', KEYS[3 + w], 'a:' .. t[i + 1], now) == 1 then
+      reply[#reply + 1] = 't|' .. w .. '|' .. t[i + 1] .. '|' .. spent[w]
+    end
+  end
+  if cost ~= '0' then
+    local hist_ttl = tonumber(ARGV[13])
+    local hour = redis.call('HINCRBY', KEYS[9], ARGV[12], cost)
+    if hour == tonumber(cost) then redis.call('PEXPIRE', KEYS[9], hist_ttl) end
+    if ARGV[16] ~= '' and hour >= tonumber(ARGV[16])
+        and redis.call('HSETNX', KEYS[9], 'a:' .. ARGV[12], now) == 1 then
+      reply[#reply + 1] = 'a|' .. ARGV[12] .. '|' .. hour
+    end
+    local tops = {{KEYS[10], ARGV[14], hist_ttl}, {KEYS[11], ARGV[14], tonumber(ends[4]) + grace - now},
+                  {KEYS[12], ARGV[14], tonumber(ends[5]) + grace - now}, {KEYS[13], ARGV[15], hist_ttl}}
+    for _, top in ipairs(tops) do
+      if top[2] ~= '' and tonumber(redis.call('ZINCRBY', top[1], cost, top[2])) == tonumber(cost) then
+        redis.call('PEXPIRE', top[1], math.max(1000, top[3]))
+      end
+    end
+  end
+end
+if ARGV[17] ~= '' then
+  local outcome = ARGV[18]
+  if live == 0 then outcome = ARGV[19] end
+  redis.call('XADD', KEYS[14], 'MAXLEN', '~', ARGV[20], '*', 'e', ARGV[17] .. outcome .. '"}')
 end
 redis.call('SET', KEYS[1], ARGV[10], 'PX', ARGV[2])
-return {1, live}
+return reply

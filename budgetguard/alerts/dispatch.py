@@ -1,0 +1,315 @@
+"""Deliver alerts and usage events off the request path: a thread, or an asyncio task.
+
+``check``/``record`` hand work to :class:`Dispatcher` and return at once. Sync callers
+are served by one daemon thread per guard, async callers by one task per event loop;
+both run the same jobs (:mod:`budgetguard.alerts.jobs`). The queue is bounded: when it
+is full, new work is dropped with a log line rather than slowing a caller down. On
+``close()``/``aclose()`` (and at interpreter exit, for the thread) what is queued is
+flushed within ``alerts.flush_timeout_s``; retries stop waiting once a flush begins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import contextlib
+import inspect
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from ..store import StoreUnavailable
+from .jobs import Invoke, Job, RetryPolicy, Send, Sent, Sleep
+
+if TYPE_CHECKING:
+    from ..engine import ScriptCall
+    from ..store import AsyncStore, SyncStore, ThreadedStore
+
+__all__ = ["AsyncDriver", "Dispatcher", "ThreadDriver"]
+
+log = logging.getLogger("budgetguard.alerts")
+
+JobFactory = Callable[[], Job]
+
+
+class _Drops:
+    """Counts dropped work and logs it at most once a minute."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._count = 0
+        self._last = 0.0
+
+    def dropped(self, what: str) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last >= 60 or self._count == 1:
+            log.error("alert/event queue full (%d items): dropped %s (%d dropped so far)", self.size, what,
+                      self._count)
+            self._last = now
+
+
+def _http_result(response: httpx.Response) -> Sent:
+    return Sent(response.status_code, response.headers.get("retry-after"))
+
+
+def _http_error(exc: BaseException) -> Sent:
+    # The exception's text can carry the URL, which may hold a secret: name the type only.
+    return Sent(None, None, type(exc).__name__)
+
+
+class ThreadDriver:
+    """Runs jobs on one daemon thread with a blocking HTTP client."""
+
+    def __init__(self, store: SyncStore, timeout_s: float, queue_size: int, flush_timeout_s: float) -> None:
+        self._store = store
+        self._timeout = timeout_s
+        self.flush_timeout_s = flush_timeout_s
+        self._queue: collections.deque[JobFactory] = collections.deque()
+        self._drops = _Drops(queue_size)
+        self._size = queue_size
+        self._cond = threading.Condition()
+        self._flushing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._busy = False
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def submit(self, job: JobFactory, what: str) -> bool:
+        with self._cond:
+            if self._flushing.is_set():
+                return False
+            if len(self._queue) >= self._size:
+                self._drops.dropped(what)
+                return False
+            self._queue.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="budgetguard-alerts", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return True
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=self._timeout) as http:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._flushing.is_set():
+                        self._cond.wait()
+                    if not self._queue:
+                        return
+                    factory = self._queue.popleft()
+                    self._busy = True
+                try:
+                    self._run(factory(), http)
+                except Exception:
+                    log.exception("background job failed")
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
+
+    def _run(self, job: Job, http: httpx.Client) -> None:
+        result: Any = None
+        while True:
+            try:
+                request = job.send(result)
+            except StopIteration:
+                return
+            result = self._perform(request, http)
+
+    def _perform(self, request: Any, http: httpx.Client) -> Any:
+        if isinstance(request, Send):
+            d = request.delivery
+            try:
+                return _http_result(http.post(d.url, content=d.body, headers=d.headers))
+            except httpx.HTTPError as exc:
+                return _http_error(exc)
+        if isinstance(request, Sleep):
+            self._flushing.wait(request.seconds)
+            return None
+        if isinstance(request, Invoke):
+            try:
+                outcome = request.fn(request.arg)
+                if inspect.isawaitable(outcome):
+                    asyncio.run(_awaited(outcome))
+            except Exception as exc:
+                return exc
+            return None
+        try:
+            return self._store.run(request)
+        except StoreUnavailable as exc:
+            return exc
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until everything queued so far has run (tests and flushes use it)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float) -> None:
+        with self._cond:
+            self._flushing.set()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                with self._cond:
+                    left = len(self._queue) + (1 if self._busy else 0)
+                    self._queue.clear()
+                log.error("alert/event flush timed out after %.1f s: %d item(s) not delivered", timeout, left)
+
+
+def _close_at_exit(ref: weakref.ref[ThreadDriver]) -> None:
+    driver = ref()
+    if driver is not None and driver._thread is not None:
+        driver.close(timeout=driver.flush_timeout_s)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+class AsyncDriver:
+    """Runs jobs in one task on the event loop with an asyncio HTTP client."""
+
+    def __init__(self, store: AsyncStore | ThreadedStore, timeout_s: float, queue_size: int) -> None:
+        self._store = store
+        self._timeout = timeout_s
+        self._queue: asyncio.Queue[JobFactory | None] = asyncio.Queue(queue_size)
+        self._drops = _Drops(queue_size)
+        self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Event()
+
+    def submit(self, job: JobFactory, what: str) -> bool:
+        if self._flushing.is_set():
+            return False
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self._drops.dropped(what)
+            return False
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="budgetguard-alerts")
+        return True
+
+    async def _loop(self) -> None:
+        async with httpx.AsyncClient(timeout=self._timeout) as http:
+            while True:
+                factory = await self._queue.get()
+                try:
+                    if factory is None:
+                        return
+                    await self._run(factory(), http)
+                except Exception:
+                    log.exception("background job failed")
+                finally:
+                    self._queue.task_done()
+
+    async def _run(self, job: Job, http: httpx.AsyncClient) -> None:
+        result: Any = None
+        while True:
+            try:
+                request = job.send(result)
+            except StopIteration:
+                return
+            result = await self._perform(request, http)
+
+    async def _perform(self, request: Any, http: httpx.AsyncClient) -> Any:
+        if isinstance(request, Send):
+            d = request.delivery
+            try:
+                return _http_result(await http.post(d.url, content=d.body, headers=d.headers))
+            except httpx.HTTPError as exc:
+                return _http_error(exc)
+        if isinstance(request, Sleep):
+            if not self._flushing.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flushing.wait(), request.seconds)
+            return None
+        if isinstance(request, Invoke):
+            try:
+                if inspect.iscoroutinefunction(request.fn):
+                    await request.fn(request.arg)
+                else:
+                    outcome = await asyncio.to_thread(request.fn, request.arg)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+            except Exception as exc:
+                return exc
+            return None
+        call: ScriptCall = request
+        try:
+            return await self._store.run(call)
+        except StoreUnavailable as exc:
+            return exc
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout: float) -> None:
+        task = self._task
+        if task is None:
+            return
+        self._flushing.set()
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            left = self._queue.qsize()
+            task.cancel()
+            log.error("alert/event flush timed out after %.1f s: about %d item(s) not delivered", timeout, left)
+
+
+class Dispatcher:
+    """Picks the driver for the caller: the thread for sync calls, the loop's task for async ones."""
+
+    def __init__(self, policy: RetryPolicy, timeout_s: float, queue_size: int, flush_timeout_s: float) -> None:
+        self.policy = policy
+        self._timeout = timeout_s
+        self._size = queue_size
+        self.flush_timeout_s = flush_timeout_s
+        self._thread: ThreadDriver | None = None
+        self._tasks: dict[asyncio.AbstractEventLoop, AsyncDriver] = {}
+        self._lock = threading.Lock()
+
+    def thread(self, store: SyncStore) -> ThreadDriver:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = ThreadDriver(store, self._timeout, self._size, self.flush_timeout_s)
+        return self._thread
+
+    def task(self, store: AsyncStore | ThreadedStore) -> AsyncDriver:
+        loop = asyncio.get_running_loop()
+        driver = self._tasks.get(loop)
+        if driver is None:
+            for old in [lp for lp in self._tasks if lp.is_closed()]:
+                del self._tasks[old]
+            driver = self._tasks[loop] = AsyncDriver(store, self._timeout, self._size)
+        return driver
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.close(self.flush_timeout_s)
+
+    async def aclose(self) -> None:
+        driver = self._tasks.pop(asyncio.get_running_loop(), None)
+        if driver is not None:
+            await driver.close(self.flush_timeout_s)
+        await asyncio.to_thread(self.close)
