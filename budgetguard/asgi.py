@@ -484,51 +484,54 @@ class _Exchange:
 
     # -- settling ----------------------------------------------------------------------
 
-    def outcome(self) -> Usage | None:
-        """The usage to record, or None to release."""
+    def outcome(self) -> tuple[Usage | None, bool, str | None]:
+        """(usage to record or None to release, whether the answer was incomplete, why released)."""
         d = self.decision
         assert d is not None
-        if not self.started or self.status >= 400:
-            return None
+        if not self.started:
+            return None, False, "the app raised or returned before answering"
+        if self.status >= 400:
+            return None, False, f"the app answered {self.status}"
         if self.tracker is not None:
             if self.tracker.usage is not None:
-                return self.tracker.usage
+                return self.tracker.usage, False, None
             log.warning("stream for user %r (%s) ended without usage (%s after %d events); charging the estimated "
                         "input plus the streamed output", d.user, d.model,
                         "complete" if self.finished else "cut short", self.tracker.events)
-            return self.tracker.fallback(d.estimated_input_tokens)
+            return self.tracker.fallback(d.estimated_input_tokens), True, None
         if self.json_body is not None and self.finished:
             try:
-                return usage_from_body(json.loads(self.json_body))
+                return usage_from_body(json.loads(self.json_body)), False, None
             except (ValueError, TypeError) as exc:
                 reason = str(exc)
         else:
             reason = "the answer was cut short" if not self.finished else "the answer could not be read"
         log.warning("no usage in the answer to user %r (%s): %s; charging the reserved worst case", d.user,
                     d.model, reason)
-        return Usage(d.estimated_input_tokens, d.max_output_tokens)
+        return Usage(d.estimated_input_tokens, d.max_output_tokens), not self.finished, None
 
     async def settle(self) -> None:
         if self.settled or self.decision is None:
             return
         self.settled = True
-        task = asyncio.ensure_future(self._settle(self.decision, self.outcome()))
+        task = asyncio.ensure_future(self._settle(self.decision, *self.outcome()))
         # Shielded and tracked: a cancelled request must not leave its reservation behind.
         self.mw.guard._track(task)
         await asyncio.shield(task)
 
-    async def _settle(self, decision: Decision, usage: Usage | None) -> None:
+    async def _settle(self, decision: Decision, usage: Usage | None, incomplete: bool, why: str | None) -> None:
         guard = self.mw.guard
         try:
             if usage is None:
-                await guard.arelease(decision)
+                await guard.arelease(decision, error=why)
                 return
             try:
-                await guard.arecord(decision, usage)
+                await guard.arecord(decision, usage, incomplete=incomplete)
             except (InvalidArgument, InvalidArgumentType) as exc:
                 log.warning("usage %s of user %r is not recordable (%s); charging the reserved worst case", usage,
                             decision.user, exc)
-                await guard.arecord(decision, Usage(decision.estimated_input_tokens, decision.max_output_tokens))
+                await guard.arecord(decision, Usage(decision.estimated_input_tokens, decision.max_output_tokens),
+                                    incomplete=incomplete)
         except Exception:
             log.exception("settling reservation %s of user %r failed", decision.reservation_id, decision.user)
 

@@ -320,9 +320,9 @@ class _Settler:
         if self.settled:
             return
         self.settled = True
-        usage, _incomplete = self.usage()
+        usage, incomplete = self.usage()
         try:
-            self.guard.record(self.decision, usage)
+            self.guard.record(self.decision, usage, incomplete=incomplete)
         except (InvalidArgument, InvalidArgumentType):
             log.exception("recording a stream's usage for user %r failed", self.decision.user)
 
@@ -330,8 +330,8 @@ class _Settler:
         if self.settled:
             return
         self.settled = True
-        usage, _incomplete = self.usage()
-        task = asyncio.ensure_future(_arecord(self.guard, self.decision, usage))
+        usage, incomplete = self.usage()
+        task = asyncio.ensure_future(_arecord(self.guard, self.decision, usage, incomplete))
         # A cancelled consumer must not leave the reservation behind; aclose() waits for it.
         self.guard._track(task)
         await asyncio.shield(task)
@@ -353,9 +353,9 @@ class _Settler:
             log.exception("settling an abandoned stream of user %r failed", self.decision.user)
 
 
-async def _arecord(guard: BudgetGuard, decision: Decision, usage: Usage) -> None:
+async def _arecord(guard: BudgetGuard, decision: Decision, usage: Usage, incomplete: bool) -> None:
     try:
-        await guard.arecord(decision, usage)
+        await guard.arecord(decision, usage, incomplete=incomplete)
     except (InvalidArgument, InvalidArgumentType):
         log.exception("recording a stream's usage for user %r failed", decision.user)
 

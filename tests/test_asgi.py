@@ -65,11 +65,30 @@ class Env:
     def __init__(self, srv: Server, switch: Switch, url: str, clock: Any) -> None:
         self.srv, self.switch, self.url, self.clock = srv, switch, url, clock
         self.up = Upstream()
+        self.events: list[dict[str, Any]] = []
+        self.guards: list[BudgetGuard] = []
         self.guard = self.make_guard()
 
     def make_guard(self, **overrides: Any) -> BudgetGuard:
         overrides.setdefault("models", MODELS)
-        return BudgetGuard(config(**overrides), redis_url=self.url, clock=self.clock)
+        g = BudgetGuard(config(**overrides), redis_url=self.url, clock=self.clock, on_event=self.events.append)
+        self.guards.append(g)
+        return g
+
+    def close(self) -> None:
+        """Close every guard on the server's loop, where their async clients and tasks live."""
+        for g in self.guards:
+            if self.switch.loop is not None:
+                asyncio.run_coroutine_threadsafe(g.aclose(), self.switch.loop).result(10)
+            g.close()
+
+    def outcomes(self, n: int, timeout: float = 10.0) -> list[str]:
+        """The outcomes of the first ``n`` usage events (delivered in the background)."""
+        deadline = time.monotonic() + timeout
+        while len(self.events) < n:
+            assert time.monotonic() < deadline, f"only {len(self.events)} of {n} usage events arrived"
+            time.sleep(0.01)
+        return [e["outcome"] for e in self.events]
 
     def plug(self, guard: BudgetGuard | None = None, **kwargs: Any) -> BudgetMiddleware:
         if guard is not None:
@@ -115,7 +134,7 @@ def env(server: tuple[Server, Switch], backend_url: str, clock: Any) -> Iterator
     e.plug()
     yield e
     server[1].app = None
-    e.guard.close()
+    e.close()
 
 
 def chat_cost(up: Upstream, model: str = "gpt-4o") -> Decimal:
@@ -140,6 +159,7 @@ def test_chat_json_records_the_reported_usage_exactly(env):
     assert raw.headers["x-budget-limit"] == "none"
     assert "x-budget-model-routed" not in raw.headers
     assert json.loads(env.up.received[0][1])["max_tokens"] == 300
+    assert env.outcomes(1) == ["ok"]
 
 
 def test_remaining_header_is_the_headroom_after_the_reservation(env):
@@ -217,6 +237,7 @@ def test_client_disconnect_mid_stream_charges_input_and_streamed_output(env):
     assert env.up.disconnected.wait(10), "the upstream never saw the client leave"
     assert env.settled() == fallback_cost("gpt-4o", "".join(TEXT))
     env.assert_ledger(fallback_cost("gpt-4o", "".join(TEXT)))
+    assert env.outcomes(1) == ["stream_incomplete"]
 
 
 def test_anthropic_disconnect_uses_the_reported_input(env):
@@ -323,6 +344,7 @@ def test_per_request_cap_is_400(env):
 def test_closed_fail_mode_with_redis_down_is_503(env):
     down = BudgetGuard(config(models=MODELS, fail_mode="closed", redis_timeout_ms=100),
                        redis_url="redis://127.0.0.1:1/0", clock=env.clock)
+    env.guards.append(down)
     env.plug(down)
     with pytest.raises(openai.InternalServerError) as info:
         env.openai().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)

@@ -216,9 +216,11 @@ class Switch:
 
     def __init__(self) -> None:
         self.app: ASGIApp | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, to close guards on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.app is not None, "no app plugged in"
+        self.loop = asyncio.get_running_loop()
         await self.app(scope, receive, send)
 
 
