@@ -101,6 +101,10 @@ class CheckPlan:
     decision: Decision | None = None
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
 def _ceil_share(cap: int, level: Decimal) -> int:
     return int((Decimal(cap) * level).to_integral_value(rounding=ROUND_CEILING))
 
@@ -590,7 +594,7 @@ class Engine:
         resets = f"{period.end:%Y-%m-%d %H:%M %Z}"
         blocked = f"requests that do not fit the {spec.name} cap are denied until it resets at {resets}"
         if kind == "blocked":
-            return blocked.capitalize() + "."
+            return _sentence(blocked)
         user_scope = spec.scope == "user"
         routes = policy.routes if user_scope else self.policies.org.routes
         trigger = (policy.triggers if user_scope else self.policies.org.triggers)[w if user_scope else w - 3]
@@ -602,7 +606,7 @@ class Engine:
             now_or_then = "now" if level * 100 >= at else f"from {at:.0f}%"
             steps.append(f"requests are routed to cheaper models {now_or_then} ({pairs})")
         steps.append(f"at 100% {blocked}")
-        return "; ".join(steps).capitalize() + "."
+        return _sentence("; ".join(steps))
 
     def _anomaly_alert(self, now: datetime, spent: int) -> Alert:
         hour = now.replace(minute=0, second=0, microsecond=0)

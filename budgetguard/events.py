@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .decision import Decision
     from .usage import Usage
 
-__all__ = ["EVENT_VERSION", "MAX_TEXT", "JsonlSink", "denial_event", "stream_head", "usage_event"]
+__all__ = ["EVENT_VERSION", "MAX_TEXT", "JsonlSink", "denial_event", "stream_head", "to_json", "usage_event"]
 
 log = logging.getLogger("budgetguard.events")
 
@@ -101,9 +101,19 @@ def denial_event(decision: Decision, now: datetime, *, provider: str | None) -> 
     return event
 
 
+def to_json(event: Mapping[str, Any]) -> str:
+    """The event as compact, pure-ASCII JSON.
+
+    ASCII because user ids and tags may hold any string: a lone surrogate cannot be
+    encoded as UTF-8 (neither for Redis nor for a file), and U+2028, U+0085 and friends
+    would split a JSON Lines record for readers that break lines on them.
+    """
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=True)
+
+
 def stream_head(event: Event) -> str:
     """The event's JSON up to its outcome's value, which the settle script appends with '"}'."""
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"outcome":"'
+    return to_json(event)[:-1] + ',"outcome":"'
 
 
 def cost_of(event: Mapping[str, Any]) -> Decimal:
@@ -123,7 +133,7 @@ class JsonlSink:
         self._fd: int | None = None
 
     def write(self, events: list[Event]) -> None:
-        data = b"".join(json.dumps(e, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for e in events)
+        data = b"".join(to_json(e).encode("ascii") + b"\n" for e in events)
         with self._lock:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

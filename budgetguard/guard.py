@@ -25,6 +25,7 @@ from .engine import CheckPlan, Engine, Settled, SettlePlan
 from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
 from .events import Event, JsonlSink
 from .store import AsyncStore, Health, StoreUnavailable, SyncStore, ThreadedStore, connect, connect_async, is_memory
+from .streams import is_stream, wrap_stream
 from .usage import Usage
 
 __all__ = ["BudgetGuard"]
@@ -212,7 +213,8 @@ class BudgetGuard:
                 engine.anomaly_baselines.clear()
             engine.anomaly_baselines[stamp] = None  # requested: no threshold until it is loaded
             hour = now.replace(minute=0, second=0, microsecond=0)
-            submit(functools.partial(baseline_job, engine, hour), "an anomaly baseline")
+            if not submit(functools.partial(baseline_job, engine, hour), "an anomaly baseline"):
+                engine.anomaly_baselines.pop(stamp, None)  # ask again on a later settle
         if self.config.org.forecast and (self._next_forecast is None or now >= self._next_forecast):
             self._next_forecast = now + timedelta(hours=1)
             submit(functools.partial(forecast_job, engine, now, self._alert_job), "a forecast")
@@ -326,6 +328,8 @@ class BudgetGuard:
         ``user`` (and ``tags``) receive the call's arguments by name. The function's
         ``model``, ``messages`` and ``max_tokens`` arguments are read for the check, a
         downgraded model is swapped in, and the usage of the returned response is recorded.
+        A returned stream (``stream=True``: any iterator or async iterator of events) is
+        wrapped instead and settled when it ends, fails or is closed (see ``streams``).
         """
 
         def decorate(fn: F) -> F:
@@ -349,9 +353,9 @@ class BudgetGuard:
                     bound, reservation = open_reservation(args, kwargs)
                     async with reservation as d:
                         bound.arguments[model] = d.model
-                        result = await fn(*bound.args, **bound.kwargs)
-                        reservation.note_result(result)
-                    return result
+                        # Returned straight away, never held in a local: a frame kept alive
+                        # elsewhere must not keep a stream from being finalized (and settled).
+                        return reservation.note_result(await fn(*bound.args, **bound.kwargs))
 
                 return async_wrapper  # type: ignore[return-value]
 
@@ -360,9 +364,7 @@ class BudgetGuard:
                 bound, reservation = open_reservation(args, kwargs)
                 with reservation as d:
                     bound.arguments[model] = d.model
-                    result = fn(*bound.args, **bound.kwargs)
-                    reservation.note_result(result)
-                return result
+                    return reservation.note_result(fn(*bound.args, **bound.kwargs))
 
             return wrapper  # type: ignore[return-value]
 
@@ -445,6 +447,7 @@ class Reservation:
         self._args = (user, model, messages)
         self._kwargs = kwargs
         self.decision: Decision | None = None
+        self._handed_off = False  # a stream settles the reservation, not the block's exit
 
     def _enter(self, decision: Decision) -> Decision:
         if not decision.allowed:
@@ -453,14 +456,22 @@ class Reservation:
         self.decision = decision
         return decision
 
-    def note_result(self, result: Any) -> None:
-        """Record ``result``'s usage; without one, charge the worst case rather than nothing."""
+    def note_result(self, result: Any) -> Any:
+        """Record ``result``'s usage; without one, charge the worst case rather than nothing.
+
+        A stream is returned wrapped: its usage is only known when it ends, so the
+        wrapper, not this block's exit, settles the reservation.
+        """
         d = self.decision
         assert d is not None
+        if is_stream(result):
+            self._handed_off = True
+            return wrap_stream(result, self._guard, d)
         try:
             d.record(result)
         except (ValueError, TypeError) as exc:
             log.warning("no usage in the result of a guarded call (%s); charging the reserved worst case", exc)
+        return result
 
     def _pending(self, exc_type: type[BaseException] | None) -> Usage | None:
         d = self.decision
@@ -475,6 +486,8 @@ class Reservation:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         assert self.decision is not None
+        if self._handed_off:
+            return
         usage = self._pending(exc_type)
         if usage is not None:
             self._guard.record(self.decision, usage)
@@ -487,6 +500,8 @@ class Reservation:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         assert self.decision is not None
+        if self._handed_off:
+            return
         usage = self._pending(exc_type)
         settle = asyncio.ensure_future(self._guard.arecord(self.decision, usage) if usage is not None
                                        else self._guard.arelease(self.decision, error=exc))

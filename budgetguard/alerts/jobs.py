@@ -166,8 +166,8 @@ def baseline_job(engine: Engine, hour: datetime) -> Job:
                                                min_spend_nano=int(cfg.min_spend_usd * 10**9))
 
 
-# Forecasts: the org's monthly spend rate over the trailing week (or the month so far),
-# projected forward. It speaks only with a day of history since the month's first spend.
+# Forecasts: the org's spend rate over the trailing week of whole hours (or the month so
+# far), projected forward. It speaks only with a day of history since the month's first spend.
 FORECAST_MIN_HISTORY = timedelta(hours=24)
 FORECAST_RATE_WINDOW = timedelta(days=7)
 
@@ -224,12 +224,16 @@ def forecast(hours: Mapping[datetime, int], spent: int, cap: int, now: datetime,
     """
     if not hours or spent >= cap:
         return None
-    first = min(at for at, value in hours.items() if value > 0) if any(hours.values()) else None
-    if first is None or now - first < FORECAST_MIN_HISTORY:
+    spending = [at for at, value in hours.items() if value > 0]
+    if not spending:
         return None
-    since = max(first, now - FORECAST_RATE_WINDOW)
-    span_hours = max(1, int((now - since).total_seconds() // 3600))
-    recent = sum(value for at, value in hours.items() if at >= since)
+    # Only whole hours measure a rate: the current one has only begun.
+    current = now.replace(minute=0, second=0, microsecond=0)
+    since = max(min(spending), current - FORECAST_RATE_WINDOW)
+    if current - since < FORECAST_MIN_HISTORY:
+        return None
+    span_hours = int((current - since).total_seconds() // 3600)
+    recent = sum(value for at, value in hours.items() if since <= at < current)
     rate = -(-recent // span_hours)
     if rate <= 0:
         return None
@@ -238,8 +242,9 @@ def forecast(hours: Mapping[datetime, int], spent: int, cap: int, now: datetime,
 
 
 def _rate_window(hours: Mapping[datetime, int], now: datetime) -> str:
+    current = now.replace(minute=0, second=0, microsecond=0)
     first = min(at for at, value in hours.items() if value > 0)
-    span = min(now - first, FORECAST_RATE_WINDOW)
+    span = min(current - first, FORECAST_RATE_WINDOW)
     return f"{span.days} days" if span.days >= 2 else f"{int(span.total_seconds() // 3600)} hours"
 
 

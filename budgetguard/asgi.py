@@ -1,0 +1,563 @@
+"""``BudgetMiddleware``: budgets in front of an OpenAI- or Anthropic-compatible ASGI app.
+
+Pure ASGI, in the manner of Starlette's own middlewares: it wraps ``receive`` and
+``send`` and never buffers a response. For each guarded ``POST`` it
+
+1. names the user with ``identify(request)`` (401 when it cannot and no
+   ``default_user`` is set);
+2. reads the JSON body once (bounded by ``max_body_bytes``), validates it (400 on a
+   bad body, the app not called, nothing reserved), estimates and reserves;
+3. answers a denial itself (429, or 400 for per-request caps, 403 for a model the
+   tier may not use, 503 when the store is down under ``fail_mode: closed``), or
+   replays the body downstream, identical unless the model was routed or OpenAI's
+   ``stream_options.include_usage`` had to be switched on;
+4. reads the usage from the JSON answer or from the SSE events as they pass, and
+   settles the reservation before the usage event (or the answer's last byte) goes
+   out, so a client that has the whole answer sees its spend counted. Error answers (status >= 400)
+   release it; a stream that ends without usage (cut upstream, client gone, app
+   exception) is charged the estimated input plus the streamed output, counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal
+from typing import Any, Literal
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .decision import Decision
+from .errors import InvalidArgument, InvalidArgumentType
+from .guard import BudgetGuard
+from .streams import SSEParser, StreamUsage, usage_from_body
+from .usage import Usage
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_ROUTES", "BudgetMiddleware", "Endpoint"]
+
+log = logging.getLogger("budgetguard")
+
+Endpoint = Literal["chat", "completions", "responses", "embeddings", "messages"]
+
+#: The routes guarded by default: path -> the API it speaks.
+DEFAULT_ROUTES: Mapping[str, Endpoint] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/responses": "responses",
+    "/v1/embeddings": "embeddings",
+    "/v1/messages": "messages",
+}
+_ENDPOINTS = frozenset(DEFAULT_ROUTES.values())
+
+#: Request bodies above this are refused with a 400 before any JSON is parsed.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+# A JSON answer is copied (not held back) up to this size to read its usage.
+_MAX_JSON_RESPONSE_BYTES = 64 * 1024 * 1024
+
+Identify = Callable[[Request], "str | Awaitable[str | None] | None"]
+Tags = Callable[[Request, Mapping[str, Any]], "Mapping[str, str] | None"]
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _BadRequest(f"the JSON body has the key {key!r} more than once", code="duplicate_key")
+            seen.add(key)
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _BadRequest(f"the JSON body contains {name}, which is not JSON", code="invalid_json")
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; duplicate keys, NaN and non-objects are refused."""
+    if not body:
+        raise _BadRequest("the request body is empty; a JSON object is expected", code="invalid_json")
+    try:
+        obj = json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except _BadRequest:
+        raise
+    except RecursionError:
+        raise _BadRequest("the JSON body is nested too deeply", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise _BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise _BadRequest(f"the JSON body must be an object, got {type(obj).__name__}", code="invalid_json")
+    return obj
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _BadRequest(f"{name} must be an integer, got {_type_name(value)}", name)
+    if value < 1:
+        raise _BadRequest(f"{name} must be at least 1, got {value}", name)
+    return value
+
+
+def _list(body: Mapping[str, Any], name: str, *, required: bool) -> list[Any] | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise _BadRequest(f"{name} is required", name)
+        return None
+    if not isinstance(value, list):
+        raise _BadRequest(f"{name} must be an array, got {_type_name(value)}", name)
+    return value
+
+
+def _texts(body: Mapping[str, Any], name: str, *, required: bool) -> str | list[str] | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise _BadRequest(f"{name} is required", name)
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    if isinstance(value, list) and all(isinstance(item, (int, list)) for item in value):
+        raise _BadRequest(f"{name} as token ids is not supported by the budget check; send text", name)
+    raise _BadRequest(f"{name} must be a string or an array of strings, got {_type_name(value)}", name)
+
+
+class _Call:
+    """What one request asks for, as ``guard.check`` wants it."""
+
+    __slots__ = ("max_tokens", "messages", "model", "prompt", "stream", "system", "tools")
+
+    def __init__(self, endpoint: Endpoint, body: dict[str, Any]) -> None:
+        model = body.get("model")
+        if model is None:
+            raise _BadRequest("model is required", "model")
+        if not isinstance(model, str) or not model.strip():
+            raise _BadRequest(f"model must be a non-empty string, got {_type_name(model)}", "model")
+        self.model: str = model
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise _BadRequest(f"stream must be a boolean, got {_type_name(stream)}", "stream")
+        self.stream = bool(stream)
+        self.messages: list[Any] | None = None
+        self.prompt: str | list[str] | None = None
+        self.system: Any = None
+        self.tools: list[Any] | None = None
+        self.max_tokens: int | None = None
+        getattr(self, f"_{endpoint}")(body)
+
+    def _chat(self, body: dict[str, Any]) -> None:
+        self.messages = _list(body, "messages", required=True)
+        tools = _list(body, "tools", required=False) or []
+        functions = _list(body, "functions", required=False) or []  # the legacy spelling of tools
+        self.tools = (tools + functions) or None
+        caps = [c for c in (_positive_int(body, "max_completion_tokens"), _positive_int(body, "max_tokens")) if c]
+        # Both given: the worst case is the larger one.
+        self.max_tokens = max(caps) if caps else None
+        self._times(body, "n")
+
+    def _completions(self, body: dict[str, Any]) -> None:
+        self.prompt = _texts(body, "prompt", required=True)
+        self.max_tokens = _positive_int(body, "max_tokens")
+        self._times(body, "n")
+        self._times(body, "best_of")
+
+    def _times(self, body: dict[str, Any], name: str) -> None:
+        # n choices (or best_of candidates) each produce up to max_tokens of output.
+        n = _positive_int(body, name)
+        if n is not None and n > 1 and self.max_tokens is not None:
+            self.max_tokens *= n
+
+    def _responses(self, body: dict[str, Any]) -> None:
+        value = body.get("input")
+        if isinstance(value, str):
+            self.messages = [{"role": "user", "content": value}]
+        elif value is None or isinstance(value, list):
+            self.messages = value
+        else:
+            raise _BadRequest(f"input must be a string or an array, got {_type_name(value)}", "input")
+        instructions = body.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise _BadRequest(f"instructions must be a string, got {_type_name(instructions)}", "instructions")
+        self.system = instructions
+        self.tools = _list(body, "tools", required=False)
+        self.max_tokens = _positive_int(body, "max_output_tokens")
+
+    def _embeddings(self, body: dict[str, Any]) -> None:
+        self.prompt = _texts(body, "input", required=True)
+        # No output: the engine wants at least one output token, which embedding models price at zero.
+        self.max_tokens = 1
+
+    def _messages(self, body: dict[str, Any]) -> None:
+        self.messages = _list(body, "messages", required=True)
+        system = body.get("system")
+        if system is not None and not isinstance(system, str | list):
+            raise _BadRequest(f"system must be a string or an array, got {_type_name(system)}", "system")
+        self.system = system
+        self.tools = _list(body, "tools", required=False)
+        self.max_tokens = _positive_int(body, "max_tokens")
+
+
+def _status_for(limit: str | None) -> int:
+    if limit == "store.unavailable":
+        return 503
+    if limit == "model.not_allowed":
+        return 403
+    if limit is not None and (limit.startswith("request.") or limit.startswith("model.")):
+        return 400
+    return 429
+
+
+def _usd(value: Decimal) -> str:
+    return format(value, "f")
+
+
+class BudgetMiddleware:
+    """Budget enforcement for the OpenAI and Anthropic routes of an ASGI app.
+
+    ``identify(request)`` (sync or async) returns the user id from the app's own auth,
+    or None; the request it sees has no body access (the body has not been read yet).
+    ``routes`` maps paths to the API they speak (:data:`DEFAULT_ROUTES`); every other
+    path, and every method but POST, passes through untouched. ``default_user`` is
+    charged for requests ``identify`` cannot name (otherwise they get 401).
+    ``max_body_bytes`` bounds the request body (a larger one gets 400).
+    ``tags(request, body)`` may return tags for the usage records.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        guard: BudgetGuard,
+        identify: Identify,
+        routes: Mapping[str, Endpoint] | None = None,
+        default_user: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        tags: Tags | None = None,
+    ) -> None:
+        if not isinstance(guard, BudgetGuard):
+            raise InvalidArgumentType(f"guard must be a BudgetGuard, got {type(guard).__name__}")
+        if not callable(identify):
+            raise InvalidArgumentType("identify must be a callable taking a starlette Request")
+        routes = dict(DEFAULT_ROUTES if routes is None else routes)
+        for path, endpoint in routes.items():
+            if endpoint not in _ENDPOINTS:
+                raise InvalidArgument(f"routes[{path!r}] = {endpoint!r}; expected one of {sorted(_ENDPOINTS)}")
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise InvalidArgument(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
+        if default_user is not None and (not isinstance(default_user, str) or not default_user.strip()):
+            raise InvalidArgument("default_user must be a non-empty string or None")
+        self.app = app
+        self.guard = guard
+        self.identify = identify
+        self.routes = routes
+        self.default_user = default_user
+        self.max_body_bytes = max_body_bytes
+        self.tags = tags
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        endpoint = self.routes.get(scope["path"])
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        await _Exchange(self, endpoint, scope, receive, send).run()
+
+
+class _Exchange:
+    """One guarded request and its answer."""
+
+    def __init__(self, mw: BudgetMiddleware, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        self.mw = mw
+        self.endpoint = endpoint
+        self.anthropic = endpoint == "messages"
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.decision: Decision | None = None
+        self.body = b""
+        self.body_sent = False
+        # The answer.
+        self.started = False
+        self.finished = False
+        self.status = 0
+        self.settled = False
+        self.sse: SSEParser | None = None
+        self.tracker: StreamUsage | None = None
+        self.strip_usage_chunk = False
+        self.json_body: bytearray | None = None
+
+    # -- request -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        request = Request(self.scope)
+        user = self.mw.identify(request)
+        if inspect.isawaitable(user):
+            user = await user
+        if user is None or (isinstance(user, str) and not user.strip()):
+            user = self.mw.default_user
+        if user is None:
+            await self.error(401, "authentication_error", "the request could not be identified for budgeting",
+                             "unidentified")
+            return
+        body = await self.read_body()
+        if body is None:
+            return
+        try:
+            parsed = parse_body(body)
+            call = _Call(self.endpoint, parsed)
+            tags = self.mw.tags(request, parsed) if self.mw.tags is not None else None
+            decision = await self.mw.guard.acheck(
+                user, call.model, call.messages, max_tokens=call.max_tokens, tags=tags, tools=call.tools,
+                prompt=call.prompt, system=call.system)
+        except _BadRequest as exc:
+            await self.error(400, "invalid_request_error", exc.message, exc.code, param=exc.param)
+            return
+        except (InvalidArgument, InvalidArgumentType) as exc:
+            await self.error(400, "invalid_request_error", str(exc), "invalid_request")
+            return
+        if not decision.allowed:
+            await self.deny(decision)
+            return
+        self.decision = decision
+        self.body = self.downstream_body(body, parsed, call, decision)
+        try:
+            await self.mw.app(self.downstream_scope(), self.replay, self.send_wrapper)
+        finally:
+            if not self.settled:
+                await self.settle()
+
+    async def read_body(self) -> bytes | None:
+        """The whole request body, or None once an answer (or nothing, for a gone client) is due."""
+        limit = self.mw.max_body_bytes
+        declared = Headers(scope=self.scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self.too_large()
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                return None  # nobody to answer; nothing was reserved
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self.too_large()
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def too_large(self) -> None:
+        await self.error(400, "invalid_request_error",
+                         f"the request body exceeds the budget middleware's limit of {self.mw.max_body_bytes} bytes",
+                         "request_too_large")
+
+    def downstream_body(self, body: bytes, parsed: dict[str, Any], call: _Call, decision: Decision) -> bytes:
+        changed = False
+        if decision.model != call.model:
+            parsed["model"] = decision.model
+            changed = True
+        if call.stream and self.endpoint in ("chat", "completions"):
+            options = parsed.get("stream_options")
+            if not isinstance(options, dict) or options.get("include_usage") is not True:
+                # The usage comes in a final chunk only when asked for; that chunk (no
+                # choices) is taken out again before the client, which did not ask, sees it.
+                parsed["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                self.strip_usage_chunk = True
+                changed = True
+        if not changed:
+            return body
+        return json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def downstream_scope(self) -> Scope:
+        headers = [(k, v) for k, v in self.scope["headers"] if k != b"content-length"]
+        headers.append((b"content-length", str(len(self.body)).encode()))
+        return {**self.scope, "headers": headers}
+
+    async def replay(self) -> Message:
+        if not self.body_sent:
+            self.body_sent = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        return await self.receive()  # http.disconnect, for apps that listen for it
+
+    # -- answer ------------------------------------------------------------------------
+
+    async def send_wrapper(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            message = self.start(message)
+        elif kind == "http.response.body" and self.started:
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            if self.status < 400:
+                if self.sse is not None:
+                    body = self.read_sse(body, more)
+                    message = {**message, "body": body}
+                    if self.tracker is not None and self.tracker.final:
+                        # Settled before the usage event goes out: a client that stops
+                        # reading there (SDKs stop at [DONE]) finds its spend counted.
+                        await self.settle()
+                elif self.json_body is not None:
+                    if len(self.json_body) + len(body) <= _MAX_JSON_RESPONSE_BYTES:
+                        self.json_body += body
+                    else:
+                        self.json_body = None
+            if not more:
+                self.finished = True
+                # Settled before the last byte goes out: a client holding the whole
+                # answer finds its spend counted.
+                await self.settle()
+        await self.send(message)
+
+    def start(self, message: Message) -> Message:
+        self.started = True
+        self.status = message["status"]
+        headers = MutableHeaders(raw=list(message.get("headers", [])))
+        self.budget_headers(headers, self.decision)
+        if self.status < 400:
+            if headers.get("content-encoding", "identity") != "identity":
+                log.warning("%s answered with content-encoding %s: its usage cannot be read; put BudgetMiddleware "
+                            "inside compression", self.scope["path"], headers.get("content-encoding"))
+            elif headers.get("content-type", "").partition(";")[0].strip().lower() == "text/event-stream":
+                assert self.decision is not None
+                self.sse = SSEParser()
+                self.tracker = StreamUsage(self.decision.model)
+            else:
+                self.json_body = bytearray()
+        return {**message, "headers": headers.raw}
+
+    def read_sse(self, body: bytes, more: bool) -> bytes:
+        assert self.sse is not None and self.tracker is not None
+        events = self.sse.feed(body)
+        if not self.strip_usage_chunk:
+            for event in events:
+                self.tracker.feed_sse(event)
+            return body
+        kept: list[bytes] = []
+        for event in events:
+            obj = self.tracker.feed_sse(event)
+            if isinstance(obj, dict) and obj.get("choices") == [] and obj.get("usage") is not None:
+                continue  # the usage chunk this middleware asked for on the client's behalf
+            kept.append(event.raw)
+        if not more:
+            kept.append(self.sse.pending())
+        return b"".join(kept)
+
+    def budget_headers(self, headers: MutableHeaders, decision: Decision | None) -> None:
+        if decision is None:
+            return
+        if not decision.enforced:
+            headers["X-Budget-Enforced"] = "false"
+        elif decision.remaining_usd is not None:
+            headers["X-Budget-Remaining-USD"] = _usd(decision.remaining_usd)
+        elif decision.allowed:
+            headers["X-Budget-Remaining-USD"] = "unlimited"
+        headers["X-Budget-Limit"] = decision.limit or "none"
+        if decision.downgraded:
+            headers["X-Budget-Model-Routed"] = decision.model
+
+    # -- settling ----------------------------------------------------------------------
+
+    def outcome(self) -> tuple[Usage | None, bool, str | None]:
+        """(usage to record or None to release, whether the answer was incomplete, why released)."""
+        d = self.decision
+        assert d is not None
+        if not self.started:
+            return None, False, "the app raised or returned before answering"
+        if self.status >= 400:
+            return None, False, f"the app answered {self.status}"
+        if self.tracker is not None:
+            if self.tracker.usage is not None:
+                return self.tracker.usage, False, None
+            log.warning("stream for user %r (%s) ended without usage (%s after %d events); charging the estimated "
+                        "input plus the streamed output", d.user, d.model,
+                        "complete" if self.finished else "cut short", self.tracker.events)
+            return self.tracker.fallback(d.estimated_input_tokens), True, None
+        if self.json_body is not None and self.finished:
+            try:
+                return usage_from_body(json.loads(self.json_body)), False, None
+            except (ValueError, TypeError) as exc:
+                reason = str(exc)
+        else:
+            reason = "the answer was cut short" if not self.finished else "the answer could not be read"
+        log.warning("no usage in the answer to user %r (%s): %s; charging the reserved worst case", d.user,
+                    d.model, reason)
+        return Usage(d.estimated_input_tokens, d.max_output_tokens), not self.finished, None
+
+    async def settle(self) -> None:
+        if self.settled or self.decision is None:
+            return
+        self.settled = True
+        task = asyncio.ensure_future(self._settle(self.decision, *self.outcome()))
+        # Shielded and tracked: a cancelled request must not leave its reservation behind.
+        self.mw.guard._track(task)
+        await asyncio.shield(task)
+
+    async def _settle(self, decision: Decision, usage: Usage | None, incomplete: bool, why: str | None) -> None:
+        guard = self.mw.guard
+        try:
+            if usage is None:
+                await guard.arelease(decision, error=why)
+                return
+            try:
+                await guard.arecord(decision, usage, incomplete=incomplete)
+            except (InvalidArgument, InvalidArgumentType) as exc:
+                log.warning("usage %s of user %r is not recordable (%s); charging the reserved worst case", usage,
+                            decision.user, exc)
+                await guard.arecord(decision, Usage(decision.estimated_input_tokens, decision.max_output_tokens),
+                                    incomplete=incomplete)
+        except Exception:
+            log.exception("settling reservation %s of user %r failed", decision.reservation_id, decision.user)
+
+    # -- errors ------------------------------------------------------------------------
+
+    async def deny(self, decision: Decision) -> None:
+        status = _status_for(decision.limit)
+        headers = MutableHeaders()
+        self.budget_headers(headers, decision)
+        if decision.retry_after is not None:
+            headers["Retry-After"] = str(decision.retry_after)
+        elif status == 503:
+            headers["Retry-After"] = "1"
+        await self.error(status, "budget_exceeded", decision.reason, decision.limit, headers=headers)
+
+    async def error(self, status: int, kind: str, message: str, code: str | None, *, param: str | None = None,
+                    headers: MutableHeaders | None = None) -> None:
+        if self.anthropic:
+            payload: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+            if code is not None:
+                payload["error"]["code"] = code
+        else:
+            payload = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        content = json.dumps(payload, ensure_ascii=False).encode()
+        raw = headers.raw if headers is not None else []
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": [(b"content-type", b"application/json"),
+                                     (b"content-length", str(len(content)).encode()), *raw]})
+        await self.send({"type": "http.response.body", "body": content, "more_body": False})

@@ -1,0 +1,68 @@
+"""Subprocess bodies for tests/test_events.py (run under the ``spawn`` start method).
+
+Each worker builds its own guard, so nothing is shared with the test process but the
+Redis server (or the JSON Lines file) under test.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).parent / "data" / "tiktoken"))
+
+# Every process prices and windows its calls at this moment, so the test process reads
+# the same windows whatever the wall clock does.
+MOMENT = datetime(2026, 3, 14, 15, 9, 26, tzinfo=UTC)
+
+
+def _guard(url: str, **overrides: Any) -> Any:
+    from tests.helpers import guard
+
+    return guard(url, lambda: MOMENT, **overrides)
+
+
+def jsonl_writer(url: str, path: str, worker: int, count: int, go: Any) -> None:
+    """Append ``count`` usage events to ``path`` once every worker is ready."""
+    from budgetguard import Usage
+    from tests.helpers import MSG
+
+    g = _guard(url, events={"jsonl_path": path})
+    # A big tag makes each line several kB, so a line written in pieces would show.
+    blob = chr(ord("a") + worker) * 6000
+    go.wait(30)
+    for i in range(count):
+        d = g.check(f"writer-{worker}", "gpt-4o", MSG, max_tokens=10, tags={"feature": "jsonl", "blob": blob})
+        assert d.allowed, d.reason
+        assert g.record(d, Usage(input_tokens=i + 1, output_tokens=1))
+    g.close()
+
+
+def check_then_hang(url: str, user: str, record: bool, ready: Any) -> None:
+    """Check (and optionally record), report the request id, then wait to be killed."""
+    from budgetguard import Usage
+    from tests.helpers import MSG
+
+    g = _guard(url)
+    d = g.check(user, "gpt-4o", MSG, max_tokens=100)
+    assert d.allowed, d.reason
+    if record:
+        assert g.record(d, Usage(input_tokens=400, output_tokens=30))
+    ready.send(d.reservation_id)
+    time.sleep(600)  # SIGKILLed long before this ends
+
+
+def record_forever(url: str, user: str, ready: Any) -> None:
+    """Record calls costing 1, 2, 3, ... units (input tokens) until killed."""
+    from budgetguard import Usage
+    from tests.helpers import MSG
+
+    g = _guard(url)
+    ready.send("started")
+    for i in range(1, 1_000_000):
+        d = g.check(user, "gpt-4o", MSG, max_tokens=10)
+        assert d.allowed, d.reason
+        g.record(d, Usage(input_tokens=i, output_tokens=0))
