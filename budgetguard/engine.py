@@ -101,6 +101,17 @@ class CheckPlan:
     decision: Decision | None = None
 
 
+def _ranked(name: str) -> str:
+    """A name as a member of the spend rankings: itself, unless too long or not valid UTF-8."""
+    if len(name) <= _MAX_SPENDER:
+        try:
+            name.encode("utf-8")
+            return name
+        except UnicodeEncodeError:
+            pass
+    return "#" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
@@ -490,7 +501,7 @@ class Engine:
         event = usage_event(decision, now, usage=usage, input_cost_nano=input_cost, cost_nano=cost or 0,
                             prices=prices, provider=provider, latency_ms=latency_ms, error=error)
         baseline = self.anomaly_baselines.get(hour)
-        spender = decision.user if len(decision.user) <= _MAX_SPENDER else user_tag(decision.user)
+        spender = _ranked(decision.user)
         call = ScriptCall(
             "settle",
             (t.request_key, t.user_prefix + "leases", org + "leases", *self._window_keys(t.user_prefix, charge),
@@ -499,7 +510,7 @@ class Engine:
             (_epoch_ms(now), self._state_ms, self._grace_ms, t.user_prefix, org, user_member, org_member,
              "" if cost is None else cost, ",".join(map(str, self._ends_ms(charge))),
              settled_state(t.candidate, cost), self._alert_thresholds(policy), hour[8:], self._history_ms,
-             spender, decision.tags.get("feature", "")[:_MAX_SPENDER],
+             spender, _ranked(decision.tags.get("feature", "")),
              "" if baseline is None else baseline.threshold_nano,
              stream_head(event) if self._stream_maxlen != "0" else "", outcome,
              # Without a lease (fail_mode open let it through), a lapse is no news.

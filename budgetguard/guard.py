@@ -24,6 +24,7 @@ from .decision import Decision, Status
 from .engine import CheckPlan, Engine, Settled, SettlePlan
 from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
 from .events import Event, JsonlSink
+from .metrics import Metrics
 from .store import AsyncStore, Health, StoreUnavailable, SyncStore, ThreadedStore, connect, connect_async, is_memory
 from .streams import is_stream, wrap_stream
 from .usage import Usage
@@ -56,6 +57,7 @@ class BudgetGuard:
         clock: Callable[[], datetime] | None = None,
         on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] | None = None,
         on_event: Callable[[Event], Any] | Sequence[Callable[[Event], Any]] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not isinstance(config, Config):
             raise InvalidArgumentType(f"config must be a budgetguard Config, got {type(config).__name__}")
@@ -66,8 +68,11 @@ class BudgetGuard:
                                   "otherwise they would keep a separate, embedded ledger")
         self._engine = Engine(config, clock or _utcnow)
         self._health = Health()
+        # Prometheus counters for this guard; mount budgetguard.metrics.metrics_app(guard.metrics).
+        self.metrics = metrics if metrics is not None else Metrics()
         self._owns_sync = redis is None
-        self._sync = SyncStore(redis if redis is not None else connect(config, self._url), self._health)
+        self._sync = SyncStore(redis if redis is not None else connect(config, self._url), self._health,
+                               self.metrics.observe_redis)
         self._owns_async = async_redis is None
         self._given_async = async_redis
         self._async: tuple[asyncio.AbstractEventLoop, AsyncStore | ThreadedStore] | None = None
@@ -103,7 +108,7 @@ class BudgetGuard:
                 client = self._given_async or connect_async(self.config, self._url)
                 embedded = self._given_async is None and is_memory(self._url)
                 timeout = None if embedded else self.config.redis_timeout_ms / 1000
-                store = AsyncStore(client, self._health, timeout)
+                store = AsyncStore(client, self._health, timeout, self.metrics.observe_redis)
             self._async = (loop, store)
         return self._async[1]
 
@@ -168,6 +173,7 @@ class BudgetGuard:
         else:
             decision = self._engine.read_check(plan, reply)
         decision._started = time.monotonic()
+        self.metrics.observe_decision(decision)
         level = logging.DEBUG if decision.allowed and not decision.downgraded else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "user=%r model=%s %s", decision.user, decision.model, decision.reason)
@@ -179,7 +185,7 @@ class BudgetGuard:
         return self._dispatcher.task(self._async_store()).submit(job, what)
 
     def _alert_job(self, alert: Alert) -> Job:
-        return alert_job(alert, self._engine, self._dispatcher.policy, self._on_alert, _no_metrics)
+        return alert_job(alert, self._engine, self._dispatcher.policy, self._on_alert, self.metrics.observe_alert)
 
     def _submit_alerts(self, alerts: list[Alert], submit: Callable[[Callable[[], Job], str], bool]) -> None:
         if not self._alerting:
@@ -192,11 +198,14 @@ class BudgetGuard:
         self._submit_alerts(alerts, submit)
         if not decision.allowed and decision.limit != "store.unavailable":
             event = self._engine.denial_event(decision)
+            self.metrics.observe_event(event)
             submit(functools.partial(self._events_job, [event], True), "a denial event")
         return decision
 
     def _after_settle(self, settled: Settled, submit: Callable[[Callable[[], Job], str], bool]) -> bool:
         self._submit_alerts(settled.alerts, submit)
+        if settled.event is not None:
+            self.metrics.observe_event(settled.event)
         if settled.event is not None and self._events_wanted:
             submit(functools.partial(self._events_job, [settled.event], False), "a usage event")
         if self._alerting and settled.event is not None:
@@ -433,10 +442,6 @@ def _any_sink(config: Config) -> bool:
 def _latency_ms(decision: Decision) -> int | None:
     started = getattr(decision, "_started", 0.0)
     return round((time.monotonic() - started) * 1000) if started else None
-
-
-def _no_metrics(sink: str, outcome: str) -> None:
-    return None
 
 
 class Reservation:

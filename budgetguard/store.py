@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -175,41 +176,59 @@ def connect_async(config: Config, url: str) -> redis.asyncio.Redis:
 # -- stores ----------------------------------------------------------------------------
 
 
+Observer = Callable[[str, float, bool], None]  # (script, seconds, ok)
+
+
+def _ignore(script: str, seconds: float, ok: bool) -> None:
+    return None
+
+
 class SyncStore:
-    def __init__(self, client: redis.Redis, health: Health) -> None:
+    def __init__(self, client: redis.Redis, health: Health, observe: Observer = _ignore) -> None:
         self.client = client
         self.health = health
+        self.observe = observe
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
 
     def run(self, call: ScriptCall) -> Any:
+        started = time.perf_counter()
         try:
             reply = self._scripts[call.script](keys=call.keys, args=call.args)
         except ResponseError as exc:
+            self.observe(call.script, time.perf_counter() - started, False)
             raise _script_error(call, exc) from exc
         except (RedisError, OSError) as exc:
+            self.observe(call.script, time.perf_counter() - started, False)
             self.health.failed(exc)
             raise StoreUnavailable(f"budget store unavailable: {exc}") from exc
+        self.observe(call.script, time.perf_counter() - started, True)
         self.health.ok()
         return reply
 
 
 class AsyncStore:
-    def __init__(self, client: redis.asyncio.Redis, health: Health, timeout_s: float | None) -> None:
+    def __init__(self, client: redis.asyncio.Redis, health: Health, timeout_s: float | None,
+                 observe: Observer = _ignore) -> None:
         self.client = client
         self.health = health
+        self.observe = observe
         self._timeout = timeout_s
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
 
     async def run(self, call: ScriptCall) -> Any:
+        started = time.perf_counter()
         try:
             # One deadline over pool wait, connect and reply together.
             async with asyncio.timeout(self._timeout):
                 reply = await self._scripts[call.script](keys=call.keys, args=call.args)
         except ResponseError as exc:
+            self.observe(call.script, time.perf_counter() - started, False)
             raise _script_error(call, exc) from exc
         except (RedisError, OSError, TimeoutError) as exc:
+            self.observe(call.script, time.perf_counter() - started, False)
             self.health.failed(exc)
             raise StoreUnavailable(f"budget store unavailable: {exc or type(exc).__name__}") from exc
+        self.observe(call.script, time.perf_counter() - started, True)
         self.health.ok()
         return reply
 

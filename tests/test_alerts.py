@@ -202,6 +202,9 @@ def test_retries_on_5xx_deliver_once(backend_url, clock):
         bodies = rx.bodies(SLACK)
         assert len(bodies) == 3 and bodies[0] == bodies[1] == bodies[2]  # two failures, one success
         assert len(rx.bodies("/hook")) == 1
+        sample = g.metrics.registry.get_sample_value
+        assert sample("budgetguard_alert_deliveries_total", {"sink": "slack", "outcome": "retried"}) == 2
+        assert sample("budgetguard_alert_deliveries_total", {"sink": "slack", "outcome": "delivered"}) == 1
         g.close()
 
 

@@ -183,3 +183,23 @@ def test_status_bars_for_a_user_and_the_org(real_redis, real_redis_url, limits):
     assert "user." not in out.stdout and out.stdout.startswith("org\n")
     daily = next(line for line in out.stdout.splitlines() if "org.daily" in line)
     assert re.search(r"spent\s+\$0.2000\s+reserved\s+\$0.1000\s+limit\s+\$400.0000\s+\[\.{30}\]\s+0%", daily)
+
+
+def test_the_guard_feeds_its_metrics(backend_url, clock):
+    from budgetguard import Usage
+    from tests.helpers import MSG, guard
+
+    g = guard(backend_url, clock, tiers={"default": {"hourly_usd": 1}})
+    d = g.check("alice", "gpt-4o", MSG, max_tokens=10)
+    g.record(d, Usage(input_tokens=100, output_tokens=100))
+    g.check("alice", "gpt-4o", MSG, max_tokens=200_000)  # $2 worst case: over the hourly cap
+    registry = g.metrics.registry
+    assert registry.get_sample_value("budgetguard_decisions_total", {"outcome": "allowed", "limit": "none"}) == 1
+    assert registry.get_sample_value("budgetguard_decisions_total",
+                                     {"outcome": "denied", "limit": "user.hourly"}) == 1
+    assert registry.get_sample_value("budgetguard_events_total", {"outcome": "ok"}) == 1
+    assert registry.get_sample_value("budgetguard_events_total", {"outcome": "denied"}) == 1
+    assert registry.get_sample_value("budgetguard_tokens_total", {"model": "gpt-4o", "kind": "output"}) == 100
+    assert registry.get_sample_value("budgetguard_redis_script_seconds_count", {"script": "reserve"}) == 2
+    assert registry.get_sample_value("budgetguard_redis_script_seconds_count", {"script": "settle"}) == 1
+    g.close()
