@@ -17,6 +17,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).parent / "data" /
 # Every process prices and windows its calls at this moment, so the test process reads
 # the same windows whatever the wall clock does.
 MOMENT = datetime(2026, 3, 14, 15, 9, 26, tzinfo=UTC)
+BLOB = 100_000  # characters of a tag on every JSON Lines event
 
 
 def _guard(url: str, **overrides: Any) -> Any:
@@ -25,15 +26,16 @@ def _guard(url: str, **overrides: Any) -> Any:
     return guard(url, lambda: MOMENT, **overrides)
 
 
-def jsonl_writer(url: str, path: str, worker: int, count: int, go: Any) -> None:
-    """Append ``count`` usage events to ``path`` once every worker is ready."""
+def jsonl_writer(url: str, path: str, worker: int, count: int, start: Any) -> None:
+    """Append ``count`` usage events to ``path`` once every worker is ready (``start``: a Barrier)."""
     from budgetguard import Usage
     from tests.helpers import MSG
 
     g = _guard(url, events={"jsonl_path": path})
-    # A big tag makes each line several kB, so a line written in pieces would show.
-    blob = chr(ord("a") + worker) * 6000
-    go.wait(30)
+    # A big tag makes each line 100 kB, so a line written in pieces would show.
+    blob = chr(ord("a") + worker) * BLOB
+    g.check(f"writer-{worker}", "gpt-4o", MSG, max_tokens=10)  # warm up: load the tokenizer
+    start.wait(60)
     for i in range(count):
         d = g.check(f"writer-{worker}", "gpt-4o", MSG, max_tokens=10, tags={"feature": "jsonl", "blob": blob})
         assert d.allowed, d.reason
@@ -55,14 +57,27 @@ def check_then_hang(url: str, user: str, record: bool, ready: Any) -> None:
     time.sleep(600)  # SIGKILLed long before this ends
 
 
-def record_forever(url: str, user: str, ready: Any) -> None:
-    """Record calls costing 1, 2, 3, ... units (input tokens) until killed."""
+def record_forever(url: str, users: list[str], ready: Any) -> None:
+    """One thread per user records calls costing 1, 2, 3, ... units (input tokens) until killed.
+
+    Several threads put several calls in flight at the moment of the kill.
+    """
+    import threading
+
     from budgetguard import Usage
     from tests.helpers import MSG
 
     g = _guard(url)
+
+    def loop(user: str) -> None:
+        for i in range(1, 1_000_000):
+            d = g.check(user, "gpt-4o", MSG, max_tokens=10)
+            assert d.allowed, d.reason
+            g.record(d, Usage(input_tokens=i, output_tokens=0))
+
+    threads = [threading.Thread(target=loop, args=(user,), daemon=True) for user in users]
+    for t in threads:
+        t.start()
     ready.send("started")
-    for i in range(1, 1_000_000):
-        d = g.check(user, "gpt-4o", MSG, max_tokens=10)
-        assert d.allowed, d.reason
-        g.record(d, Usage(input_tokens=i, output_tokens=0))
+    for t in threads:
+        t.join()

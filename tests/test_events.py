@@ -14,8 +14,6 @@ import time
 from decimal import Decimal
 from typing import Any
 
-import pytest
-
 from budgetguard import Usage
 from budgetguard.guard import BudgetGuard
 from budgetguard.store import StoreUnavailable, connect
@@ -289,12 +287,11 @@ def test_jsonl_appends_from_several_processes(real_redis, real_redis_url, tmp_pa
     path = tmp_path / "events.jsonl"
     workers, per_worker = 3, 40
     ctx = multiprocessing.get_context("spawn")
-    go = ctx.Event()
-    procs = [ctx.Process(target=event_workers.jsonl_writer, args=(real_redis_url, str(path), w, per_worker, go))
+    start = ctx.Barrier(workers)
+    procs = [ctx.Process(target=event_workers.jsonl_writer, args=(real_redis_url, str(path), w, per_worker, start))
              for w in range(workers)]
     for p in procs:
         p.start()
-    go.set()
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
@@ -310,7 +307,7 @@ def test_jsonl_appends_from_several_processes(real_redis, real_redis_url, tmp_pa
     for w in range(workers):
         mine = [e for e in events if e["user"] == f"writer-{w}"]
         assert sorted(e["input_tokens"] for e in mine) == list(range(1, per_worker + 1))
-        assert all(e["tags"]["blob"] == chr(ord("a") + w) * 6000 for e in mine)
+        assert all(e["tags"]["blob"] == chr(ord("a") + w) * event_workers.BLOB for e in mine)
     # The file and the stream hold the same events.
     entries = real_redis.xrange(STREAM)
     assert sorted(rids) == sorted(json.loads(f[b"e"])["request_id"] for _, f in entries)
@@ -424,15 +421,13 @@ def test_denial_event_of_an_unusual_user_id_reaches_every_sink(backend_url, cloc
     assert json.loads(text)["user"] == ODD_USER
 
 
-@pytest.mark.xfail(strict=True, reason="engine.py settle_call passes the raw user id (and feature tag) as the "
-                                       "settle script's spender argument; redis-py cannot encode a lone "
-                                       "surrogate, so record() raises UnicodeEncodeError")
-def test_usage_event_of_a_user_id_with_a_lone_surrogate(backend_url, clock):
+def test_usage_event_of_an_unusual_user_id_and_feature(backend_url, clock):
     g = guard(backend_url, clock)
-    d = g.check(ODD_USER, "gpt-4o", MSG, max_tokens=10)
+    d = g.check(ODD_USER, "gpt-4o", MSG, max_tokens=10, tags={"feature": "f\ud801"})
     assert d.allowed
     assert g.record(d, USAGE) is True
-    assert [e["user"] for e in stream(g)] == [ODD_USER]
+    assert [(e["user"], e["tags"]) for e in stream(g)] == [(ODD_USER, {"feature": "f\ud801"})]
+    assert g.status(ODD_USER).windows["user.daily"].spent_usd == cost_usd("gpt-4o", 100, 10)
 
 
 # -- 6. a process killed between reserve and settle ------------------------------------------
@@ -477,24 +472,25 @@ def test_kill_at_random_points_never_splits_spend_and_events(real_redis, real_re
     rng = random.Random()
     seed = rng.randrange(2**32)
     rng.seed(seed)
-    users = [f"racer-{i}" for i in range(3)]
+    groups = [[f"racer-{w}-{t}" for t in range(4)] for w in range(3)]  # 3 processes x 4 threads
+    users = [user for group in groups for user in group]
     procs = []
-    for user in users:
+    for group in groups:
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=event_workers.record_forever, args=(real_redis_url, user, child))
+        p = ctx.Process(target=event_workers.record_forever, args=(real_redis_url, group, child))
         p.start()
         procs.append((p, parent))
-    for p, parent in procs:
+    for _, parent in procs:
         assert parent.poll(60) and parent.recv() == "started"
-    # Kill each worker once it has settled a random number of calls: the kill lands
-    # wherever that worker happens to be then (checking, recording, in between).
-    targets = [rng.randrange(10, 120) for _ in users]
+    # Kill each worker once its first thread has settled a random number of calls: the
+    # kill lands wherever each of its threads happens to be (checking, recording, between).
+    targets = [rng.randrange(10, 80) for _ in groups]
     day = f"{event_workers.MOMENT:%Y%m%d}"
     deadline = time.monotonic() + 60
-    for user, (p, _), target in zip(users, procs, targets, strict=True):
-        key, settled_nano = f"bg:{user_tag(user)}:d:{day}", 2500 * target * (target + 1) // 2
+    for group, (p, _), target in zip(groups, procs, targets, strict=True):
+        key, settled_nano = f"bg:{user_tag(group[0])}:d:{day}", 2500 * target * (target + 1) // 2
         while int(real_redis.hget(key, "s") or 0) < settled_nano:
-            assert time.monotonic() < deadline, f"seed {seed}: {user} is too slow"
+            assert time.monotonic() < deadline, f"seed {seed}: {group[0]} is too slow"
             time.sleep(0.001)
         os.kill(p.pid, signal.SIGKILL)
     for p, _ in procs:
@@ -506,16 +502,17 @@ def test_kill_at_random_points_never_splits_spend_and_events(real_redis, real_re
     events, spent, org_spent = _snapshot(real_redis, users)
     unit = cost_usd("gpt-4o", 1, 0)  # call i costs i units: the spend identifies the calls settled
     assert unit == Decimal("0.0000025")
-    for user, target in zip(users, targets, strict=True):
+    for user in users:
         mine = [e for e in events if e["user"] == user]
-        assert {e["outcome"] for e in mine} == {"ok"}, seed
+        assert {e["outcome"] for e in mine} <= {"ok"}, seed
         settled = [e["input_tokens"] for e in mine]
         m = len(settled)
-        assert m >= target, (seed, user, m, target)
         assert settled == list(range(1, m + 1)), (seed, user)  # in order, none missing, none twice
         assert spent[user] == unit * (m * (m + 1) // 2), (seed, user, m, spent[user])
         assert sum(Decimal(e["cost_usd"]) for e in mine) == spent[user]
     assert org_spent == sum(spent.values())
+    for group, target in zip(groups, targets, strict=True):
+        assert spent[group[0]] >= unit * (target * (target + 1) // 2)
 
 
 def _snapshot(client: Any, users: list[str]) -> tuple[list[dict[str, Any]], dict[str, Decimal], Decimal]:
