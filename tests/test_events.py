@@ -141,6 +141,23 @@ def test_one_record_is_one_event_with_every_field_exact(backend_url, clock):
     assert g.status("alice").windows["user.hourly"].spent_usd == expected["cost_usd"]
 
 
+def test_cost_split_sums_to_the_charged_cost_with_fractional_nano_prices(backend_url, clock):
+    # $0.0375 and $0.0125 per million tokens: 37.5 and 12.5 nano-USD per token.
+    prices = {"input_per_mtok": "0.0375", "output_per_mtok": "0.0125", "cached_input_per_mtok": "0.0125"}
+    g = guard(backend_url, clock, models={**PRICES, "odd-model": {**prices, "tokenizer": "o200k_base"}})
+    d = g.check("u1", "odd-model", MSG, max_tokens=10)
+    assert g.record(d, Usage(input_tokens=3, output_tokens=3, cached_input_tokens=1)) is True
+    [event] = stream(g)
+    exact_input = (2 * Decimal("0.0375") + 1 * Decimal("0.0125")) / 10**6  # 87.5 nano
+    exact_total = exact_input + 3 * Decimal("0.0125") / 10**6  # 125 nano
+    nano_usd = Decimal("1e-9")
+    assert Decimal(event["cost_usd"]) == exact_total.quantize(nano_usd, rounding="ROUND_CEILING") == Decimal(
+        "0.000000125")
+    assert Decimal(event["input_cost_usd"]) == exact_input.quantize(nano_usd, rounding="ROUND_CEILING")
+    assert Decimal(event["input_cost_usd"]) + Decimal(event["output_cost_usd"]) == Decimal(event["cost_usd"])
+    assert g.status("u1").windows["user.daily"].spent_usd == Decimal(event["cost_usd"])
+
+
 # -- 2. outcomes ----------------------------------------------------------------------------
 
 
