@@ -344,8 +344,8 @@ class _Exchange:
             await self.deny(decision)
             return
         self.decision = decision
-        self.body = self.downstream_body(body, parsed, call, decision)
         try:
+            self.body = self.downstream_body(body, parsed, call, decision)
             await self.mw.app(self.downstream_scope(), self.replay, self.send_wrapper)
         finally:
             if not self.settled:
@@ -393,7 +393,8 @@ class _Exchange:
                 changed = True
         if not changed:
             return body
-        return json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
+        # ASCII escapes keep any JSON string (a lone surrogate included) encodable.
+        return json.dumps(parsed, ensure_ascii=True, separators=(",", ":")).encode()
 
     def downstream_scope(self) -> Scope:
         headers = [(k, v) for k, v in self.scope["headers"] if k != b"content-length"]
@@ -555,7 +556,7 @@ class _Exchange:
                 payload["error"]["code"] = code
         else:
             payload = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-        content = json.dumps(payload, ensure_ascii=False).encode()
+        content = json.dumps(payload, ensure_ascii=True).encode()
         raw = headers.raw if headers is not None else []
         await self.send({"type": "http.response.start", "status": status,
                          "headers": [(b"content-type", b"application/json"),

@@ -202,7 +202,8 @@ class Config(_Strict):
             return None
         scheme = urlsplit(value).scheme
         if scheme not in ("redis", "rediss", "unix", "memory") or "://" not in value:
-            raise ValueError(f"{value!r} is not a redis://, rediss://, unix:// or memory:// URL")
+            # The URL itself may carry a password: name only its scheme.
+            raise ValueError(f"must be a redis://, rediss://, unix:// or memory:// URL (scheme {scheme!r})")
         return value
 
     @field_validator("timezone")

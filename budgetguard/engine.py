@@ -112,6 +112,10 @@ def _ranked(name: str) -> str:
     return "#" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
@@ -429,7 +433,7 @@ class Engine:
 
     def _repeat(self, plan: CheckPlan, state: Any) -> Decision:
         """A retried check: rebuild the original reservation from its stored state."""
-        _, index, amount, reserved_ms, _ = (state.decode() if isinstance(state, bytes) else str(state)).split("|")
+        _, index, amount, reserved_ms, _ = _text(state).split("|")
         i = int(index) - 1
         if not (0 <= i < len(plan.candidates) and plan.candidates[i].amount_nano == int(amount)):
             raise InvalidArgument("request_id is already in use by a live reservation for a different request "
@@ -533,25 +537,30 @@ class Engine:
     def read_settle(self, plan: SettlePlan, reply: Sequence[Any]) -> Settled:
         """Whether this settlement applied, the alerts it crossed, and its event.
 
-        A repeat that finds exactly the state this call writes is its own resend
-        (redis-py retried it), so it counts as applied.
+        A repeat that finds the state this call writes is its own resend (the first
+        reply was lost): it counts as applied and reports what the first run crossed.
         """
-        if int(reply[0]) != 1:
-            state = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-            return Settled(state == plan.call.args[9], [], None)
-        live = int(reply[1]) == 1
+        if int(reply[0]) == 1:
+            live, crossed = int(reply[1]) == 1, [_text(raw) for raw in reply[2:]]
+        else:
+            mine = str(plan.call.args[9]) + "|"
+            state = _text(reply[1])
+            if not state.startswith(mine):
+                return Settled(False, [], None)
+            flag, _, rest = state[len(mine):].partition("|")
+            live, crossed = flag == "1", [c for c in rest.split(";") if c]
         event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome)
         d = plan.decision
         policy = self.policies.for_user(d.user)
-        windows, now = plan.windows, plan.now
         alerts = []
-        for raw in reply[2:]:
-            parts = (raw.decode() if isinstance(raw, bytes) else str(raw)).split("|")
+        for raw in crossed:
+            parts = raw.split("|")
             if parts[0] == "t":
                 w, level, spent = int(parts[1]) - 1, Decimal(parts[2]), int(parts[3])
-                alerts.append(self._window_alert("threshold", w, windows, spent, level, d.user, policy, now))
+                alerts.append(self._window_alert("threshold", w, plan.windows, spent, level, d.user, policy,
+                                                 plan.now))
             elif parts[0] == "a":
-                alerts.append(self._anomaly_alert(now, int(parts[2])))
+                alerts.append(self.anomaly_alert(plan.now, int(parts[2])))
         return Settled(True, alerts, event)
 
     # -- alerts --------------------------------------------------------------------
@@ -563,7 +572,7 @@ class Engine:
         spent = [int(v) for v in reply[4:9]]
         alerts = []
         for raw in reply[14:]:
-            parts = (raw.decode() if isinstance(raw, bytes) else str(raw)).split("|")
+            parts = _text(raw).split("|")
             w = int(parts[1]) - 1
             if parts[0] == "b":
                 alerts.append(self._window_alert("blocked", w, plan.windows, spent[w], Decimal(1), plan.user,
@@ -619,7 +628,7 @@ class Engine:
         steps.append(f"at 100% {blocked}")
         return _sentence("; ".join(steps))
 
-    def _anomaly_alert(self, now: datetime, spent: int) -> Alert:
+    def anomaly_alert(self, now: datetime, spent: int) -> Alert:
         hour = now.replace(minute=0, second=0, microsecond=0)
         baseline = self.anomaly_baselines.get(f"{now:%Y%m%d%H}")
         detail = baseline.describe(self.config.anomaly.sigmas) if baseline else ""

@@ -15,7 +15,6 @@ import os
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from .pricing import nano_to_usd
@@ -114,10 +113,6 @@ def to_json(event: Mapping[str, Any]) -> str:
 def stream_head(event: Event) -> str:
     """The event's JSON up to its outcome's value, which the settle script appends with '"}'."""
     return to_json(event)[:-1] + ',"outcome":"'
-
-
-def cost_of(event: Mapping[str, Any]) -> Decimal:
-    return Decimal(event["cost_usd"])
 
 
 class JsonlSink:

@@ -23,7 +23,7 @@ from .config import Config, load_config
 from .decision import Decision, Status
 from .engine import CheckPlan, Engine, Settled, SettlePlan
 from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
-from .events import Event, JsonlSink
+from .events import Event, JsonlSink, to_json
 from .metrics import Metrics
 from .store import AsyncStore, Health, StoreUnavailable, SyncStore, ThreadedStore, connect, connect_async, is_memory
 from .streams import is_stream, wrap_stream
@@ -222,7 +222,7 @@ class BudgetGuard:
                 engine.anomaly_baselines.clear()
             engine.anomaly_baselines[stamp] = None  # requested: no threshold until it is loaded
             hour = now.replace(minute=0, second=0, microsecond=0)
-            if not submit(functools.partial(baseline_job, engine, hour), "an anomaly baseline"):
+            if not submit(functools.partial(baseline_job, engine, hour, self._alert_job), "an anomaly baseline"):
                 engine.anomaly_baselines.pop(stamp, None)  # ask again on a later settle
         if self.config.org.forecast and (self._next_forecast is None or now >= self._next_forecast):
             self._next_forecast = now + timedelta(hours=1)
@@ -231,16 +231,11 @@ class BudgetGuard:
     def _events_job(self, events: list[Event], denial: bool) -> Job:
         if denial and self.config.events.stream_maxlen:
             # Settled events are logged by the settle script itself; denials have no script to ride.
-            from .events import stream_head
-
-            lines = [stream_head({k: v for k, v in e.items() if k != "outcome"}) + e["outcome"] + '"}'
-                     for e in events]
-            yield self._engine.log_call(lines)
+            yield self._engine.log_call([to_json(e) for e in events])
         if self._jsonl is not None:
-            try:
-                self._jsonl.write(events)
-            except OSError as exc:
-                log.error("usage events not written to %s: %s", self._jsonl.path, exc)
+            error = yield Invoke(self._jsonl.write, events)  # a file write: off the event loop
+            if error is not None:
+                log.error("usage events not written to %s: %s", self._jsonl.path, error)
         for fn in self._on_event:
             for event in events:
                 error = yield Invoke(fn, event)

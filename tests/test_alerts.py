@@ -379,3 +379,43 @@ def test_four_processes_crossing_together_alert_exactly_once(real_redis, real_re
         paged = [k for k in every if not k.endswith("/0.5")]  # min_level 0.8
         assert sorted(b["dedup_key"] for b in rx.bodies("/pagerduty")) == paged
         assert len(rx.bodies(SLACK)) == 4
+
+
+def test_a_resent_settle_reports_the_crossings_of_its_first_run(backend_url, clock):
+    """A lost reply must not lose the alert: its marker was claimed by the first run."""
+    g = BudgetGuard(parse_config({"models": dict(PRICES), "org": {"daily_usd": 10, "alert_at": [0.5]}}),
+                    redis_url=backend_url, clock=clock)
+    d = g.check("alice", "gpt-4o", MSG, max_tokens=10)
+    plan = g._engine.settle_call(d, spend(6))
+    first = g._engine.read_settle(plan, g._sync.run(plan.call))
+    resent = g._engine.read_settle(plan, g._sync.run(plan.call))
+    assert [(a.kind, a.level) for a in first.alerts] == [("threshold", Decimal("0.5"))]
+    assert resent.applied and resent.alerts == first.alerts and resent.event == first.event
+    other = g._engine.settle_call(d, spend(1))  # a second, different settle of the same decision
+    assert g._engine.read_settle(other, g._sync.run(other.call)) == type(first)(False, [], None)
+    g.close()
+
+
+def test_alerts_for_any_user_id_reach_every_sink(backend_url, clock):
+    odd = "caf\u00e9 \ud800 \u2028 user"  # not valid UTF-8 on its own, and a line separator
+    with receiver() as rx:
+        data = alerts_config(rx, org={"alert_at": []}, tiers={"t": {"hourly_usd": 4, "alert_at": [0.5]}},
+                             default_tier="t")
+        g = make_guard(backend_url, clock, data)
+        charge(g, odd, 3)
+        assert g.flush()
+        assert [h["user"] for h in rx.bodies("/hook")] == [odd]
+        assert len(rx.bodies(SLACK)) == 1
+        g.close()
+
+
+async def test_aclose_with_a_full_queue_returns_once_the_queue_drains(backend_url, clock, caplog):
+    seen: list[Alert] = []
+    data = {"models": dict(PRICES), "org": {"daily_usd": 10, "alert_at": [0.1, 0.2, 0.3]},
+            "alerts": {"queue_size": 2}, "anomaly": {"enabled": False}}
+    g = BudgetGuard(parse_config(data), redis_url=backend_url, clock=clock, on_alert=seen.append)
+    d = await g.acheck("alice", "gpt-4o", MSG, max_tokens=10)
+    await g.arecord(d, spend(3))  # three crossings at once: two fit the queue
+    await g.aclose()
+    assert len(seen) == 2
+    assert not any("flush timed out" in r.getMessage() for r in caplog.records)

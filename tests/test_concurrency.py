@@ -32,7 +32,8 @@ def _settle_all_at_estimate(g, decisions) -> None:
 
 async def test_200_async_checks_allow_exactly_100(backend_url, clock):
     cap = _estimate(backend_url, clock) * FITS
-    g = guard(backend_url, clock, tiers={"default": {"hourly_usd": str(cap)}})
+    # A generous timeout: this test is about exact counting, not about a loaded machine's latency.
+    g = guard(backend_url, clock, tiers={"default": {"hourly_usd": str(cap)}}, redis_timeout_ms=10_000)
     start = asyncio.Event()
 
     async def one():
@@ -54,7 +55,8 @@ async def test_200_async_checks_allow_exactly_100(backend_url, clock):
 
 def test_200_threaded_checks_allow_exactly_100(backend_url, clock):
     cap = _estimate(backend_url, clock) * FITS
-    g = guard(backend_url, clock, tiers={"default": {"hourly_usd": str(cap)}}, redis_max_connections=16)
+    g = guard(backend_url, clock, tiers={"default": {"hourly_usd": str(cap)}}, redis_max_connections=16,
+              redis_timeout_ms=10_000)
     barrier = threading.Barrier(CALLERS)
 
     def one(_):

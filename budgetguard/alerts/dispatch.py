@@ -83,6 +83,7 @@ class ThreadDriver:
     def submit(self, job: JobFactory, what: str) -> bool:
         with self._cond:
             if self._flushing.is_set():
+                log.warning("guard is closed: %s not delivered", what)
                 return False
             if len(self._queue) >= self._size:
                 self._drops.dropped(what)
@@ -186,13 +187,14 @@ class AsyncDriver:
     def __init__(self, store: AsyncStore | ThreadedStore, timeout_s: float, queue_size: int) -> None:
         self._store = store
         self._timeout = timeout_s
-        self._queue: asyncio.Queue[JobFactory | None] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[JobFactory] = asyncio.Queue(queue_size)
         self._drops = _Drops(queue_size)
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Event()
 
     def submit(self, job: JobFactory, what: str) -> bool:
         if self._flushing.is_set():
+            log.warning("guard is closed: %s not delivered", what)
             return False
         try:
             self._queue.put_nowait(job)
@@ -208,8 +210,6 @@ class AsyncDriver:
             while True:
                 factory = await self._queue.get()
                 try:
-                    if factory is None:
-                        return
                     await self._run(factory(), http)
                 except Exception:
                     log.exception("background job failed")
@@ -265,15 +265,15 @@ class AsyncDriver:
         task = self._task
         if task is None:
             return
-        self._flushing.set()
-        with contextlib.suppress(asyncio.QueueFull):
-            self._queue.put_nowait(None)
+        self._flushing.set()  # retries stop waiting; new work is refused
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
+            await asyncio.wait_for(self._queue.join(), timeout)
         except TimeoutError:
-            left = self._queue.qsize()
-            task.cancel()
-            log.error("alert/event flush timed out after %.1f s: about %d item(s) not delivered", timeout, left)
+            log.error("alert/event flush timed out after %.1f s: about %d item(s) not delivered", timeout,
+                      self._queue.qsize() + 1)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class Dispatcher:

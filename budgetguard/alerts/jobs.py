@@ -151,8 +151,12 @@ def alert_job(alert: Alert, engine: Engine, policy: RetryPolicy, callbacks: list
         yield from _deliver(delivery, policy, alert, observe)
 
 
-def baseline_job(engine: Engine, hour: datetime) -> Job:
-    """Load the spend of the same UTC hour on the trailing days; set this hour's anomaly threshold."""
+def baseline_job(engine: Engine, hour: datetime, alert_of: Callable[[Alert], Job]) -> Job:
+    """Load the spend of the same UTC hour on the trailing days; set this hour's anomaly threshold.
+
+    Spend settled before the threshold was known is compared once it is: an hour whose
+    whole spike came before the baseline loaded still alerts (the same marker claims it).
+    """
     cfg = engine.config.anomaly
     stamp = f"{hour:%Y%m%d%H}"
     org = f"{engine.config.key_prefix}:{{org}}:"
@@ -162,8 +166,14 @@ def baseline_job(engine: Engine, hour: datetime) -> Job:
         engine.anomaly_baselines.pop(stamp, None)  # try again on a later settle
         return
     samples = [int(value or 0) if int(exists) else None for exists, value in reply]
-    engine.anomaly_baselines[stamp] = baseline(samples, sigmas=cfg.sigmas, min_days=cfg.min_history_days,
-                                               min_spend_nano=int(cfg.min_spend_usd * 10**9))
+    found = baseline(samples, sigmas=cfg.sigmas, min_days=cfg.min_history_days,
+                     min_spend_nano=int(cfg.min_spend_usd * 10**9))
+    engine.anomaly_baselines[stamp] = found
+    if found is None:
+        return
+    spent = yield ScriptCall("lookup", (f"{org}hist:{hour:%Y%m%d}",), ("spike", f"{hour:%H}", found.threshold_nano))
+    if not isinstance(spent, BaseException) and int(spent):
+        yield from alert_of(engine.anomaly_alert(hour, int(spent)))
 
 
 # Forecasts: the org's spend rate over the trailing week of whole hours (or the month so

@@ -134,7 +134,8 @@ def _wanted(alert: Alert, min_level: Decimal | None, scopes: Sequence[str]) -> b
 
 
 def _encode(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    # ASCII escapes: a user id may hold anything, a lone surrogate included.
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def deliveries(alert: Alert, config: AlertsConfig) -> list[Delivery]:

@@ -5,6 +5,8 @@
 --   "hours"  KEYS: day spend histories  ARGV[2] hour field -> per key {exists, spend or false}
 --   "days"   KEYS: day spend histories  -> per key, its hour fields and spend (HGETALL)
 --   "claim"  KEYS[1] a window counter   ARGV[2] marker field -> 1 if this call claimed it
+--   "spike"  KEYS[1] a day spend history  ARGV[2] hour field, ARGV[3] threshold
+--            -> the hour's spend if it reached the threshold and this call claimed its anomaly, else 0
 --   "log"    KEYS[1] the event stream   ARGV[2] max length, ARGV[3..] events -> count
 
 local op = ARGV[1]
@@ -18,6 +20,12 @@ elseif op == 'days' then
 elseif op == 'claim' then
   if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
   return redis.call('HSETNX', KEYS[1], ARGV[2], '1')
+elseif op == 'spike' then
+  local spent = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0')
+  if spent >= tonumber(ARGV[3]) and redis.call('HSETNX', KEYS[1], 'a:' .. ARGV[2], '1') == 1 then
+    return redis.call('HGET', KEYS[1], ARGV[2])
+  end
+  return 0
 elseif op == 'log' then
   for i = 3, #ARGV do redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[i]) end
   return #ARGV - 2

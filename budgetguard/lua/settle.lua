@@ -20,7 +20,8 @@
 -- ARGV[17] usage event JSON up to its closing outcome ('' no event)
 -- ARGV[18] outcome   ARGV[19] outcome when the lease had lapsed   ARGV[20] stream max length
 --
--- Returns {1, lease_was_live, crossing...} when applied, {0, state} when already settled.
+-- Returns {1, lease_was_live, crossing...} when applied, {0, state} when already settled;
+-- the state is ARGV[10] .. "|<lease_was_live>|<crossings joined by ';'>".
 -- A crossing is "t|<window>|<level>|<spent>" (a threshold) or "a|<hour>|<spent>" (an anomaly);
 -- each is claimed by a marker field so that it is reported once, whoever crosses it.
 
@@ -60,8 +61,10 @@ if cost ~= '' then
         and redis.call('HSETNX', KEYS[9], 'a:' .. ARGV[12], now) == 1 then
       reply[#reply + 1] = 'a|' .. ARGV[12] .. '|' .. hour
     end
-    local tops = {{KEYS[10], ARGV[14], hist_ttl}, {KEYS[11], ARGV[14], tonumber(ends[4]) + grace - now},
-                  {KEYS[12], ARGV[14], tonumber(ends[5]) + grace - now}, {KEYS[13], ARGV[15], hist_ttl}}
+    -- An hour's rankings only name who spent in an anomalous hour: two days is plenty.
+    local hour_ttl = 2 * 86400000
+    local tops = {{KEYS[10], ARGV[14], hour_ttl}, {KEYS[11], ARGV[14], tonumber(ends[4]) + grace - now},
+                  {KEYS[12], ARGV[14], tonumber(ends[5]) + grace - now}, {KEYS[13], ARGV[15], hour_ttl}}
     for _, top in ipairs(tops) do
       if top[2] ~= '' and tonumber(redis.call('ZINCRBY', top[1], cost, top[2])) == tonumber(cost) then
         redis.call('PEXPIRE', top[1], math.max(1000, top[3]))
@@ -74,5 +77,9 @@ if ARGV[17] ~= '' then
   if live == 0 then outcome = ARGV[19] end
   redis.call('XADD', KEYS[14], 'MAXLEN', '~', ARGV[20], '*', 'e', ARGV[17] .. outcome .. '"}')
 end
-redis.call('SET', KEYS[1], ARGV[10], 'PX', ARGV[2])
+-- The state keeps what this settle reported, so that its own resend (a lost reply) can
+-- report the same crossings: their markers are claimed now and never again.
+local crossed = {}
+for i = 3, #reply do crossed[#crossed + 1] = reply[i] end
+redis.call('SET', KEYS[1], ARGV[10] .. '|' .. live .. '|' .. table.concat(crossed, ';'), 'PX', ARGV[2])
 return reply
