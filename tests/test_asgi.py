@@ -511,3 +511,16 @@ def test_responses_stream_disconnect_charges_the_streamed_deltas(env):
     stream.close()
     assert env.up.disconnected.wait(10)
     assert env.settled() == fallback_cost("gpt-4o", "".join(deltas))
+
+
+def test_a_rewritten_body_with_a_lone_surrogate_escape_goes_downstream(env):
+    # A streaming chat body is rewritten (include_usage is switched on); JSON allows "\ud800",
+    # which UTF-8 cannot encode, so the rewrite must escape it rather than fail with a held reservation.
+    body = '{"model":"gpt-4o","max_tokens":9,"stream":true,"messages":[{"role":"user","content":"x \\ud800"}]}'
+    resp = httpx.post(f"{env.srv.url}/v1/chat/completions", content=body.encode(),
+                      headers={"authorization": "Bearer sk-alice"})
+    assert resp.status_code == 200
+    received = json.loads(env.up.received[0][1])
+    assert received["messages"][0]["content"] == "x \ud800"
+    assert received["stream_options"] == {"include_usage": True}
+    assert env.settled() == chat_cost(env.up)
