@@ -187,6 +187,7 @@ class Engine:
         # Anomaly baselines per UTC hour ("YYYYMMDDHH"), filled in the background (alerts.anomaly).
         self.anomaly_baselines: dict[str, Baseline | None] = {}
         self._snapshots: dict[str, tuple[dict[str, str], str | None]] = {}
+        self._ends: dict[str, list[int]] = {}
         self._encodings = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
 
     # -- time ------------------------------------------------------------------------
@@ -202,7 +203,13 @@ class Engine:
         return self._windows.at(now)
 
     def _ends_ms(self, windows: WindowSet) -> list[int]:
-        return [_epoch_ms(windows.of(spec.period).end) for spec in WINDOWS]
+        # The hour names the whole set (the day and month contain it): compute once per hour.
+        ends = self._ends.get(windows.h.stamp)
+        if ends is None:
+            if len(self._ends) > 64:
+                self._ends.clear()
+            ends = self._ends[windows.h.stamp] = [_epoch_ms(windows.of(spec.period).end) for spec in WINDOWS]
+        return ends
 
     def _user_prefix(self, user: str) -> str:
         return f"{self._prefix}:{user_tag(user)}:"
@@ -486,16 +493,18 @@ class Engine:
         if not isinstance(decision, Decision) or decision._ticket is None:
             raise InvalidArgumentType(f"expected a Decision from check(), got {type(decision).__name__}")
         t = decision._ticket
-        cost = None if usage is None else self.cost_nano(decision, usage)
-        input_cost = 0
+        cost, input_cost = None, 0
         if usage is not None:
-            input_only = dataclasses.replace(usage, output_tokens=0, reasoning_tokens=0)
-            input_cost = self.cost_nano(decision, input_only)
+            price = self._price(decision.model)
+            if price is None:
+                raise InvalidArgument(f"cannot price usage: no price is known for model {decision.model!r}")
+            input_cost, cost = price.cost_parts_nano(usage)
         now = self.now()
+        now_ms = _epoch_ms(now)
         user_member, org_member = t.members(decision.reservation_id)
         # A record that arrives after the reservation's hour key has expired charges the
         # current windows: late spend is still spend.
-        expired = _epoch_ms(t.windows.h.end) + self._grace_ms <= _epoch_ms(now)
+        expired = self._ends_ms(t.windows)[0] + self._grace_ms <= now_ms
         charge = self._windows.at(now) if expired else t.windows
         policy = self.policies.for_user(decision.user)
         org = t.org_prefix
@@ -511,7 +520,7 @@ class Engine:
             (t.request_key, t.user_prefix + "leases", org + "leases", *self._window_keys(t.user_prefix, charge),
              f"{org}hist:{hour[:8]}", f"{org}top:u:h:{hour}", f"{org}top:u:{charge.d.stamp}",
              f"{org}top:u:{charge.m.stamp}", f"{org}top:f:h:{hour}", org + "events"),
-            (_epoch_ms(now), self._state_ms, self._grace_ms, t.user_prefix, org, user_member, org_member,
+            (now_ms, self._state_ms, self._grace_ms, t.user_prefix, org, user_member, org_member,
              "" if cost is None else cost, ",".join(map(str, self._ends_ms(charge))),
              settled_state(t.candidate, cost), self._alert_thresholds(policy), hour[8:], self._history_ms,
              spender, _ranked(decision.tags.get("feature", "")),

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import redis as redis_sync
 import redis.asyncio as redis_async
 
-from .alerts.dispatch import Dispatcher
+from .alerts.dispatch import Describe, Dispatcher
 from .alerts.jobs import Invoke, Job, RetryPolicy, alert_job, baseline_job, forecast_job
 from .alerts.model import Alert
 from .config import Config, load_config
@@ -34,6 +34,7 @@ __all__ = ["BudgetGuard"]
 log = logging.getLogger("budgetguard")
 
 F = TypeVar("F", bound=Callable[..., Any])
+Submit = Callable[[Callable[[], Job], Describe], bool]
 
 
 def _utcnow() -> datetime:
@@ -81,7 +82,8 @@ class BudgetGuard:
         self._on_event = _callables("on_event", on_event)
         alerts = config.alerts
         self._dispatcher = Dispatcher(RetryPolicy(alerts.retries, alerts.backoff_s), alerts.timeout_s,
-                                      alerts.queue_size, alerts.flush_timeout_s)
+                                      alerts.queue_size, alerts.flush_timeout_s,
+                                      on_drop=functools.partial(self.metrics.observe_alert, "queue", "dropped"))
         self._alerting = bool(self._on_alert or _any_sink(config))
         self._jsonl = JsonlSink(config.events.jsonl_path) if config.events.jsonl_path else None
         self._events_wanted = bool(self._on_event or self._jsonl)
@@ -181,20 +183,20 @@ class BudgetGuard:
 
     # -- background work -----------------------------------------------------------------
 
-    def _async_submit(self, job: Callable[[], Job], what: str) -> bool:
+    def _async_submit(self, job: Callable[[], Job], what: Describe) -> bool:
         return self._dispatcher.task(self._async_store()).submit(job, what)
 
     def _alert_job(self, alert: Alert) -> Job:
         return alert_job(alert, self._engine, self._dispatcher.policy, self._on_alert, self.metrics.observe_alert)
 
-    def _submit_alerts(self, alerts: list[Alert], submit: Callable[[Callable[[], Job], str], bool]) -> None:
+    def _submit_alerts(self, alerts: list[Alert], submit: Submit) -> None:
         if not self._alerting:
             return
         for alert in alerts:
-            submit(functools.partial(self._alert_job, alert), f"alert {alert.summary!r}")
+            submit(functools.partial(self._alert_job, alert), functools.partial(_describe, alert))
 
     def _after_check(self, decision: Decision, alerts: list[Alert],
-                     submit: Callable[[Callable[[], Job], str], bool]) -> Decision:
+                     submit: Submit) -> Decision:
         self._submit_alerts(alerts, submit)
         if not decision.allowed and decision.limit != "store.unavailable":
             event = self._engine.denial_event(decision)
@@ -202,7 +204,7 @@ class BudgetGuard:
             submit(functools.partial(self._events_job, [event], True), "a denial event")
         return decision
 
-    def _after_settle(self, settled: Settled, submit: Callable[[Callable[[], Job], str], bool]) -> bool:
+    def _after_settle(self, settled: Settled, submit: Submit) -> bool:
         self._submit_alerts(settled.alerts, submit)
         if settled.event is not None:
             self.metrics.observe_event(settled.event)
@@ -212,7 +214,7 @@ class BudgetGuard:
             self._schedule_periodic(submit)
         return settled.applied
 
-    def _schedule_periodic(self, submit: Callable[[Callable[[], Job], str], bool]) -> None:
+    def _schedule_periodic(self, submit: Submit) -> None:
         """Per process: this hour's anomaly baseline once, and a forecast at most hourly."""
         now = self._engine.now()
         stamp = f"{now:%Y%m%d%H}"
@@ -432,6 +434,10 @@ def _any_sink(config: Config) -> bool:
     a = config.alerts
     return bool((a.slack and a.slack.webhook_url) or (a.pagerduty and a.pagerduty.routing_key)
                 or (a.webhook and a.webhook.url))
+
+
+def _describe(alert: Alert) -> str:
+    return f"alert {alert.summary!r}"
 
 
 def _latency_ms(decision: Decision) -> int | None:

@@ -76,16 +76,17 @@ class ModelPrice:
 
     def cost_nano(self, usage: Usage) -> int:
         """The actual cost of a call, rounded up to the next nano-USD."""
+        return self.cost_parts_nano(usage)[1]
+
+    def cost_parts_nano(self, usage: Usage) -> tuple[int, int]:
+        """(the input's cost, the whole cost), each rounded up to the next nano-USD."""
         n = usage.input_tokens
         plain_input = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
         plain_output = usage.output_tokens - usage.reasoning_tokens
-        return _ceil_mtok(
-            plain_input * self.input.at(n)
-            + usage.cached_input_tokens * self.cached_input.at(n)
-            + usage.cache_write_tokens * self.cache_write.at(n)
-            + plain_output * self.output.at(n)
-            + usage.reasoning_tokens * self.reasoning.at(n)
-        )
+        input_part = (plain_input * self.input.at(n) + usage.cached_input_tokens * self.cached_input.at(n)
+                      + usage.cache_write_tokens * self.cache_write.at(n))
+        output_part = plain_output * self.output.at(n) + usage.reasoning_tokens * self.reasoning.at(n)
+        return _ceil_mtok(input_part), _ceil_mtok(input_part + output_part)
 
     def snapshot(self) -> dict[str, str]:
         """The per-MTok USD prices, for explaining a cost later."""

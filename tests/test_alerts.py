@@ -263,6 +263,8 @@ def test_a_full_queue_drops_with_a_log_line(backend_url, clock, caplog):
         g.close()
     assert any("queue full (1 items): dropped alert" in r.getMessage() and "30%" in r.getMessage()
                for r in caplog.records)
+    assert g.metrics.registry.get_sample_value("budgetguard_alert_deliveries_total",
+                                               {"sink": "queue", "outcome": "dropped"}) == 1
 
 
 def test_close_flushes_within_its_bound(backend_url, clock, caplog):

@@ -36,21 +36,28 @@ __all__ = ["AsyncDriver", "Dispatcher", "ThreadDriver"]
 log = logging.getLogger("budgetguard.alerts")
 
 JobFactory = Callable[[], Job]
+Describe = str | Callable[[], str]  # what a job is, for a log line; a callable is only called when logged
+
+
+def _said(what: Describe) -> str:
+    return what if isinstance(what, str) else what()
 
 
 class _Drops:
     """Counts dropped work and logs it at most once a minute."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, on_drop: Callable[[], None]) -> None:
         self.size = size
+        self._on_drop = on_drop
         self._count = 0
         self._last = 0.0
 
-    def dropped(self, what: str) -> None:
+    def dropped(self, what: Describe) -> None:
+        self._on_drop()
         self._count += 1
         now = time.monotonic()
         if now - self._last >= 60 or self._count == 1:
-            log.error("alert/event queue full (%d items): dropped %s (%d dropped so far)", self.size, what,
+            log.error("alert/event queue full (%d items): dropped %s (%d dropped so far)", self.size, _said(what),
                       self._count)
             self._last = now
 
@@ -67,12 +74,13 @@ def _http_error(exc: BaseException) -> Sent:
 class ThreadDriver:
     """Runs jobs on one daemon thread with a blocking HTTP client."""
 
-    def __init__(self, store: SyncStore, timeout_s: float, queue_size: int, flush_timeout_s: float) -> None:
+    def __init__(self, store: SyncStore, timeout_s: float, queue_size: int, flush_timeout_s: float,
+                 on_drop: Callable[[], None]) -> None:
         self._store = store
         self._timeout = timeout_s
         self.flush_timeout_s = flush_timeout_s
         self._queue: collections.deque[JobFactory] = collections.deque()
-        self._drops = _Drops(queue_size)
+        self._drops = _Drops(queue_size, on_drop)
         self._size = queue_size
         self._cond = threading.Condition()
         self._flushing = threading.Event()
@@ -80,10 +88,10 @@ class ThreadDriver:
         self._busy = False
         atexit.register(_close_at_exit, weakref.ref(self))
 
-    def submit(self, job: JobFactory, what: str) -> bool:
+    def submit(self, job: JobFactory, what: Describe) -> bool:
         with self._cond:
             if self._flushing.is_set():
-                log.warning("guard is closed: %s not delivered", what)
+                log.warning("guard is closed: %s not delivered", _said(what))
                 return False
             if len(self._queue) >= self._size:
                 self._drops.dropped(what)
@@ -184,17 +192,18 @@ async def _awaited(awaitable: Any) -> Any:
 class AsyncDriver:
     """Runs jobs in one task on the event loop with an asyncio HTTP client."""
 
-    def __init__(self, store: AsyncStore | ThreadedStore, timeout_s: float, queue_size: int) -> None:
+    def __init__(self, store: AsyncStore | ThreadedStore, timeout_s: float, queue_size: int,
+                 on_drop: Callable[[], None]) -> None:
         self._store = store
         self._timeout = timeout_s
         self._queue: asyncio.Queue[JobFactory] = asyncio.Queue(queue_size)
-        self._drops = _Drops(queue_size)
+        self._drops = _Drops(queue_size, on_drop)
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Event()
 
-    def submit(self, job: JobFactory, what: str) -> bool:
+    def submit(self, job: JobFactory, what: Describe) -> bool:
         if self._flushing.is_set():
-            log.warning("guard is closed: %s not delivered", what)
+            log.warning("guard is closed: %s not delivered", _said(what))
             return False
         try:
             self._queue.put_nowait(job)
@@ -279,8 +288,10 @@ class AsyncDriver:
 class Dispatcher:
     """Picks the driver for the caller: the thread for sync calls, the loop's task for async ones."""
 
-    def __init__(self, policy: RetryPolicy, timeout_s: float, queue_size: int, flush_timeout_s: float) -> None:
+    def __init__(self, policy: RetryPolicy, timeout_s: float, queue_size: int, flush_timeout_s: float,
+                 on_drop: Callable[[], None]) -> None:
         self.policy = policy
+        self._on_drop = on_drop
         self._timeout = timeout_s
         self._size = queue_size
         self.flush_timeout_s = flush_timeout_s
@@ -292,7 +303,8 @@ class Dispatcher:
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
-                    self._thread = ThreadDriver(store, self._timeout, self._size, self.flush_timeout_s)
+                    self._thread = ThreadDriver(store, self._timeout, self._size, self.flush_timeout_s,
+                                                self._on_drop)
         return self._thread
 
     def task(self, store: AsyncStore | ThreadedStore) -> AsyncDriver:
@@ -301,7 +313,7 @@ class Dispatcher:
         if driver is None:
             for old in [lp for lp in self._tasks if lp.is_closed()]:
                 del self._tasks[old]
-            driver = self._tasks[loop] = AsyncDriver(store, self._timeout, self._size)
+            driver = self._tasks[loop] = AsyncDriver(store, self._timeout, self._size, self._on_drop)
         return driver
 
     def close(self) -> None:
