@@ -76,7 +76,7 @@ def test_200_threaded_checks_allow_exactly_100(backend_url, clock):
 
 async def test_org_cap_shared_by_many_users(backend_url, clock):
     cap = _estimate(backend_url, clock) * FITS
-    g = guard(backend_url, clock, org={"daily_usd": str(cap)})
+    g = guard(backend_url, clock, org={"daily_usd": str(cap)}, redis_timeout_ms=10_000)
     decisions = await asyncio.gather(
         *(g.acheck(f"user-{i % 37}", "gpt-4o", MSG, max_tokens=100) for i in range(CALLERS))
     )
