@@ -421,3 +421,22 @@ async def test_aclose_with_a_full_queue_returns_once_the_queue_drains(backend_ur
     await g.aclose()
     assert len(seen) == 2
     assert not any("flush timed out" in r.getMessage() for r in caplog.records)
+
+
+def test_interpreter_exit_flushes_what_is_queued(real_redis, real_redis_url, tmp_path):
+    """A script that records a crossing and exits without close() still delivers its alert."""
+    import subprocess
+    import sys
+
+    with receiver() as rx:
+        script = tmp_path / "exits.py"
+        script.write_text(
+            "from budgetguard import BudgetGuard, Usage\n"
+            "from budgetguard.config import parse_config\n"
+            f"g = BudgetGuard(parse_config({{'models': {PRICES!r}, 'org': {{'daily_usd': 10, 'alert_at': [0.5]}},"
+            f" 'alerts': {{'webhook': {{'url': '{rx.url}/hook'}}}}}}), redis_url='{real_redis_url}')\n"
+            "d = g.check('alice', 'gpt-4o', [{'role': 'user', 'content': 'hi'}], max_tokens=10)\n"
+            "g.record(d, Usage(input_tokens=10, output_tokens=600_000))\n"
+        )
+        subprocess.run([sys.executable, str(script)], check=True, timeout=60)
+        assert [b["kind"] for b in rx.bodies("/hook")] == ["threshold"]
