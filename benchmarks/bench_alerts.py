@@ -205,9 +205,9 @@ class Variant:
             driver = guard._dispatcher.thread(guard._sync)
             original = driver.submit
 
-            def counting_submit(job: Callable[[], Any], what: str) -> bool:
+            def counting_submit(job: Callable[[], Any], what: Any) -> bool:
                 ok = original(job, what)
-                if what.startswith("alert"):
+                if getattr(job, "func", None) == guard._alert_job:
                     self.submitted += 1
                     self.accepted += ok
                     self.last_accepted = ok
