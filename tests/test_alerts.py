@@ -440,3 +440,27 @@ def test_interpreter_exit_flushes_what_is_queued(real_redis, real_redis_url, tmp
         )
         subprocess.run([sys.executable, str(script)], check=True, timeout=60)
         assert [b["kind"] for b in rx.bodies("/hook")] == ["threshold"]
+
+
+def test_a_forked_child_delivers_its_own_alerts(real_redis, real_redis_url):
+    """A pre-forking server: the parent's dispatcher thread does not survive the fork."""
+    import multiprocessing
+
+    seen_in_parent: list[Alert] = []
+    with receiver() as rx:
+        data = alerts_config(rx, org={"daily_usd": 10, "alert_at": [0.2, 0.5]})
+        g = make_guard(real_redis_url, None, data, on_alert=seen_in_parent.append)
+        charge(g, "alice", 3)  # 20% + : the parent's thread starts and delivers
+        assert g.flush()
+        ctx = multiprocessing.get_context("fork")
+        child = ctx.Process(target=_child_crosses_half, args=(g,))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert [b["level"] for b in rx.bodies("/hook")] == ["0.2", "0.5"]
+        g.close()
+
+
+def _child_crosses_half(g: BudgetGuard) -> None:
+    charge(g, "bob", 3)  # 60%: the child's own thread must deliver the 50% alert
+    g.close()

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import inspect
 import logging
+import os
 import threading
 import time
 import weakref
@@ -86,9 +87,21 @@ class ThreadDriver:
         self._flushing = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = False
+        self._pid = os.getpid()
         atexit.register(_close_at_exit, weakref.ref(self))
 
+    def _forked(self) -> None:
+        # A fork copies the queue but not the thread (a pre-forking server that made calls
+        # before forking): the child starts afresh with its own lock, queue and thread.
+        self._pid = os.getpid()
+        self._cond = threading.Condition()
+        self._queue = collections.deque()
+        self._thread = None
+        self._busy = False
+
     def submit(self, job: JobFactory, what: Describe) -> bool:
+        if self._pid != os.getpid():
+            self._forked()
         with self._cond:
             if self._flushing.is_set():
                 log.warning("guard is closed: %s not delivered", _said(what))
