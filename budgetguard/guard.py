@@ -81,9 +81,11 @@ class BudgetGuard:
         self._on_alert = _callables("on_alert", on_alert)
         self._on_event = _callables("on_event", on_event)
         alerts = config.alerts
-        self._dispatcher = Dispatcher(RetryPolicy(alerts.retries, alerts.backoff_s), alerts.timeout_s,
-                                      alerts.queue_size, alerts.flush_timeout_s,
-                                      on_drop=functools.partial(self.metrics.observe_alert, "queue", "dropped"))
+        lane = functools.partial(Dispatcher, RetryPolicy(alerts.retries, alerts.backoff_s), alerts.timeout_s,
+                                 alerts.queue_size, alerts.flush_timeout_s,
+                                 on_drop=functools.partial(self.metrics.observe_alert, "queue", "dropped"))
+        self._dispatcher = lane(name="budgetguard-alerts")  # deliveries, forecasts, baselines
+        self._events_lane = lane(name="budgetguard-events")  # denial events, JSONL, on_event
         self._alerting = bool(self._on_alert or _any_sink(config))
         self._jsonl = JsonlSink(config.events.jsonl_path) if config.events.jsonl_path else None
         self._events_wanted = bool(self._on_event or self._jsonl)
@@ -124,14 +126,13 @@ class BudgetGuard:
         plan = self._engine.plan_check(user, model, messages, max_tokens=max_tokens, tags=tags,
                                        request_id=request_id, tools=tools, prompt=prompt, system=system)
         if plan.call is None:
-            return self._after_check(self._decided(plan, None), [], self._dispatcher.thread(self._sync).submit)
+            return self._after_check(self._decided(plan, None), [], sync=True)
         try:
             reply = self._sync.run(plan.call)
         except StoreUnavailable as exc:
             return self._decided(plan, exc)
         decision = self._decided(plan, reply)
-        return self._after_check(decision, self._engine.check_alerts(plan, reply),
-                                 self._dispatcher.thread(self._sync).submit)
+        return self._after_check(decision, self._engine.check_alerts(plan, reply), sync=True)
 
     async def acheck(self, user: str, model: str, messages: list[Any] | None = None, *,
                      max_tokens: int | None = None, tags: Mapping[str, str] | None = None,
@@ -140,7 +141,7 @@ class BudgetGuard:
         plan = self._engine.plan_check(user, model, messages, max_tokens=max_tokens, tags=tags,
                                        request_id=request_id, tools=tools, prompt=prompt, system=system)
         if plan.call is None:
-            return self._after_check(self._decided(plan, None), [], self._async_submit)
+            return self._after_check(self._decided(plan, None), [], sync=False)
         running = asyncio.ensure_future(self._async_store().run(plan.call))
         try:
             reply = await asyncio.shield(running)
@@ -152,7 +153,7 @@ class BudgetGuard:
             running.add_done_callback(functools.partial(self._release_orphan, plan))
             raise
         decision = self._decided(plan, reply)
-        return self._after_check(decision, self._engine.check_alerts(plan, reply), self._async_submit)
+        return self._after_check(decision, self._engine.check_alerts(plan, reply), sync=False)
 
     def _track(self, future: asyncio.Future[Any]) -> None:
         """Keep ``future`` (a settle the caller no longer awaits) until it is done; aclose() waits."""
@@ -183,35 +184,38 @@ class BudgetGuard:
 
     # -- background work -----------------------------------------------------------------
 
-    def _async_submit(self, job: Callable[[], Job], what: Describe) -> bool:
-        return self._dispatcher.task(self._async_store()).submit(job, what)
+    def _submit(self, lane: Dispatcher, sync: bool, job: Callable[[], Job], what: Describe) -> bool:
+        driver = lane.thread(self._sync) if sync else lane.task(self._async_store())
+        return driver.submit(job, what)
 
     def _alert_job(self, alert: Alert) -> Job:
         return alert_job(alert, self._engine, self._dispatcher.policy, self._on_alert, self.metrics.observe_alert)
 
-    def _submit_alerts(self, alerts: list[Alert], submit: Submit) -> None:
+    def _submit_alerts(self, alerts: list[Alert], sync: bool) -> None:
         if not self._alerting:
             return
         for alert in alerts:
-            submit(functools.partial(self._alert_job, alert), functools.partial(_describe, alert))
+            self._submit(self._dispatcher, sync, functools.partial(self._alert_job, alert),
+                         functools.partial(_describe, alert))
 
-    def _after_check(self, decision: Decision, alerts: list[Alert],
-                     submit: Submit) -> Decision:
-        self._submit_alerts(alerts, submit)
+    def _after_check(self, decision: Decision, alerts: list[Alert], sync: bool) -> Decision:
+        self._submit_alerts(alerts, sync)
         if not decision.allowed and decision.limit != "store.unavailable":
             event = self._engine.denial_event(decision)
             self.metrics.observe_event(event)
-            submit(functools.partial(self._events_job, [event], True), "a denial event")
+            self._submit(self._events_lane, sync, functools.partial(self._events_job, [event], True),
+                         "a denial event")
         return decision
 
-    def _after_settle(self, settled: Settled, submit: Submit) -> bool:
-        self._submit_alerts(settled.alerts, submit)
+    def _after_settle(self, settled: Settled, sync: bool) -> bool:
+        self._submit_alerts(settled.alerts, sync)
         if settled.event is not None:
             self.metrics.observe_event(settled.event)
         if settled.event is not None and self._events_wanted:
-            submit(functools.partial(self._events_job, [settled.event], False), "a usage event")
+            self._submit(self._events_lane, sync, functools.partial(self._events_job, [settled.event], False),
+                         "a usage event")
         if self._alerting and settled.event is not None:
-            self._schedule_periodic(submit)
+            self._schedule_periodic(functools.partial(self._submit, self._dispatcher, sync))
         return settled.applied
 
     def _schedule_periodic(self, submit: Submit) -> None:
@@ -245,15 +249,16 @@ class BudgetGuard:
                     log.error("on_event callback %r failed: %r", fn, error)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until alerts and events queued by sync calls so far are handled."""
-        driver = self._dispatcher._thread
-        return driver is None or driver.wait_idle(self.config.alerts.flush_timeout_s if timeout is None else timeout)
+        """Wait until alerts and events queued by sync calls so far are handled (each lane within ``timeout``)."""
+        limit = self.config.alerts.flush_timeout_s if timeout is None else timeout
+        events_done = self._events_lane.flush(limit)
+        return self._dispatcher.flush(limit) and events_done
 
     async def aflush(self, timeout: float | None = None) -> bool:
         """Wait until alerts and events queued by this loop's async calls so far are handled."""
-        driver = self._dispatcher._tasks.get(asyncio.get_running_loop())
         limit = self.config.alerts.flush_timeout_s if timeout is None else timeout
-        return driver is None or await driver.wait_idle(limit)
+        events_done = await self._events_lane.aflush(limit)
+        return await self._dispatcher.aflush(limit) and events_done
 
     # -- settle ------------------------------------------------------------------------
 
@@ -300,14 +305,14 @@ class BudgetGuard:
             reply = self._sync.run(plan.call)
         except StoreUnavailable:
             return self._unsettled(decision)
-        return self._after_settle(self._engine.read_settle(plan, reply), self._dispatcher.thread(self._sync).submit)
+        return self._after_settle(self._engine.read_settle(plan, reply), sync=True)
 
     async def _asettled(self, decision: Decision, plan: SettlePlan) -> bool:
         try:
             reply = await self._async_store().run(plan.call)
         except StoreUnavailable:
             return self._unsettled(decision)
-        return self._after_settle(self._engine.read_settle(plan, reply), self._async_submit)
+        return self._after_settle(self._engine.read_settle(plan, reply), sync=False)
 
     @staticmethod
     def _unsettled(decision: Decision) -> bool:
@@ -389,7 +394,10 @@ class BudgetGuard:
 
     def close(self) -> None:
         """Flush queued alerts and events (within ``alerts.flush_timeout_s``), then disconnect."""
-        self._dispatcher.close()
+        # Both lanes share one flush bound.
+        started = time.monotonic()
+        self._events_lane.close()
+        self._dispatcher.close(max(0.0, self.config.alerts.flush_timeout_s - (time.monotonic() - started)))
         if self._jsonl is not None:
             self._jsonl.close()
         if self._owns_sync:
@@ -398,7 +406,9 @@ class BudgetGuard:
     async def aclose(self) -> None:
         while self._orphans:  # cancelled checks still in flight, then their releases
             await asyncio.gather(*list(self._orphans), return_exceptions=True)
-        await self._dispatcher.aclose()
+        started = time.monotonic()
+        await self._events_lane.aclose()
+        await self._dispatcher.aclose(max(0.0, self.config.alerts.flush_timeout_s - (time.monotonic() - started)))
         if self._async is not None and self._owns_async and self._async[1].client is not None:
             await self._async[1].client.aclose()
         self._async = None

@@ -464,3 +464,30 @@ def test_a_forked_child_delivers_its_own_alerts(real_redis, real_redis_url):
 def _child_crosses_half(g: BudgetGuard) -> None:
     charge(g, "bob", 3)  # 60%: the child's own thread must deliver the 50% alert
     g.close()
+
+
+def test_a_hanging_sink_does_not_hold_up_usage_events(real_redis, real_redis_url, clock):
+    import json
+    import time
+
+    with receiver() as rx:
+        rx.hold.clear()
+        data = alerts_config(rx)
+        data["alerts"]["timeout_s"] = 30
+        data["tiers"] = {"default": {"hourly_usd": 6}}
+        g = make_guard(real_redis_url, clock, data)
+        charge(g, "alice", 5)  # 50% of the org's day: the alert thread now hangs on Slack
+        rx.wait_for(SLACK, 1)
+        denied = g.check("alice", "gpt-4o", MSG, max_tokens=200_000)  # $2 worst case: over alice's hour
+        assert not denied.allowed
+        # The denial's event is written by the events lane, not behind the hanging delivery.
+        deadline = time.monotonic() + 10
+        kinds: list[str] = []
+        while "denied" not in kinds and time.monotonic() < deadline:
+            kinds = [json.loads(f[b"e"])["kind"] for _, f in real_redis.xrange("bg:{org}:events")]
+        assert kinds == ["usage", "denied"]
+        with rx.lock:
+            assert rx.waiting == 1  # still hanging
+        rx.hold.set()
+        assert g.flush()
+        g.close()

@@ -76,7 +76,8 @@ class ThreadDriver:
     """Runs jobs on one daemon thread with a blocking HTTP client."""
 
     def __init__(self, store: SyncStore, timeout_s: float, queue_size: int, flush_timeout_s: float,
-                 on_drop: Callable[[], None]) -> None:
+                 on_drop: Callable[[], None], name: str = "budgetguard-alerts") -> None:
+        self._name = name
         self._store = store
         self._timeout = timeout_s
         self.flush_timeout_s = flush_timeout_s
@@ -111,7 +112,7 @@ class ThreadDriver:
                 return False
             self._queue.append(job)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="budgetguard-alerts", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
             self._cond.notify()
         return True
@@ -206,7 +207,8 @@ class AsyncDriver:
     """Runs jobs in one task on the event loop with an asyncio HTTP client."""
 
     def __init__(self, store: AsyncStore | ThreadedStore, timeout_s: float, queue_size: int,
-                 on_drop: Callable[[], None]) -> None:
+                 on_drop: Callable[[], None], name: str = "budgetguard-alerts") -> None:
+        self._name = name
         self._store = store
         self._timeout = timeout_s
         self._queue: asyncio.Queue[JobFactory] = asyncio.Queue(queue_size)
@@ -224,7 +226,7 @@ class AsyncDriver:
             self._drops.dropped(what)
             return False
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="budgetguard-alerts")
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=self._name)
         return True
 
     async def _loop(self) -> None:
@@ -299,10 +301,13 @@ class AsyncDriver:
 
 
 class Dispatcher:
-    """Picks the driver for the caller: the thread for sync calls, the loop's task for async ones."""
+    """One lane of background work. Picks the driver for the caller: the thread for sync
+    calls, the loop's task for async ones. A guard keeps two lanes, so that a slow alert
+    sink never holds up the usage events behind it."""
 
     def __init__(self, policy: RetryPolicy, timeout_s: float, queue_size: int, flush_timeout_s: float,
-                 on_drop: Callable[[], None]) -> None:
+                 on_drop: Callable[[], None], name: str) -> None:
+        self.name = name
         self.policy = policy
         self._on_drop = on_drop
         self._timeout = timeout_s
@@ -317,7 +322,7 @@ class Dispatcher:
             with self._lock:
                 if self._thread is None:
                     self._thread = ThreadDriver(store, self._timeout, self._size, self.flush_timeout_s,
-                                                self._on_drop)
+                                                self._on_drop, self.name)
         return self._thread
 
     def task(self, store: AsyncStore | ThreadedStore) -> AsyncDriver:
@@ -326,15 +331,24 @@ class Dispatcher:
         if driver is None:
             for old in [lp for lp in self._tasks if lp.is_closed()]:
                 del self._tasks[old]
-            driver = self._tasks[loop] = AsyncDriver(store, self._timeout, self._size, self._on_drop)
+            driver = self._tasks[loop] = AsyncDriver(store, self._timeout, self._size, self._on_drop, self.name)
         return driver
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         if self._thread is not None:
-            self._thread.close(self.flush_timeout_s)
+            self._thread.close(self.flush_timeout_s if timeout is None else timeout)
 
-    async def aclose(self) -> None:
+    def flush(self, timeout: float) -> bool:
+        return self._thread is None or self._thread.wait_idle(timeout)
+
+    async def aflush(self, timeout: float) -> bool:
+        driver = self._tasks.get(asyncio.get_running_loop())
+        return driver is None or await driver.wait_idle(timeout)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        limit = self.flush_timeout_s if timeout is None else timeout
+        started = time.monotonic()
         driver = self._tasks.pop(asyncio.get_running_loop(), None)
         if driver is not None:
-            await driver.close(self.flush_timeout_s)
-        await asyncio.to_thread(self.close)
+            await driver.close(limit)
+        await asyncio.to_thread(self.close, max(0.0, limit - (time.monotonic() - started)))
