@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import inspect
 import logging
 import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -76,7 +79,8 @@ class BudgetGuard:
                                self.metrics.observe_redis)
         self._owns_async = async_redis is None
         self._given_async = async_redis
-        self._async: tuple[asyncio.AbstractEventLoop, AsyncStore | ThreadedStore] | None = None
+        self._async_stores: dict[asyncio.AbstractEventLoop, AsyncStore | ThreadedStore] = {}
+        self._async_lock = threading.Lock()
         self._orphans: set[asyncio.Future[Any]] = set()  # cancelled checks and their releases, in flight
         self._on_alert = _callables("on_alert", on_alert)
         self._on_event = _callables("on_event", on_event)
@@ -90,6 +94,7 @@ class BudgetGuard:
         self._jsonl = JsonlSink(config.events.jsonl_path) if config.events.jsonl_path else None
         self._events_wanted = bool(self._on_event or self._jsonl)
         self._next_forecast: datetime | None = None
+        atexit.register(_close_lanes_at_exit, weakref.ref(self))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **kwargs: Any) -> BudgetGuard:
@@ -102,19 +107,26 @@ class BudgetGuard:
         return self._health.healthy
 
     def _async_store(self) -> AsyncStore | ThreadedStore:
-        # asyncio connections belong to the loop that opened them: one store per loop.
+        # asyncio connections belong to the loop that opened them: one store per loop,
+        # kept while the loop lives (loops in several threads may use one guard).
         loop = asyncio.get_running_loop()
-        if self._async is None or self._async[0] is not loop:
-            store: AsyncStore | ThreadedStore
-            if self._given_async is None and not self._owns_sync:
-                store = ThreadedStore(self._sync)
-            else:
-                client = self._given_async or connect_async(self.config, self._url)
-                embedded = self._given_async is None and is_memory(self._url)
-                timeout = None if embedded else self.config.redis_timeout_ms / 1000
-                store = AsyncStore(client, self._health, timeout, self.metrics.observe_redis)
-            self._async = (loop, store)
-        return self._async[1]
+        store = self._async_stores.get(loop)
+        if store is None:
+            with self._async_lock:
+                store = self._async_stores.get(loop)
+                if store is None:
+                    for closed in [lp for lp in self._async_stores if lp.is_closed()]:
+                        del self._async_stores[closed]
+                    store = self._async_stores[loop] = self._new_async_store()
+        return store
+
+    def _new_async_store(self) -> AsyncStore | ThreadedStore:
+        if self._given_async is None and not self._owns_sync:
+            return ThreadedStore(self._sync)
+        client = self._given_async or connect_async(self.config, self._url)
+        embedded = self._given_async is None and is_memory(self._url)
+        timeout = None if embedded else self.config.redis_timeout_ms / 1000
+        return AsyncStore(client, self._health, timeout, self.metrics.observe_redis)
 
     # -- check -------------------------------------------------------------------------
 
@@ -185,8 +197,7 @@ class BudgetGuard:
     # -- background work -----------------------------------------------------------------
 
     def _submit(self, lane: Dispatcher, sync: bool, job: Callable[[], Job], what: Describe) -> bool:
-        driver = lane.thread(self._sync) if sync else lane.task(self._async_store())
-        return driver.submit(job, what)
+        return lane.submit(lane.thread(self._sync) if sync else lane.task(self._async_store()), job, what)
 
     def _alert_job(self, alert: Alert) -> Job:
         return alert_job(alert, self._engine, self._dispatcher.policy, self._on_alert, self.metrics.observe_alert)
@@ -392,12 +403,15 @@ class BudgetGuard:
         call, windows, policy = self._engine.status_call(user)
         return self._engine.read_status(user, windows, policy, await self._async_store().run(call))
 
-    def close(self) -> None:
-        """Flush queued alerts and events (within ``alerts.flush_timeout_s``), then disconnect."""
+    def _close_lanes(self) -> None:
         # Both lanes share one flush bound.
         started = time.monotonic()
         self._events_lane.close()
         self._dispatcher.close(max(0.0, self.config.alerts.flush_timeout_s - (time.monotonic() - started)))
+
+    def close(self) -> None:
+        """Flush queued alerts and events (within ``alerts.flush_timeout_s``), then disconnect."""
+        self._close_lanes()
         if self._jsonl is not None:
             self._jsonl.close()
         if self._owns_sync:
@@ -409,9 +423,9 @@ class BudgetGuard:
         started = time.monotonic()
         await self._events_lane.aclose()
         await self._dispatcher.aclose(max(0.0, self.config.alerts.flush_timeout_s - (time.monotonic() - started)))
-        if self._async is not None and self._owns_async and self._async[1].client is not None:
-            await self._async[1].client.aclose()
-        self._async = None
+        store = self._async_stores.pop(asyncio.get_running_loop(), None)
+        if store is not None and self._owns_async and store.client is not None:
+            await store.client.aclose()
         if self._jsonl is not None:
             self._jsonl.close()
         if self._owns_sync:
@@ -444,6 +458,12 @@ def _any_sink(config: Config) -> bool:
     a = config.alerts
     return bool((a.slack and a.slack.webhook_url) or (a.pagerduty and a.pagerduty.routing_key)
                 or (a.webhook and a.webhook.url))
+
+
+def _close_lanes_at_exit(ref: weakref.ref[BudgetGuard]) -> None:
+    guard = ref()
+    if guard is not None:
+        guard._close_lanes()
 
 
 def _describe(alert: Alert) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from datetime import UTC, datetime
@@ -491,3 +492,83 @@ def test_a_hanging_sink_does_not_hold_up_usage_events(real_redis, real_redis_url
         rx.hold.set()
         assert g.flush()
         g.close()
+
+
+def test_a_callback_raising_systemexit_does_not_end_the_lane(backend_url, clock, caplog):
+    seen: list[str] = []
+
+    def rude(alert: Alert) -> None:
+        seen.append(alert.window_key + "/" + str(alert.level))
+        if len(seen) == 1:
+            raise SystemExit(3)
+
+    data = {"models": dict(PRICES), "org": {"daily_usd": 10, "alert_at": [0.2, 0.5]}, "anomaly": {"enabled": False}}
+    g = BudgetGuard(parse_config(data), redis_url=backend_url, clock=clock, on_alert=rude)
+    charge(g, "alice", 3)
+    assert g.flush()
+    charge(g, "alice", 3)
+    assert g.flush()
+    assert seen == ["d:20260314/0.2", "d:20260314/0.5"]
+    assert any("on_alert callback" in r.getMessage() and "SystemExit" in r.getMessage() for r in caplog.records)
+    g.close()
+
+
+async def test_an_async_callback_cancelled_inside_does_not_end_the_lane(backend_url, clock):
+    seen: list[Decimal] = []
+
+    async def fragile(alert: Alert) -> None:
+        seen.append(alert.level)
+        if len(seen) == 1:
+            never = asyncio.get_running_loop().create_future()
+            never.cancel()
+            await never  # raises CancelledError inside the callback, not in the lane
+
+    data = {"models": dict(PRICES), "org": {"daily_usd": 10, "alert_at": [0.2, 0.5]}, "anomaly": {"enabled": False}}
+    g = BudgetGuard(parse_config(data), redis_url=backend_url, clock=clock, on_alert=fragile)
+    for _ in range(2):
+        d = await g.acheck("alice", "gpt-4o", MSG, max_tokens=10)
+        await g.arecord(d, spend(3))
+        assert await g.aflush(timeout=5)
+    assert seen == [Decimal("0.2"), Decimal("0.5")]
+    await g.aclose()
+
+
+async def test_work_after_aclose_is_refused_not_left_pending(backend_url, clock, caplog):
+    seen: list[Alert] = []
+    data = {"models": dict(PRICES), "org": {"daily_usd": 10, "alert_at": [0.5]}, "anomaly": {"enabled": False}}
+    g = BudgetGuard(parse_config(data), redis_url=backend_url, clock=clock, on_alert=seen.append)
+    d = await g.acheck("alice", "gpt-4o", MSG, max_tokens=10)
+    await g.aclose()
+    assert await g.arecord(d, spend(6)) is True  # the settle itself still works
+    pending = [t for t in asyncio.all_tasks() if t.get_name() == "budgetguard-alerts" and not t.done()]
+    assert pending == [] and seen == []
+    assert any("guard is closed: alert" in r.getMessage() for r in caplog.records)
+    await g.aclose()
+
+
+def test_a_hanging_sync_callback_does_not_keep_asyncio_run_from_returning(backend_url, clock):
+    release = threading.Event()
+    finished = threading.Event()
+
+    def stuck(event: dict[str, Any]) -> None:
+        release.wait(60)
+
+    data = {"models": dict(PRICES), "alerts": {"flush_timeout_s": 0.2}}
+    g = BudgetGuard(parse_config(data), redis_url=backend_url, clock=clock, on_event=stuck)
+
+    async def main() -> None:
+        d = await g.acheck("alice", "gpt-4o", MSG, max_tokens=10)
+        await g.arecord(d, spend(1))
+        await g.aclose()  # gives up on the callback after its bound
+
+    def run() -> None:
+        asyncio.run(main())
+        finished.set()
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    try:
+        assert finished.wait(20), "asyncio.run() waited for the stuck callback"
+    finally:
+        release.set()
+        runner.join(60)

@@ -11,12 +11,12 @@ flushed within ``alerts.flush_timeout_s``; retries stop waiting once a flush beg
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
 import contextlib
 import inspect
 import logging
 import os
+import queue
 import threading
 import time
 import weakref
@@ -88,21 +88,19 @@ class ThreadDriver:
         self._flushing = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = False
-        self._pid = os.getpid()
-        atexit.register(_close_at_exit, weakref.ref(self))
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forked(ref))
 
     def _forked(self) -> None:
         # A fork copies the queue but not the thread (a pre-forking server that made calls
-        # before forking): the child starts afresh with its own lock, queue and thread.
-        self._pid = os.getpid()
+        # before forking): the child starts afresh with its own lock, queue and thread. This
+        # runs in the child right after the fork, while it has a single thread.
         self._cond = threading.Condition()
         self._queue = collections.deque()
         self._thread = None
         self._busy = False
 
     def submit(self, job: JobFactory, what: Describe) -> bool:
-        if self._pid != os.getpid():
-            self._forked()
         with self._cond:
             if self._flushing.is_set():
                 log.warning("guard is closed: %s not delivered", _said(what))
@@ -111,7 +109,7 @@ class ThreadDriver:
                 self._drops.dropped(what)
                 return False
             self._queue.append(job)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
             self._cond.notify()
@@ -129,7 +127,7 @@ class ThreadDriver:
                     self._busy = True
                 try:
                     self._run(factory(), http)
-                except Exception:
+                except BaseException:  # nothing a job does may end the lane
                     log.exception("background job failed")
                 finally:
                     with self._cond:
@@ -160,7 +158,7 @@ class ThreadDriver:
                 outcome = request.fn(request.arg)
                 if inspect.isawaitable(outcome):
                     asyncio.run(_awaited(outcome))
-            except Exception as exc:
+            except BaseException as exc:  # even a callback's SystemExit must not end the lane
                 return exc
             return None
         try:
@@ -193,10 +191,56 @@ class ThreadDriver:
                 log.error("alert/event flush timed out after %.1f s: %d item(s) not delivered", timeout, left)
 
 
-def _close_at_exit(ref: weakref.ref[ThreadDriver]) -> None:
+def _forked(ref: weakref.ref[ThreadDriver]) -> None:
     driver = ref()
-    if driver is not None and driver._thread is not None:
-        driver.close(timeout=driver.flush_timeout_s)
+    if driver is not None:
+        driver._forked()
+
+
+class _CallbackThread:
+    """Runs an async lane's sync callbacks (and file writes) on a daemon thread of its own.
+
+    Not the loop's default executor: ``asyncio.run`` joins that at exit with no timeout,
+    so one hanging callback would keep the program from ending.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._calls: queue.SimpleQueue[tuple[Callable[[Any], Any], Any, asyncio.Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def call(self, fn: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls.put((fn, arg, future))
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name=self._name + "-callbacks", daemon=True)
+            self._thread.start()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            fn, arg, future = self._calls.get()
+            try:
+                outcome = fn(arg)
+                if inspect.isawaitable(outcome):
+                    outcome = asyncio.run(_awaited(outcome))
+            except BaseException as exc:
+                _resolve(future, None, exc)
+            else:
+                _resolve(future, outcome, None)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    def settle() -> None:
+        if future.done():  # the lane gave up waiting (closed)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+        future.get_loop().call_soon_threadsafe(settle)
 
 
 async def _awaited(awaitable: Any) -> Any:
@@ -213,6 +257,7 @@ class AsyncDriver:
         self._timeout = timeout_s
         self._queue: asyncio.Queue[JobFactory] = asyncio.Queue(queue_size)
         self._drops = _Drops(queue_size, on_drop)
+        self._callbacks = _CallbackThread(name)
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Event()
 
@@ -225,7 +270,7 @@ class AsyncDriver:
         except asyncio.QueueFull:
             self._drops.dropped(what)
             return False
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=self._name)
         return True
 
@@ -235,6 +280,10 @@ class AsyncDriver:
                 factory = await self._queue.get()
                 try:
                     await self._run(factory(), http)
+                except asyncio.CancelledError:
+                    if self._task is not None and self._task.cancelling():
+                        raise  # closing
+                    log.exception("background job failed")
                 except Exception:
                     log.exception("background job failed")
                 finally:
@@ -266,9 +315,11 @@ class AsyncDriver:
                 if inspect.iscoroutinefunction(request.fn):
                     await request.fn(request.arg)
                 else:
-                    outcome = await asyncio.to_thread(request.fn, request.arg)
-                    if inspect.isawaitable(outcome):
-                        await outcome
+                    await self._callbacks.call(request.fn, request.arg)
+            except asyncio.CancelledError as exc:
+                if self._task is not None and self._task.cancelling():
+                    raise  # our own cancellation: closing
+                return exc  # the callback's own business (it awaited something cancelled)
             except Exception as exc:
                 return exc
             return None
@@ -286,10 +337,10 @@ class AsyncDriver:
         return True
 
     async def close(self, timeout: float) -> None:
+        self._flushing.set()  # retries stop waiting; new work is refused
         task = self._task
         if task is None:
             return
-        self._flushing.set()  # retries stop waiting; new work is refused
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
         except TimeoutError:
@@ -308,6 +359,7 @@ class Dispatcher:
     def __init__(self, policy: RetryPolicy, timeout_s: float, queue_size: int, flush_timeout_s: float,
                  on_drop: Callable[[], None], name: str) -> None:
         self.name = name
+        self.closed = False  # set by close()/aclose(): later work is refused with a log line
         self.policy = policy
         self._on_drop = on_drop
         self._timeout = timeout_s
@@ -329,12 +381,23 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         driver = self._tasks.get(loop)
         if driver is None:
-            for old in [lp for lp in self._tasks if lp.is_closed()]:
-                del self._tasks[old]
-            driver = self._tasks[loop] = AsyncDriver(store, self._timeout, self._size, self._on_drop, self.name)
+            with self._lock:  # loops in other threads add theirs too
+                driver = self._tasks.get(loop)
+                if driver is None:
+                    for old in [lp for lp in self._tasks if lp.is_closed()]:
+                        del self._tasks[old]
+                    driver = self._tasks[loop] = AsyncDriver(store, self._timeout, self._size, self._on_drop,
+                                                             self.name)
         return driver
 
+    def submit(self, driver: ThreadDriver | AsyncDriver, job: JobFactory, what: Describe) -> bool:
+        if self.closed:
+            log.warning("guard is closed: %s not delivered", _said(what))
+            return False
+        return driver.submit(job, what)
+
     def close(self, timeout: float | None = None) -> None:
+        self.closed = True
         if self._thread is not None:
             self._thread.close(self.flush_timeout_s if timeout is None else timeout)
 
@@ -346,9 +409,11 @@ class Dispatcher:
         return driver is None or await driver.wait_idle(timeout)
 
     async def aclose(self, timeout: float | None = None) -> None:
+        self.closed = True
         limit = self.flush_timeout_s if timeout is None else timeout
         started = time.monotonic()
-        driver = self._tasks.pop(asyncio.get_running_loop(), None)
+        # The closed driver stays: work submitted after aclose() is refused, not started anew.
+        driver = self._tasks.get(asyncio.get_running_loop())
         if driver is not None:
             await driver.close(limit)
         await asyncio.to_thread(self.close, max(0.0, limit - (time.monotonic() - started)))
