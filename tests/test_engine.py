@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -496,3 +497,33 @@ def test_async_client_alone_is_refused(clock, monkeypatch):
 
     with pytest.raises(ValueError, match="async_redis= needs redis="):
         BudgetGuard(config(), async_redis=redis.asyncio.Redis(), clock=clock)
+
+
+def test_one_guard_serves_loops_in_several_threads_with_one_store_each(backend_url, clock):
+    import threading
+
+    g = guard(backend_url, clock)
+    turns = [threading.Semaphore(1), threading.Semaphore(0)]
+    stores: list[list[object]] = [[], []]
+
+    def worker(me: int) -> None:
+        async def run() -> None:
+            for _ in range(10):
+                turns[me].acquire()  # the two loops take turns, so each call finds the other loop last
+                d = await g.acheck(f"user-{me}", "gpt-4o", MSG, max_tokens=10)
+                await g.arecord(d, Usage(input_tokens=5, output_tokens=5))
+                stores[me].append(g._async_store())
+                turns[1 - me].release()
+
+        asyncio.run(run())
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # Each loop kept one store: not a new client (and pool) on every switch.
+    assert [len(s) for s in stores] == [10, 10]
+    assert all(s is stores[i][0] for i in range(2) for s in stores[i]) and stores[0][0] is not stores[1][0]
+    assert g.status("user-0").windows["user.daily"].reserved_usd == 0
+    g.close()
