@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import platform
 import random
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from benchutil import delete_prefix, median_us, p99_us
 from redis.utils import HIREDIS_AVAILABLE
 
 from budgetguard import BudgetGuard, Usage
@@ -69,17 +69,6 @@ MAX_TOKENS = 256
 HIGH_USD = "1000000"
 VARIANTS = ("none", "hanging", "dead")
 SINKS = ("slack", "webhook")
-
-
-def median_us(ns: list[int]) -> float:
-    return statistics.median(ns) / 1000 if ns else float("nan")
-
-
-def p99_us(ns: list[int]) -> float:
-    if not ns:
-        return float("nan")
-    ordered = sorted(ns)
-    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)] / 1000
 
 
 # -- local sinks -------------------------------------------------------------------------
@@ -260,19 +249,6 @@ def cpu_of_threads() -> dict[str, float]:
         name = names.get(int(tid), f"tid {tid}")
         out[name] = out.get(name, 0.0) + secs
     return out
-
-
-def delete_prefix(client: redis.Redis, prefix: str) -> int:
-    deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            deleted += client.unlink(*batch)
-            batch.clear()
-    if batch:
-        deleted += client.unlink(*batch)
-    return deleted
 
 
 def main() -> None:

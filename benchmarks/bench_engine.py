@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import math
 import os
 import platform
 import pstats
@@ -45,6 +44,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aredis
+from benchutil import delete_prefix, median_us, p99_us, section
 from redis.utils import HIREDIS_AVAILABLE
 
 from budgetguard import BudgetGuard, Decision, Usage
@@ -69,18 +69,6 @@ CONCURRENCY = (1, 50)
 BURST_CALLERS, BURST_FITS, BURST_DELAY_S = 200, 100, 0.001
 
 Samples = dict[str, list[int]]  # operation -> latencies in ns
-
-
-# -- statistics --------------------------------------------------------------------------
-
-
-def median_us(ns: list[int]) -> float:
-    return statistics.median(ns) / 1000
-
-
-def p99_us(ns: list[int]) -> float:
-    ordered = sorted(ns)
-    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)] / 1000
 
 
 def usd(nano: int) -> Decimal:
@@ -442,25 +430,8 @@ async def burst_naive(naive: NaiveLimiter, user: str) -> tuple[int, Decimal]:
 # -- reporting ---------------------------------------------------------------------------
 
 
-def section(title: str) -> None:
-    print(f"\n== {title} " + "=" * max(0, 76 - len(title)))
-
-
 def fmt_rate(rate: float) -> str:
     return f"{rate:,.0f}"
-
-
-def delete_prefix(client: redis.Redis, prefix: str) -> int:
-    deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            deleted += client.unlink(*batch)
-            batch.clear()
-    if batch:
-        deleted += client.unlink(*batch)
-    return deleted
 
 
 def profile_checks(guard: BudgetGuard, n: int) -> None:
