@@ -45,27 +45,27 @@ import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import redis
-from benchutil import delete_prefix, median_us, p99_us
+from benchutil import (
+    DEFAULT_URL,
+    IN_NANO,
+    MAX_TOKENS,
+    MESSAGES,
+    MODEL,
+    OUT_NANO,
+    PRICES,
+    delete_prefix,
+    median_us,
+    p99_us,
+)
 from redis.utils import HIREDIS_AVAILABLE
 
 from budgetguard import BudgetGuard, Usage
 from budgetguard.config import Config, parse_config
 from budgetguard.tokens import estimate_input_tokens
 
-os.environ.setdefault(
-    "TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[1] / "tests" / "data" / "tiktoken")
-)
-
-DEFAULT_URL = "redis://127.0.0.1:6379/14"
-MODEL = "gpt-4o"
-PRICES = {MODEL: {"input_per_mtok": "2.50", "output_per_mtok": "10.00"}}
-IN_NANO, OUT_NANO = 2500, 10000
-MESSAGES = [{"role": "user", "content": "Summarise the quarterly report in three bullet points."}]
-MAX_TOKENS = 256
 HIGH_USD = "1000000"
 VARIANTS = ("none", "hanging", "dead")
 SINKS = ("slack", "webhook")

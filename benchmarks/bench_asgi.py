@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import benchutil  # noqa: F401  (sets the offline tokenizer cache before budgetguard loads one)
 import redis
 from starlette.applications import Starlette
 from starlette.requests import Request

@@ -39,30 +39,29 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
-from benchutil import delete_prefix, median_us, p99_us, section
+from benchutil import (
+    DEFAULT_URL,
+    IN_NANO,
+    MAX_TOKENS,
+    MESSAGES,
+    MODEL,
+    OUT_NANO,
+    PRICES,
+    delete_prefix,
+    median_us,
+    p99_us,
+    section,
+)
 from redis.utils import HIREDIS_AVAILABLE
 
 from budgetguard import BudgetGuard, Decision, Usage
 from budgetguard.config import Config, parse_config
 from budgetguard.tokens import estimate_input_tokens
 
-# Offline tokenizer files shipped with the tests (tiktoken reads this when it first loads).
-os.environ.setdefault(
-    "TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[1] / "tests" / "data" / "tiktoken")
-)
-
-DEFAULT_URL = "redis://127.0.0.1:6379/14"
-MODEL = "gpt-4o"
-# Pinned prices: 2.50 and 10.00 USD per million tokens = 2500 and 10000 nano-USD per token.
-PRICES = {MODEL: {"input_per_mtok": "2.50", "output_per_mtok": "10.00"}}
-IN_NANO, OUT_NANO = 2500, 10000
-MESSAGES = [{"role": "user", "content": "Summarise the quarterly report in three bullet points."}]
-MAX_TOKENS = 256
 HIGH_CAP_USD = "1000000"  # no check in the latency and throughput runs comes near it
 POOL_SIZE = 64
 CONCURRENCY = (1, 50)
