@@ -138,13 +138,12 @@ class BudgetGuard:
         plan = self._engine.plan_check(user, model, messages, max_tokens=max_tokens, tags=tags,
                                        request_id=request_id, tools=tools, prompt=prompt, system=system)
         if plan.call is None:
-            return self._after_check(self._decided(plan, None), [], sync=True)
+            return self._checked(plan, None, sync=True)
         try:
             reply = self._sync.run(plan.call)
         except StoreUnavailable as exc:
-            return self._decided(plan, exc)
-        decision = self._decided(plan, reply)
-        return self._after_check(decision, self._engine.check_alerts(plan, reply), sync=True)
+            reply = exc
+        return self._checked(plan, reply, sync=True)
 
     async def acheck(self, user: str, model: str, messages: list[Any] | None = None, *,
                      max_tokens: int | None = None, tags: Mapping[str, str] | None = None,
@@ -153,19 +152,18 @@ class BudgetGuard:
         plan = self._engine.plan_check(user, model, messages, max_tokens=max_tokens, tags=tags,
                                        request_id=request_id, tools=tools, prompt=prompt, system=system)
         if plan.call is None:
-            return self._after_check(self._decided(plan, None), [], sync=False)
+            return self._checked(plan, None, sync=False)
         running = asyncio.ensure_future(self._async_store().run(plan.call))
         try:
             reply = await asyncio.shield(running)
         except StoreUnavailable as exc:
-            return self._decided(plan, exc)
+            reply = exc
         except asyncio.CancelledError:
             # The caller gave up, but the script may still reserve: give that back.
             self._track(running)
             running.add_done_callback(functools.partial(self._release_orphan, plan))
             raise
-        decision = self._decided(plan, reply)
-        return self._after_check(decision, self._engine.check_alerts(plan, reply), sync=False)
+        return self._checked(plan, reply, sync=False)
 
     def _track(self, future: asyncio.Future[Any]) -> None:
         """Keep ``future`` (a settle the caller no longer awaits) until it is done; aclose() waits."""
@@ -209,8 +207,11 @@ class BudgetGuard:
             self._submit(self._dispatcher, sync, functools.partial(self._alert_job, alert),
                          functools.partial(_describe, alert))
 
-    def _after_check(self, decision: Decision, alerts: list[Alert], sync: bool) -> Decision:
-        self._submit_alerts(alerts, sync)
+    def _checked(self, plan: CheckPlan, reply: Any, sync: bool) -> Decision:
+        """The decision for a reserve reply (None: decided locally), its alerts and denial event handed on."""
+        decision = self._decided(plan, reply)
+        if reply is not None and not isinstance(reply, StoreUnavailable):
+            self._submit_alerts(self._engine.check_alerts(plan, reply), sync)
         if not decision.allowed and decision.limit != "store.unavailable":
             event = self._engine.denial_event(decision)
             self.metrics.observe_event(event)
