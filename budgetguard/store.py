@@ -183,7 +183,25 @@ def _ignore(script: str, seconds: float, ok: bool) -> None:
     return None
 
 
-class SyncStore:
+class _Outcomes:
+    """What both stores do after a script: time it, track health, turn failures into StoreUnavailable."""
+
+    health: Health
+    observe: Observer
+
+    def _failure(self, call: ScriptCall, started: float, exc: BaseException) -> StoreUnavailable:
+        self.observe(call.script, time.perf_counter() - started, False)
+        if isinstance(exc, ResponseError):
+            return _script_error(call, exc)
+        self.health.failed(exc)
+        return StoreUnavailable(f"budget store unavailable: {exc or type(exc).__name__}")
+
+    def _success(self, call: ScriptCall, started: float) -> None:
+        self.observe(call.script, time.perf_counter() - started, True)
+        self.health.ok()
+
+
+class SyncStore(_Outcomes):
     def __init__(self, client: redis.Redis, health: Health, observe: Observer = _ignore) -> None:
         self.client = client
         self.health = health
@@ -194,19 +212,13 @@ class SyncStore:
         started = time.perf_counter()
         try:
             reply = self._scripts[call.script](keys=call.keys, args=call.args)
-        except ResponseError as exc:
-            self.observe(call.script, time.perf_counter() - started, False)
-            raise _script_error(call, exc) from exc
         except (RedisError, OSError) as exc:
-            self.observe(call.script, time.perf_counter() - started, False)
-            self.health.failed(exc)
-            raise StoreUnavailable(f"budget store unavailable: {exc}") from exc
-        self.observe(call.script, time.perf_counter() - started, True)
-        self.health.ok()
+            raise self._failure(call, started, exc) from exc
+        self._success(call, started)
         return reply
 
 
-class AsyncStore:
+class AsyncStore(_Outcomes):
     def __init__(self, client: redis.asyncio.Redis, health: Health, timeout_s: float | None,
                  observe: Observer = _ignore) -> None:
         self.client = client
@@ -221,15 +233,9 @@ class AsyncStore:
             # One deadline over pool wait, connect and reply together.
             async with asyncio.timeout(self._timeout):
                 reply = await self._scripts[call.script](keys=call.keys, args=call.args)
-        except ResponseError as exc:
-            self.observe(call.script, time.perf_counter() - started, False)
-            raise _script_error(call, exc) from exc
         except (RedisError, OSError, TimeoutError) as exc:
-            self.observe(call.script, time.perf_counter() - started, False)
-            self.health.failed(exc)
-            raise StoreUnavailable(f"budget store unavailable: {exc or type(exc).__name__}") from exc
-        self.observe(call.script, time.perf_counter() - started, True)
-        self.health.ok()
+            raise self._failure(call, started, exc) from exc
+        self._success(call, started)
         return reply
 
 
