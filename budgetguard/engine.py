@@ -67,6 +67,7 @@ class SettlePlan:
     call: ScriptCall
     decision: Decision
     event: Event  # without "outcome" until the script's reply says whether the lease had lapsed
+    state: str  # the settled state this call writes (its own resend finds it)
     outcome: str
     lapsed_outcome: str
     windows: WindowSet  # the windows charged
@@ -515,6 +516,9 @@ class Engine:
                             prices=prices, provider=provider, latency_ms=latency_ms, error=error)
         baseline = self.anomaly_baselines.get(hour)
         spender = _ranked(decision.user)
+        state = settled_state(t.candidate, cost)
+        # Without a lease (fail_mode open let it through), a lapse is no news.
+        lapsed = "expired" if decision.enforced and outcome in ("ok", "released") else outcome
         call = ScriptCall(
             "settle",
             (t.request_key, t.user_prefix + "leases", org + "leases", *self._window_keys(t.user_prefix, charge),
@@ -522,14 +526,12 @@ class Engine:
              f"{org}top:u:{charge.m.stamp}", f"{org}top:f:h:{hour}", org + "events"),
             (now_ms, self._state_ms, self._grace_ms, t.user_prefix, org, user_member, org_member,
              "" if cost is None else cost, ",".join(map(str, self._ends_ms(charge))),
-             settled_state(t.candidate, cost), self._alert_thresholds(policy), hour[8:], self._history_ms,
+             state, self._alert_thresholds(policy), hour[8:], self._history_ms,
              spender, _ranked(decision.tags.get("feature", "")),
              "" if baseline is None else baseline.threshold_nano,
-             stream_head(event) if self._stream_maxlen != "0" else "", outcome,
-             # Without a lease (fail_mode open let it through), a lapse is no news.
-             "expired" if decision.enforced and outcome in ("ok", "released") else outcome, self._stream_maxlen),
+             stream_head(event) if self._stream_maxlen != "0" else "", outcome, lapsed, self._stream_maxlen),
         )
-        return SettlePlan(call, decision, event, outcome, str(call.args[-2]), charge, now)
+        return SettlePlan(call, decision, event, state, outcome, lapsed, charge, now)
 
     def _alert_thresholds(self, policy: UserPolicy) -> str:
         packed = self._thresholds.get(id(policy))
@@ -552,7 +554,7 @@ class Engine:
         if int(reply[0]) == 1:
             live, crossed = int(reply[1]) == 1, [_text(raw) for raw in reply[2:]]
         else:
-            mine = str(plan.call.args[9]) + "|"
+            mine = plan.state + "|"
             state = _text(reply[1])
             if not state.startswith(mine):
                 return Settled(False, [], None)
