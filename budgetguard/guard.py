@@ -73,6 +73,8 @@ class BudgetGuard:
         self._engine = Engine(config, clock or _utcnow)
         self._health = Health()
         # Prometheus counters for this guard; mount budgetguard.metrics.metrics_app(guard.metrics).
+        if metrics is not None and not isinstance(metrics, Metrics):
+            raise InvalidArgumentType(f"metrics must be a budgetguard.metrics.Metrics, got {type(metrics).__name__}")
         self.metrics = metrics if metrics is not None else Metrics()
         self._owns_sync = redis is None
         self._sync = SyncStore(redis if redis is not None else connect(config, self._url), self._health,
@@ -448,6 +450,8 @@ class BudgetGuard:
 def _callables(name: str, value: Any) -> list[Callable[[Any], Any]]:
     if value is None:
         return []
+    if not callable(value) and not isinstance(value, (list, tuple)):
+        raise InvalidArgumentType(f"{name} must be a callable or a list of callables, got {type(value).__name__}")
     items = [value] if callable(value) else list(value)
     for fn in items:
         if not callable(fn):

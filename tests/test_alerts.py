@@ -572,3 +572,13 @@ def test_a_hanging_sync_callback_does_not_keep_asyncio_run_from_returning(backen
     finally:
         release.set()
         runner.join(60)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"on_alert": 5}, "on_alert must be a callable or a list of callables, got int"),
+    ({"on_event": [print, 3]}, "on_event must be a callable or a list of callables, got int"),
+    ({"metrics": "prometheus"}, "metrics must be a budgetguard.metrics.Metrics, got str"),
+])
+def test_bad_guard_arguments_are_refused_clearly(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        BudgetGuard(parse_config({"models": dict(PRICES)}), redis_url="memory://bad-args", **kwargs)
