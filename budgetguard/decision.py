@@ -24,11 +24,15 @@ class Ticket:
     windows: WindowSet  # the windows the reservation was taken on
     amount_nano: int
     candidate: int  # 1-based index of the chosen candidate (the Lua calling convention)
+    # On a cluster the user's windows may hold more than the org's: the user part is
+    # reserved before the org's routing picks a cheaper model. None: the same amount.
+    user_amount_nano: int | None = None
 
     def members(self, rid: str) -> tuple[str, str]:
         w = self.windows
-        head = f"{rid}|{self.amount_nano}"
-        return f"{head}|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", f"{head}|{w.d.stamp}|{w.m.stamp}"
+        user_amount = self.amount_nano if self.user_amount_nano is None else self.user_amount_nano
+        return (f"{rid}|{user_amount}|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}",
+                f"{rid}|{self.amount_nano}|{w.d.stamp}|{w.m.stamp}")
 
 
 @dataclass(slots=True, eq=False)

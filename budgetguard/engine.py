@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
@@ -22,7 +23,7 @@ from .alerts.anomaly import Baseline
 from .alerts.model import Alert
 from .config import Config
 from .decision import Decision, Status, Ticket, WindowStatus
-from .errors import InvalidArgument, InvalidArgumentType
+from .errors import BudgetGuardError, InvalidArgument, InvalidArgumentType
 from .events import Event, denial_event, stream_head, usage_event
 from .policy import Policies, UserPolicy
 from .pricing import ModelPrice, nano_to_usd
@@ -30,7 +31,9 @@ from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for
 from .usage import Usage, check_token_count
 from .windows import WINDOWS, Period, WindowClock, WindowSet, user_tag, windows_at
 
-__all__ = ["MAX_OUTPUT_TOKENS_CEILING", "CheckPlan", "Engine", "ScriptCall", "SettlePlan", "Settled"]
+__all__ = ["MAX_OUTPUT_TOKENS_CEILING", "CheckPlan", "Engine", "ScriptCall", "SettlePlan", "Settled", "Steps"]
+
+log = logging.getLogger("budgetguard")
 
 # No model produces this many tokens in one call; a larger value is a bug upstream.
 MAX_OUTPUT_TOKENS_CEILING = 10_000_000
@@ -44,13 +47,20 @@ _USER_WINDOWS_MASK = 0b00111
 _DAY_MS = 86_400_000
 # Long ids stay out of the per-user spend rankings' members (they are hashed instead).
 _MAX_SPENDER = 200
+# The scripts' parts: a hash slot's worth of windows (see reserve.lua).
+_BOTH, _USER, _ORG = "uo", "u", "o"
 
 
 @dataclass(frozen=True, slots=True)
 class ScriptCall:
-    script: str  # "reserve" | "settle" | "status"
+    script: str  # "reserve" | "settle" | "status" | "lookup"
     keys: tuple[str, ...]
     args: tuple[str | int, ...]
+
+
+# An operation as a sequence of script calls: each reply is sent back in, and the
+# generator returns the result. A store raising into it lets it compensate first.
+Steps = Generator[ScriptCall, Any, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +74,7 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class SettlePlan:
-    call: ScriptCall
+    calls: tuple[ScriptCall, ...]  # one; on a cluster the org's part, then the user's
     decision: Decision
     event: Event  # without "outcome" until the script's reply says whether the lease had lapsed
     state: str  # the settled state this call writes (its own resend finds it)
@@ -98,8 +108,9 @@ class CheckPlan:
     user_prefix: str
     candidates: list[Candidate] = field(default_factory=list)
     dropped_for_cost: bool = False
-    call: ScriptCall | None = None
+    call: ScriptCall | None = None  # the first (on a single Redis, the only) reserve call
     decision: Decision | None = None
+    user_amount: int | None = None  # on a cluster: what the user part holds
 
 
 def _ranked(name: str) -> str:
@@ -164,10 +175,13 @@ def _validate_tags(tags: Any) -> Mapping[str, str]:
 
 
 class Engine:
-    def __init__(self, config: Config, clock: Callable[[], datetime]) -> None:
+    """``split``: run each operation per hash slot (user part, then org part), for Redis Cluster."""
+
+    def __init__(self, config: Config, clock: Callable[[], datetime], *, split: bool = False) -> None:
         from .pricing import Pricebook
 
         self.config = config
+        self.split = split
         self.prices = Pricebook(config.models)
         self.policies = Policies(config)
         self._clock = clock
@@ -215,10 +229,16 @@ class Engine:
     def _user_prefix(self, user: str) -> str:
         return f"{self._prefix}:{user_tag(user)}:"
 
-    def _window_keys(self, user_prefix: str, windows: WindowSet) -> tuple[str, ...]:
+    def _part_keys(self, user_prefix: str, windows: WindowSet, parts: str) -> tuple[str, ...]:
+        """The lease sets, then the window counters, of ``parts`` (the scripts' key order)."""
         h, d, m = windows.h.stamp, windows.d.stamp, windows.m.stamp
         org = self._org_prefix
-        return user_prefix + h, user_prefix + d, user_prefix + m, org + d, org + m
+        if parts == _BOTH:
+            return user_prefix + "leases", org + "leases", user_prefix + h, user_prefix + d, user_prefix + m, \
+                org + d, org + m
+        if parts == _USER:
+            return user_prefix + "leases", user_prefix + h, user_prefix + d, user_prefix + m
+        return org + "leases", org + d, org + m
 
     # -- check ---------------------------------------------------------------------
 
@@ -302,7 +322,7 @@ class Engine:
             plan.dropped_for_cost = affordable[0] is not candidates[0]
             candidates = affordable
         plan.candidates = candidates
-        plan.call = self._reserve_call(plan)
+        plan.call = self._reserve_call(plan, _USER if self.split else _BOTH)
         return plan
 
     def _estimate(self, model: str, messages: Any, tools: Any, prompt: Any, system: Any) -> int:
@@ -332,20 +352,81 @@ class Engine:
             )
         return spec
 
-    def _reserve_call(self, plan: CheckPlan) -> ScriptCall:
+    def _reserve_call(self, plan: CheckPlan, parts: str, offered: Sequence[bool] | None = None,
+                      user_triggered: bool = False) -> ScriptCall:
         prefix, w = plan.user_prefix, plan.windows
         now_ms = _epoch_ms(plan.now)
+        state = (self._org_prefix if parts == _ORG else prefix) + "rq:" + plan.rid
+        blocked = () if parts == _USER else (self._org_prefix + "blocked",)
         return ScriptCall(
             "reserve",
-            (prefix + "rq:" + plan.rid, prefix + "leases", self._org_prefix + "leases",
-             *self._window_keys(prefix, w), self._org_prefix + "blocked"),
+            (state, *self._part_keys(prefix, w, parts), *blocked),
             (now_ms, now_ms + self._lease_ms, self._state_ms, self._grace_ms, prefix, self._org_prefix,
              f"|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", f"|{w.d.stamp}|{w.m.stamp}", plan.rid,
              self._window_spec(plan.policy, w),
-             ",".join(f"{c.amount_nano},{c.route}" for c in plan.candidates),
+             ",".join(f"{c.amount_nano if offered is None or offered[i] else -1},{c.route}"
+                      for i, c in enumerate(plan.candidates)),
              # A tier opts its users into alerts with alert_at; the org's blocks always alert.
-             _ORG_WINDOWS_MASK | (_USER_WINDOWS_MASK if plan.policy.alert_at else 0)),
+             _ORG_WINDOWS_MASK | (_USER_WINDOWS_MASK if plan.policy.alert_at else 0),
+             parts, "1" if user_triggered else "0"),
         )
+
+    def check_steps(self, plan: CheckPlan) -> Steps:
+        """The reserve calls of a planned check; returns one reply in the single-Redis shape.
+
+        On a cluster the user part goes first. The org part is offered only the candidates
+        the user part could hold (no dearer than what it holds), so its choice is what one
+        script would choose, and a denial there gives the user part back before returning.
+        """
+        assert plan.call is not None
+        if not self.split:
+            return (yield plan.call)
+        user = yield plan.call
+        code = int(user[0])
+        if code == 0:
+            return [*user[:4], *user[4:7], 0, 0, *user[7:10], 0, 0, *user[10:]]
+        if code == 2:  # a live request id: the org part holds the model it chose, if it got that far
+            plan.user_amount = int(_text(user[1]).split("|")[2])
+            offered = [c.amount_nano <= plan.user_amount for c in plan.candidates]
+        else:
+            plan.user_amount = plan.candidates[int(user[1]) - 1].amount_nano
+            used = [int(s) + int(r) for s, r in zip(user[4:7], user[7:10], strict=True)]
+            offered = [c.amount_nano <= plan.user_amount
+                       and all(cap is None or u + c.amount_nano <= cap
+                               for cap, u in zip(plan.policy.caps, used, strict=True))
+                       for c in plan.candidates]
+        call = self._reserve_call(plan, _ORG, offered, code == 1 and int(user[3]) & _USER_WINDOWS_MASK != 0)
+        try:
+            org = yield call
+        except BudgetGuardError:
+            yield from self._give_back_user_part(plan)
+            raise
+        if int(org[0]) == 2:
+            return org
+        if int(org[0]) == 0:
+            yield from self._give_back_user_part(plan)
+        spent, reserved = (user[4:7], user[7:10]) if code == 1 else ((0, 0, 0), (0, 0, 0))
+        mask = int(org[2]) | (int(user[2]) if code == 1 and int(org[0]) == 1 else 0)
+        triggered = int(org[3]) | (int(user[3]) if code == 1 else 0)
+        return [org[0], org[1], mask, triggered, *spent, *org[4:6], *reserved, *org[6:8], *org[8:]]
+
+    def _give_back_user_part(self, plan: CheckPlan) -> Steps:
+        """Compensate a cluster check whose org part denied or failed: release the user part."""
+        assert plan.user_amount is not None
+        w = plan.windows
+        member = f"{plan.rid}|{plan.user_amount}|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}"
+        call = ScriptCall(
+            "settle",
+            (f"{plan.user_prefix}rq:{plan.rid}", *self._part_keys(plan.user_prefix, w, _USER)),
+            (_epoch_ms(self.now()), self._state_ms, self._grace_ms, plan.user_prefix, self._org_prefix, member,
+             "", "", ",".join(map(str, self._ends_ms(w))), settled_state(0, None), "", "", self._history_ms,
+             "", "", "", "", "released", "released", self._stream_maxlen, _USER),
+        )
+        try:
+            yield call
+        except BudgetGuardError as exc:
+            log.error("could not give back the user part of reservation %s of user %r (%s); it lapses after "
+                      "reservation_ttl_s", plan.rid, plan.user, exc)
 
     def _decision(self, plan: CheckPlan, candidate: Candidate | None, *, allowed: bool, reason: str,
                   limit: str | None, retry_after: int | None = None, amount: int | None = None,
@@ -360,6 +441,7 @@ class Engine:
             windows=windows or plan.windows,
             amount_nano=amount,
             candidate=(plan.candidates.index(candidate) + 1) if candidate in plan.candidates else 0,
+            user_amount_nano=plan.user_amount,
         )
         return Decision(
             allowed=allowed,
@@ -519,19 +601,38 @@ class Engine:
         state = settled_state(t.candidate, cost)
         # Without a lease (fail_mode open let it through), a lapse is no news.
         lapsed = "expired" if decision.enforced and outcome in ("ok", "released") else outcome
-        call = ScriptCall(
-            "settle",
-            (t.request_key, t.user_prefix + "leases", org + "leases", *self._window_keys(t.user_prefix, charge),
-             f"{org}hist:{hour[:8]}", f"{org}top:u:h:{hour}", f"{org}top:u:{charge.d.stamp}",
-             f"{org}top:u:{charge.m.stamp}", f"{org}top:f:h:{hour}", org + "events"),
-            (now_ms, self._state_ms, self._grace_ms, t.user_prefix, org, user_member, org_member,
-             "" if cost is None else cost, ",".join(map(str, self._ends_ms(charge))),
-             state, self._alert_thresholds(policy), hour[8:], self._history_ms,
-             spender, _ranked(decision.tags.get("feature", "")),
-             "" if baseline is None else baseline.threshold_nano,
-             stream_head(event) if self._stream_maxlen != "0" else "", outcome, lapsed, self._stream_maxlen),
-        )
-        return SettlePlan(call, decision, event, state, outcome, lapsed, charge, now)
+        org_keys = (f"{org}hist:{hour[:8]}", f"{org}top:u:h:{hour}", f"{org}top:u:{charge.d.stamp}",
+                    f"{org}top:u:{charge.m.stamp}", f"{org}top:f:h:{hour}", org + "events")
+        head = stream_head(event) if self._stream_maxlen != "0" else ""
+        args = (now_ms, self._state_ms, self._grace_ms, t.user_prefix, org, user_member, org_member,
+                "" if cost is None else cost, ",".join(map(str, self._ends_ms(charge))),
+                state, self._alert_thresholds(policy), hour[8:], self._history_ms,
+                spender, _ranked(decision.tags.get("feature", "")),
+                "" if baseline is None else baseline.threshold_nano)
+        tail = (outcome, lapsed, self._stream_maxlen)
+        if not self.split:
+            calls: tuple[ScriptCall, ...] = (ScriptCall(
+                "settle", (t.request_key, *self._part_keys(t.user_prefix, charge, _BOTH), *org_keys),
+                (*args, head, *tail, _BOTH)),)
+        else:
+            # The org's part first: it carries the usage event, so the event log and the
+            # org's ledger move together; a crash before the user's part lets that lapse.
+            calls = (
+                ScriptCall("settle", (f"{org}rq:{decision.reservation_id}",
+                                      *self._part_keys(t.user_prefix, charge, _ORG), *org_keys),
+                           (*args, head, *tail, _ORG)),
+                ScriptCall("settle", (t.request_key, *self._part_keys(t.user_prefix, charge, _USER)),
+                           (*args, "", *tail, _USER)),
+            )
+        return SettlePlan(calls, decision, event, state, outcome, lapsed, charge, now)
+
+    @staticmethod
+    def steps(calls: Sequence[ScriptCall]) -> Steps:
+        """Run ``calls`` in order; returns their replies."""
+        replies = []
+        for call in calls:
+            replies.append((yield call))
+        return replies
 
     def _alert_thresholds(self, policy: UserPolicy) -> str:
         packed = self._thresholds.get(id(policy))
@@ -545,22 +646,33 @@ class Engine:
             )
         return packed
 
-    def read_settle(self, plan: SettlePlan, reply: Sequence[Any]) -> Settled:
-        """Whether this settlement applied, the alerts it crossed, and its event.
+    @staticmethod
+    def _settled_part(plan: SettlePlan, reply: Sequence[Any]) -> tuple[bool, bool, list[str]]:
+        """(applied by this call, lease was live, crossings) of one settle reply.
 
         A repeat that finds the state this call writes is its own resend (the first
         reply was lost): it counts as applied and reports what the first run crossed.
         """
         if int(reply[0]) == 1:
-            live, crossed = int(reply[1]) == 1, [_text(raw) for raw in reply[2:]]
-        else:
-            mine = plan.state + "|"
-            state = _text(reply[1])
-            if not state.startswith(mine):
-                return Settled(False, [], None)
-            flag, _, rest = state[len(mine):].partition("|")
-            live, crossed = flag == "1", [c for c in rest.split(";") if c]
-        event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome)
+            return True, int(reply[1]) == 1, [_text(raw) for raw in reply[2:]]
+        mine = plan.state + "|"
+        state = _text(reply[1])
+        if not state.startswith(mine):
+            return False, False, []
+        flag, _, rest = state[len(mine):].partition("|")
+        return True, flag == "1", [c for c in rest.split(";") if c]
+
+    def read_settle(self, plan: SettlePlan, replies: Sequence[Sequence[Any]]) -> Settled:
+        """Whether this settlement applied, the alerts it crossed, and its event.
+
+        ``replies`` are those of ``plan.calls``; the first carries the event.
+        """
+        parts = [self._settled_part(plan, reply) for reply in replies]
+        if not any(applied for applied, _, _ in parts):
+            return Settled(False, [], None)
+        live = parts[0][1]
+        crossed = [c for applied, _, part in parts if applied for c in part]
+        event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome) if parts[0][0] else None
         d = plan.decision
         policy = self.policies.for_user(d.user)
         alerts = []
@@ -669,19 +781,22 @@ class Engine:
 
     # -- status --------------------------------------------------------------------
 
-    def status_call(self, user: Any) -> tuple[ScriptCall, WindowSet, UserPolicy]:
+    def status_steps(self, user: Any) -> Steps:
+        """Read a user's and the org's windows; returns a :class:`Status`."""
         user = _validate_text("user", user)
         now = self.now()
         windows = self._windows.at(now)
         user_prefix = self._user_prefix(user)
-        call = ScriptCall(
-            "status",
-            (user_prefix + "leases", self._org_prefix + "leases", *self._window_keys(user_prefix, windows)),
-            (_epoch_ms(now), user_prefix, self._org_prefix),
-        )
-        return call, windows, self.policies.for_user(user)
+        args = (_epoch_ms(now), user_prefix, self._org_prefix)
+        if not self.split:
+            reply = yield ScriptCall("status", self._part_keys(user_prefix, windows, _BOTH), (*args, _BOTH))
+        else:
+            u = yield ScriptCall("status", self._part_keys(user_prefix, windows, _USER), (*args, _USER))
+            o = yield ScriptCall("status", self._part_keys(user_prefix, windows, _ORG), (*args, _ORG))
+            reply = [*u[:3], *o[:2], *u[3:], *o[2:]]
+        return self._read_status(user, windows, self.policies.for_user(user), reply)
 
-    def read_status(self, user: str, windows: WindowSet, policy: UserPolicy, reply: Sequence[Any]) -> Status:
+    def _read_status(self, user: str, windows: WindowSet, policy: UserPolicy, reply: Sequence[Any]) -> Status:
         caps = (*policy.caps, *self.policies.org.caps)
         result = {}
         for i, spec in enumerate(WINDOWS):

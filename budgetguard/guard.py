@@ -142,7 +142,7 @@ class BudgetGuard:
         if plan.call is None:
             return self._checked(plan, None, sync=True)
         try:
-            reply = self._sync.run(plan.call)
+            reply = self._sync.drive(self._engine.check_steps(plan))
         except StoreUnavailable as exc:
             reply = exc
         return self._checked(plan, reply, sync=True)
@@ -155,7 +155,7 @@ class BudgetGuard:
                                        request_id=request_id, tools=tools, prompt=prompt, system=system)
         if plan.call is None:
             return self._checked(plan, None, sync=False)
-        running = asyncio.ensure_future(self._async_store().run(plan.call))
+        running = asyncio.ensure_future(self._async_store().drive(self._engine.check_steps(plan)))
         try:
             reply = await asyncio.shield(running)
         except StoreUnavailable as exc:
@@ -316,17 +316,17 @@ class BudgetGuard:
 
     def _settled(self, decision: Decision, plan: SettlePlan) -> bool:
         try:
-            reply = self._sync.run(plan.call)
+            replies = self._sync.drive(self._engine.steps(plan.calls))
         except StoreUnavailable:
             return self._unsettled(decision)
-        return self._after_settle(self._engine.read_settle(plan, reply), sync=True)
+        return self._after_settle(self._engine.read_settle(plan, replies), sync=True)
 
     async def _asettled(self, decision: Decision, plan: SettlePlan) -> bool:
         try:
-            reply = await self._async_store().run(plan.call)
+            replies = await self._async_store().drive(self._engine.steps(plan.calls))
         except StoreUnavailable:
             return self._unsettled(decision)
-        return self._after_settle(self._engine.read_settle(plan, reply), sync=False)
+        return self._after_settle(self._engine.read_settle(plan, replies), sync=False)
 
     @staticmethod
     def _unsettled(decision: Decision) -> bool:
@@ -399,12 +399,10 @@ class BudgetGuard:
 
     def status(self, user: str) -> Status:
         """Spent, reserved, cap and reset time of every window for ``user`` and the org."""
-        call, windows, policy = self._engine.status_call(user)
-        return self._engine.read_status(user, windows, policy, self._sync.run(call))
+        return self._sync.drive(self._engine.status_steps(user))  # type: ignore[no-any-return]
 
     async def astatus(self, user: str) -> Status:
-        call, windows, policy = self._engine.status_call(user)
-        return self._engine.read_status(user, windows, policy, await self._async_store().run(call))
+        return await self._async_store().drive(self._engine.status_steps(user))  # type: ignore[no-any-return]
 
     def _close_lanes(self) -> None:
         # Both lanes share one flush bound.

@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from .config import Config
-from .engine import ScriptCall
+from .engine import ScriptCall, Steps
 from .errors import BudgetGuardError, ConfigError
 
 __all__ = ["AsyncStore", "StoreUnavailable", "SyncStore", "connect", "connect_async"]
@@ -217,6 +217,20 @@ class SyncStore(_Outcomes):
         self._success(call, started)
         return reply
 
+    def drive(self, steps: Steps) -> Any:
+        """Run an engine operation's calls in turn; a failure is raised into it (to compensate)."""
+        call = next(steps)
+        while True:
+            try:
+                reply = self.run(call)
+            except StoreUnavailable as exc:
+                call = steps.throw(exc)  # the operation compensates, or raises it back
+                continue
+            try:
+                call = steps.send(reply)
+            except StopIteration as done:
+                return done.value
+
 
 class AsyncStore(_Outcomes):
     def __init__(self, client: redis.asyncio.Redis, health: Health, timeout_s: float | None,
@@ -238,6 +252,19 @@ class AsyncStore(_Outcomes):
         self._success(call, started)
         return reply
 
+    async def drive(self, steps: Steps) -> Any:
+        call = next(steps)
+        while True:
+            try:
+                reply = await self.run(call)
+            except StoreUnavailable as exc:
+                call = steps.throw(exc)
+                continue
+            try:
+                call = steps.send(reply)
+            except StopIteration as done:
+                return done.value
+
 
 class ThreadedStore:
     """Async face of a sync store, for a guard built with only a sync ``redis=`` client."""
@@ -248,3 +275,6 @@ class ThreadedStore:
 
     async def run(self, call: ScriptCall) -> Any:
         return await asyncio.to_thread(self._store.run, call)
+
+    async def drive(self, steps: Steps) -> Any:
+        return await asyncio.to_thread(self._store.drive, steps)

@@ -395,19 +395,19 @@ def test_same_call_twice_applies_once(backend_url, clock):
     """redis-py may resend a script after a timeout; the scripts must absorb the repeat."""
     g = guard(backend_url, clock)
     plan = g._engine.plan_check("u1", "gpt-4o", MSG, max_tokens=100)
-    first = g._engine.read_check(plan, g._sync.run(plan.call))
-    again = g._engine.read_check(plan, g._sync.run(plan.call))
+    first = g._engine.read_check(plan, g._sync.drive(g._engine.check_steps(plan)))
+    again = g._engine.read_check(plan, g._sync.drive(g._engine.check_steps(plan)))
     assert first.allowed and again.allowed
     assert g.status("u1").windows["user.daily"].reserved_usd == first.estimated_cost_usd
     assert "repeat" in again.reason and again.reservation_id == first.reservation_id
     usage = Usage(input_tokens=100, output_tokens=10)
     cost = g._engine.cost_nano(first, usage)
     plan = g._engine.settle_call(first, usage)
-    assert g._engine.read_settle(plan, g._sync.run(plan.call)).applied is True
+    assert g._engine.read_settle(plan, g._sync.drive(g._engine.steps(plan.calls))).applied is True
     # The resend finds the state it would have written: applied once, reported as applied.
-    assert g._engine.read_settle(plan, g._sync.run(plan.call)).applied is True
+    assert g._engine.read_settle(plan, g._sync.drive(g._engine.steps(plan.calls))).applied is True
     other = g._engine.settle_call(first, Usage(input_tokens=9999, output_tokens=1))
-    assert g._engine.read_settle(other, g._sync.run(other.call)).applied is False
+    assert g._engine.read_settle(other, g._sync.drive(g._engine.steps(other.calls))).applied is False
     w = g.status("u1").windows["user.daily"]
     assert (w.spent_usd, w.reserved_usd) == (Decimal(cost) / 10**9, 0)
 

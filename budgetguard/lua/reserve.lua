@@ -1,27 +1,49 @@
--- Reserve one request's worst-case cost on every window, or on none.
+-- Reserve one request's worst-case cost on every window of the parts given, or on none.
 --
--- KEYS[1] request state   KEYS[2] user leases   KEYS[3] org leases
--- KEYS[4..8] window counters: user hour, day, month; org day, month
--- KEYS[9] the org's open "blocked" alerts (field: window, value: its key suffix)
+-- A part is a hash slot's worth of windows: the user's (hour, day, month) or the org's
+-- (day, month). On a single Redis one call takes both parts; on a Redis Cluster the guard
+-- runs the user part, then the org part, and gives the first back if the second denies.
+--
+-- KEYS[1] request state; then the lease set of each part given (user, org); then the
+-- window counters of those parts, in order (user hour, day, month; org day, month); then,
+-- with the org part, the org's open "blocked" alerts (field: window, value: its key suffix)
 -- ARGV[1] now ms   ARGV[2] lease deadline ms   ARGV[3] request-state ttl ms   ARGV[4] key grace ms
 -- ARGV[5] user key prefix   ARGV[6] org key prefix
 -- ARGV[7] user window suffixes "|h:..|d:..|m:.."   ARGV[8] org window suffixes "|d:..|m:.."
 -- ARGV[9] reservation id
 -- ARGV[10] per window "cap,threshold,end_ms" x5 joined by ',' (cap/threshold -1: none)
--- ARGV[11] candidates "amount,route" joined by ',' (route 0 requested, 1 user, 2 org, 3 both)
+-- ARGV[11] candidates "amount,route" joined by ',' (route 0 requested, 1 user, 2 org, 3 both;
+--          amount -1: not offered to this part)
 -- ARGV[12] mask of the windows whose first denial is an alert
+-- ARGV[13] the parts: "uo", "u" or "o"
+-- ARGV[14] "1" when an earlier part (the user's) reached its routing threshold, else "0"
 --
 -- Returns {1, chosen, requested_blockers, triggered, spent..., reserved...} when reserved,
 --         {0, 0, blockers of the cheapest candidate, triggered, spent..., reserved...} when denied,
 --         {2, state} when the request id holds a live reservation (a retry); the state is
 --         "L|<candidate>|<amount>|<reserved at ms>|<deadline ms>".
--- Bit w-1 of a blockers / triggered mask stands for window w.
+-- Spent and reserved are given for the windows of the parts called, in the order above.
+-- Bit w-1 of a blockers / triggered mask stands for window w (1-5, as above).
 -- Reserved and denied replies end with alerts: "b|<window>" the window's first denial,
 -- "r|<window>|<suffix>" an org window blocked earlier whose successor has now opened.
 
 local now = tonumber(ARGV[1])
-sweep(KEYS[2], ARGV[5], now)
-sweep(KEYS[3], ARGV[6], now)
+local parts = ARGV[13]
+local with_user = string.find(parts, 'u', 1, true) ~= nil
+local with_org = string.find(parts, 'o', 1, true) ~= nil
+
+local k = 2
+local user_leases, org_leases
+if with_user then user_leases = KEYS[k]; k = k + 1 end
+if with_org then org_leases = KEYS[k]; k = k + 1 end
+local present, key = {}, {}
+if with_user then for w = 1, 3 do present[#present + 1] = w end end
+if with_org then for w = 4, 5 do present[#present + 1] = w end end
+for _, w in ipairs(present) do key[w] = KEYS[k]; k = k + 1 end
+local blocked = KEYS[k]
+
+if with_user then sweep(user_leases, ARGV[5], now) end
+if with_org then sweep(org_leases, ARGV[6], now) end
 
 -- Only a live reservation is a repeat: a settled or lapsed request id reserves afresh.
 local prior = redis.call('GET', KEYS[1])
@@ -31,9 +53,9 @@ end
 
 local spec = split(ARGV[10], ',')
 local cap, used, ends, fresh, raw_spent, raw_reserved = {}, {}, {}, {}, {}, {}
-local triggered, trig_user, trig_org = 0, false, false
-for w = 1, 5 do
-  local v = redis.call('HMGET', KEYS[3 + w], 's', 'r')
+local triggered, trig_user, trig_org = 0, ARGV[14] == '1', false
+for _, w in ipairs(present) do
+  local v = redis.call('HMGET', key[w], 's', 'r')
   fresh[w] = not v[1] and not v[2]
   raw_spent[w] = v[1] or '0'
   raw_reserved[w] = v[2] or '0'
@@ -49,7 +71,7 @@ end
 
 local function blockers(amount)
   local mask = 0
-  for w = 1, 5 do
+  for _, w in ipairs(present) do
     if cap[w] >= 0 and used[w] + amount > cap[w] then mask = mask + 2 ^ (w - 1) end
   end
   return mask
@@ -59,6 +81,7 @@ local cand = split(ARGV[11], ',')
 local n = #cand / 2
 local function amount_of(i) return cand[2 * i - 1] end
 local function route_of(i) return tonumber(cand[2 * i]) end
+local function offered(i) return amount_of(i) ~= '-1' end
 local function routed_by_trigger(i)
   local r = route_of(i)
   return ((r == 1 or r == 3) and trig_user) or ((r == 2 or r == 3) and trig_org)
@@ -66,11 +89,11 @@ end
 
 -- Try order: routes whose threshold was reached, the requested model, other routes.
 local order = {}
-for i = 1, n do if routed_by_trigger(i) then order[#order + 1] = i end end
-for i = 1, n do if route_of(i) == 0 then order[#order + 1] = i end end
-for i = 1, n do if route_of(i) ~= 0 and not routed_by_trigger(i) then order[#order + 1] = i end end
+for i = 1, n do if offered(i) and routed_by_trigger(i) then order[#order + 1] = i end end
+for i = 1, n do if offered(i) and route_of(i) == 0 then order[#order + 1] = i end end
+for i = 1, n do if offered(i) and route_of(i) ~= 0 and not routed_by_trigger(i) then order[#order + 1] = i end end
 
-local chosen, requested_mask = 0, -1
+local chosen, requested_mask = 0, 0
 local cheapest, cheapest_mask = nil, 0
 for _, i in ipairs(order) do
   local amount = tonumber(amount_of(i))
@@ -81,21 +104,22 @@ for _, i in ipairs(order) do
 end
 
 local reply = {chosen > 0 and 1 or 0, chosen, chosen > 0 and requested_mask or cheapest_mask, triggered}
-for w = 1, 5 do reply[#reply + 1] = raw_spent[w] end
-for w = 1, 5 do reply[#reply + 1] = raw_reserved[w] end
+for _, w in ipairs(present) do reply[#reply + 1] = raw_spent[w] end
+for _, w in ipairs(present) do reply[#reply + 1] = raw_reserved[w] end
 local grace = tonumber(ARGV[4])
+local org_suffix = split(ARGV[8], '|')
 if chosen == 0 then
   -- The first denial by each blocking window is an alert; the marker lives with the window.
   local wanted = tonumber(ARGV[12])
-  for w = 1, 5 do
+  for _, w in ipairs(present) do
     local bit = 2 ^ (w - 1)
     if cheapest_mask % (2 * bit) >= bit and wanted % (2 * bit) >= bit
-        and redis.call('HSETNX', KEYS[3 + w], 'b', now) == 1 then
-      if fresh[w] then redis.call('PEXPIRE', KEYS[3 + w], ends[w] + grace - now) end
+        and redis.call('HSETNX', key[w], 'b', now) == 1 then
+      if fresh[w] then redis.call('PEXPIRE', key[w], ends[w] + grace - now) end
       if w > 3 then
-        redis.call('HSET', KEYS[9], w, split(ARGV[8], '|')[w - 3])
+        redis.call('HSET', blocked, w, org_suffix[w - 3])
         -- Kept until the next month's window can resolve it.
-        redis.call('PEXPIRE', KEYS[9], ends[5] + grace + 32 * 86400000 - now)
+        redis.call('PEXPIRE', blocked, ends[5] + grace + 32 * 86400000 - now)
       end
       reply[#reply + 1] = 'b|' .. w
     end
@@ -104,27 +128,31 @@ if chosen == 0 then
 end
 
 local amount = amount_of(chosen)
-for w = 1, 5 do
-  redis.call('HINCRBY', KEYS[3 + w], 'r', amount)
+for _, w in ipairs(present) do
+  redis.call('HINCRBY', key[w], 'r', amount)
   -- Counters live until a grace period after their window ends; set once, at creation.
   if fresh[w] then
-    redis.call('PEXPIRE', KEYS[3 + w], ends[w] + grace - now)
+    redis.call('PEXPIRE', key[w], ends[w] + grace - now)
     if w > 3 then
       -- A new org window: a "blocked" alert of its predecessor can be resolved.
-      local open = redis.call('HGET', KEYS[9], w)
-      if open and open ~= split(ARGV[8], '|')[w - 3] then
-        redis.call('HDEL', KEYS[9], w)
+      local open = redis.call('HGET', blocked, w)
+      if open and open ~= org_suffix[w - 3] then
+        redis.call('HDEL', blocked, w)
         reply[#reply + 1] = 'r|' .. w .. '|' .. open
       end
     end
   end
 end
 local deadline = ARGV[2]
-redis.call('ZADD', KEYS[2], deadline, ARGV[9] .. '|' .. amount .. ARGV[7])
-redis.call('ZADD', KEYS[3], deadline, ARGV[9] .. '|' .. amount .. ARGV[8])
 -- A lease set lives as long as the longest window its leases count against, so that
 -- no abandoned lease outlives the set that would sweep it.
-redis.call('PEXPIRE', KEYS[2], ends[3] + grace - now)
-redis.call('PEXPIRE', KEYS[3], ends[5] + grace - now)
+if with_user then
+  redis.call('ZADD', user_leases, deadline, ARGV[9] .. '|' .. amount .. ARGV[7])
+  redis.call('PEXPIRE', user_leases, ends[3] + grace - now)
+end
+if with_org then
+  redis.call('ZADD', org_leases, deadline, ARGV[9] .. '|' .. amount .. ARGV[8])
+  redis.call('PEXPIRE', org_leases, ends[5] + grace - now)
+end
 redis.call('SET', KEYS[1], 'L|' .. chosen .. '|' .. amount .. '|' .. ARGV[1] .. '|' .. deadline, 'PX', ARGV[3])
 return reply

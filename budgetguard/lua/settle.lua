@@ -2,16 +2,19 @@
 -- report the alert thresholds this spend crossed, and log the usage event, all in one
 -- atomic step so that spend, alerts and the event log never disagree.
 -- Applies once per reservation id; a retry (or a second record/release) changes nothing.
+-- Like reserve.lua it takes the user's part, the org's part, or both (one per hash slot);
+-- the spend history, rankings and usage event go with the org's part.
 --
--- KEYS[1] request state   KEYS[2] user leases   KEYS[3] org leases
--- KEYS[4..8] window counters to charge: user hour, day, month; org day, month
--- KEYS[9] org spend history of the UTC day (field: hour)   KEYS[10] org spend by user, this hour
--- KEYS[11] org spend by user, today   KEYS[12] org spend by user, this month
--- KEYS[13] org spend by feature, this hour   KEYS[14] usage event stream
+-- KEYS[1] request state; then the lease set of each part given (user, org); then the window
+-- counters to charge of those parts, in order (user hour, day, month; org day, month); then,
+-- with the org part: KEYS[+1] org spend history of the UTC day (field: hour)
+-- KEYS[+2] org spend by user, this hour   KEYS[+3] org spend by user, today
+-- KEYS[+4] org spend by user, this month   KEYS[+5] org spend by feature, this hour
+-- KEYS[+6] usage event stream
 -- ARGV[1] now ms   ARGV[2] request-state ttl ms   ARGV[3] key grace ms
 -- ARGV[4] user prefix   ARGV[5] org prefix   ARGV[6] user lease member   ARGV[7] org lease member
 -- ARGV[8] cost in nano-USD, or '' for a release
--- ARGV[9] end ms of each charged window, joined by ','
+-- ARGV[9] end ms of each of the 5 windows charged, joined by ','
 -- ARGV[10] the settled state to store, "S|<candidate>|<cost or released>|<nonce>"
 -- ARGV[11] alert thresholds "window,level,nano" joined by ',' ('' none)
 -- ARGV[12] history field (UTC hour "HH")   ARGV[13] history ttl ms
@@ -19,6 +22,7 @@
 -- ARGV[16] anomaly threshold of this org hour in nano-USD ('' none)
 -- ARGV[17] usage event JSON up to its closing outcome ('' no event)
 -- ARGV[18] outcome   ARGV[19] outcome when the lease had lapsed   ARGV[20] stream max length
+-- ARGV[21] the parts: "uo", "u" or "o"
 --
 -- Returns {1, lease_was_live, crossing...} when applied, {0, state} when already settled;
 -- the state is ARGV[10] .. "|<lease_was_live>|<crossings joined by ';'>".
@@ -26,15 +30,38 @@
 -- each is claimed by a marker field so that it is reported once, whoever crosses it.
 
 local now = tonumber(ARGV[1])
-sweep(KEYS[2], ARGV[4], now)
-sweep(KEYS[3], ARGV[5], now)
+local parts = ARGV[21]
+local with_user = string.find(parts, 'u', 1, true) ~= nil
+local with_org = string.find(parts, 'o', 1, true) ~= nil
+
+local k = 2
+local user_leases, org_leases
+if with_user then user_leases = KEYS[k]; k = k + 1 end
+if with_org then org_leases = KEYS[k]; k = k + 1 end
+local present, key = {}, {}
+if with_user then for w = 1, 3 do present[#present + 1] = w end end
+if with_org then for w = 4, 5 do present[#present + 1] = w end end
+for _, w in ipairs(present) do key[w] = KEYS[k]; k = k + 1 end
+
+if with_user then sweep(user_leases, ARGV[4], now) end
+if with_org then sweep(org_leases, ARGV[5], now) end
 
 local prior = redis.call('GET', KEYS[1])
 if prior and string.sub(prior, 1, 1) == 'S' then return {0, prior} end
 
-local live = redis.call('ZREM', KEYS[2], ARGV[6])
-if live == 1 then unreserve(ARGV[4], ARGV[6]) end
-if redis.call('ZREM', KEYS[3], ARGV[7]) == 1 then unreserve(ARGV[5], ARGV[7]) end
+-- The lease counts as live if the part that carries the event still held it.
+local live = 0
+if with_user and redis.call('ZREM', user_leases, ARGV[6]) == 1 then
+  unreserve(ARGV[4], ARGV[6])
+  live = 1
+end
+if with_org then
+  live = 0
+  if redis.call('ZREM', org_leases, ARGV[7]) == 1 then
+    unreserve(ARGV[5], ARGV[7])
+    live = 1
+  end
+end
 
 local reply = {1, live}
 local cost = ARGV[8]
@@ -42,29 +69,31 @@ if cost ~= '' then
   local ends = split(ARGV[9], ',')
   local grace = tonumber(ARGV[3])
   local spent = {}
-  for w = 1, 5 do
-    spent[w] = redis.call('HINCRBY', KEYS[3 + w], 's', cost)
-    redis.call('PEXPIRE', KEYS[3 + w], math.max(1000, tonumber(ends[w]) + grace - now))
+  for _, w in ipairs(present) do
+    spent[w] = redis.call('HINCRBY', key[w], 's', cost)
+    redis.call('PEXPIRE', key[w], math.max(1000, tonumber(ends[w]) + grace - now))
   end
   local t = split(ARGV[11], ',')
   for i = 1, #t, 3 do
     local w = tonumber(t[i])
-    if spent[w] >= tonumber(t[i + 2]) and redis.call('HSETNX', KEYS[3 + w], 'a:' .. t[i + 1], now) == 1 then
+    if key[w] and spent[w] >= tonumber(t[i + 2])
+        and redis.call('HSETNX', key[w], 'a:' .. t[i + 1], now) == 1 then
       reply[#reply + 1] = 't|' .. w .. '|' .. t[i + 1] .. '|' .. spent[w]
     end
   end
-  if cost ~= '0' then
+  if with_org and cost ~= '0' then
+    local hist = KEYS[k]
     local hist_ttl = tonumber(ARGV[13])
-    local hour = redis.call('HINCRBY', KEYS[9], ARGV[12], cost)
-    if hour == tonumber(cost) then redis.call('PEXPIRE', KEYS[9], hist_ttl) end
+    local hour = redis.call('HINCRBY', hist, ARGV[12], cost)
+    if hour == tonumber(cost) then redis.call('PEXPIRE', hist, hist_ttl) end
     if ARGV[16] ~= '' and hour >= tonumber(ARGV[16])
-        and redis.call('HSETNX', KEYS[9], 'a:' .. ARGV[12], now) == 1 then
+        and redis.call('HSETNX', hist, 'a:' .. ARGV[12], now) == 1 then
       reply[#reply + 1] = 'a|' .. ARGV[12] .. '|' .. hour
     end
     -- An hour's rankings only name who spent in an anomalous hour: two days is plenty.
     local hour_ttl = 2 * 86400000
-    local tops = {{KEYS[10], ARGV[14], hour_ttl}, {KEYS[11], ARGV[14], tonumber(ends[4]) + grace - now},
-                  {KEYS[12], ARGV[14], tonumber(ends[5]) + grace - now}, {KEYS[13], ARGV[15], hour_ttl}}
+    local tops = {{KEYS[k + 1], ARGV[14], hour_ttl}, {KEYS[k + 2], ARGV[14], tonumber(ends[4]) + grace - now},
+                  {KEYS[k + 3], ARGV[14], tonumber(ends[5]) + grace - now}, {KEYS[k + 4], ARGV[15], hour_ttl}}
     for _, top in ipairs(tops) do
       if top[2] ~= '' and tonumber(redis.call('ZINCRBY', top[1], cost, top[2])) == tonumber(cost) then
         redis.call('PEXPIRE', top[1], math.max(1000, top[3]))
@@ -72,10 +101,10 @@ if cost ~= '' then
     end
   end
 end
-if ARGV[17] ~= '' then
+if with_org and ARGV[17] ~= '' then
   local outcome = ARGV[18]
   if live == 0 then outcome = ARGV[19] end
-  redis.call('XADD', KEYS[14], 'MAXLEN', '~', ARGV[20], '*', 'e', ARGV[17] .. outcome .. '"}')
+  redis.call('XADD', KEYS[k + 5], 'MAXLEN', '~', ARGV[20], '*', 'e', ARGV[17] .. outcome .. '"}')
 end
 -- The state keeps what this settle reported, so that its own resend (a lost reply) can
 -- report the same crossings: their markers are claimed now and never again.
