@@ -201,9 +201,11 @@ class Config(_Strict):
         if value in (None, ""):
             return None
         scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "unix", "memory") or "://" not in value:
+        if scheme not in ("redis", "rediss", "unix", "memory", "redis+cluster", "rediss+cluster") \
+                or "://" not in value:
             # The URL itself may carry a password: name only its scheme.
-            raise ValueError(f"must be a redis://, rediss://, unix:// or memory:// URL (scheme {scheme!r})")
+            raise ValueError("must be a redis://, rediss://, redis+cluster://, rediss+cluster://, unix:// or "
+                             f"memory:// URL (scheme {scheme!r})")
         return value
 
     @field_validator("timezone")

@@ -28,7 +28,17 @@ from .engine import CheckPlan, Engine, Settled, SettlePlan
 from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
 from .events import Event, JsonlSink, to_json
 from .metrics import Metrics
-from .store import AsyncStore, Health, StoreUnavailable, SyncStore, ThreadedStore, connect, connect_async, is_memory
+from .store import (
+    AsyncStore,
+    Health,
+    StoreUnavailable,
+    SyncStore,
+    ThreadedStore,
+    connect,
+    connect_async,
+    is_cluster,
+    is_memory,
+)
 from .streams import is_stream, wrap_stream
 from .usage import Usage
 
@@ -70,7 +80,8 @@ class BudgetGuard:
         if async_redis is not None and redis is None and is_memory(self._url):
             raise InvalidArgument("async_redis= needs redis= (or a redis_url) for the sync calls too; "
                                   "otherwise they would keep a separate, embedded ledger")
-        self._engine = Engine(config, clock or _utcnow)
+        cluster = is_cluster(redis if redis is not None else async_redis if async_redis is not None else self._url)
+        self._engine = Engine(config, clock or _utcnow, split=cluster)
         self._health = Health()
         # Prometheus counters for this guard; mount budgetguard.metrics.metrics_app(guard.metrics).
         if metrics is not None and not isinstance(metrics, Metrics):

@@ -18,14 +18,16 @@ from typing import Any
 
 import redis
 import redis.asyncio
-from redis.backoff import NoBackoff
+import redis.asyncio.cluster
+import redis.cluster
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from .config import Config
 from .engine import ScriptCall, Steps
 from .errors import BudgetGuardError, ConfigError
 
-__all__ = ["AsyncStore", "StoreUnavailable", "SyncStore", "connect", "connect_async"]
+__all__ = ["AsyncStore", "StoreUnavailable", "SyncStore", "connect", "connect_async", "is_cluster"]
 
 log = logging.getLogger("budgetguard.store")
 
@@ -134,6 +136,33 @@ def is_memory(url: str) -> bool:
     return url.startswith("memory://")
 
 
+def is_cluster(url_or_client: Any) -> bool:
+    """A ``redis+cluster://`` URL or a RedisCluster client: scripts run per hash slot."""
+    if isinstance(url_or_client, str):
+        return url_or_client.split("://", 1)[0] in ("redis+cluster", "rediss+cluster")
+    return isinstance(url_or_client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster))
+
+
+def _cluster_options(config: Config, retry: Any) -> dict[str, Any]:
+    timeout = config.redis_timeout_ms / 1000
+    # MOVED and ASK are followed by the client whatever the retry count. The retries
+    # cover a primary that failed over: the client maps the cluster again and resends,
+    # which is safe because every script applies once per reservation id.
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+            "max_connections": config.redis_max_connections, "retry": retry}
+
+
+def _cluster_url(url: str) -> str:
+    return url.replace("+cluster://", "://", 1)
+
+
+def _cluster_retry(retry_class: Any) -> Any:
+    return retry_class(ExponentialBackoff(cap=0.5, base=0.05), CLUSTER_RETRIES)
+
+
+CLUSTER_RETRIES = 3
+
+
 def connect(config: Config, url: str) -> redis.Redis:
     """A sync client for ``url`` (``memory://`` is embedded fakeredis)."""
     if is_memory(url):
@@ -148,9 +177,14 @@ def connect(config: Config, url: str) -> redis.Redis:
     from redis.retry import Retry
 
     try:
+        if is_cluster(url):
+            return redis.cluster.RedisCluster.from_url(  # type: ignore[return-value]
+                _cluster_url(url), **_cluster_options(config, _cluster_retry(Retry)))
         pool = redis.BlockingConnectionPool.from_url(url, **_pool_options(config, _retry(Retry)))
     except ValueError as exc:
         raise ConfigError(f"redis_url: {exc}") from None
+    except RedisError as exc:  # a cluster client maps the cluster as it starts
+        raise StoreUnavailable(f"budget store unavailable: {exc}") from None
     return redis.Redis.from_pool(pool)  # the client owns the pool: close() closes its sockets
 
 
@@ -167,6 +201,9 @@ def connect_async(config: Config, url: str) -> redis.asyncio.Redis:
     from redis.asyncio.retry import Retry
 
     try:
+        if is_cluster(url):
+            return redis.asyncio.cluster.RedisCluster.from_url(  # type: ignore[return-value]
+                _cluster_url(url), **_cluster_options(config, _cluster_retry(Retry)))
         pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_pool_options(config, _retry(Retry)))
     except ValueError as exc:
         raise ConfigError(f"redis_url: {exc}") from None
