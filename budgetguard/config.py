@@ -92,6 +92,10 @@ class OrgConfig(_Strict):
     alert_at: list[Threshold] = Field(default_factory=list)
     downgrade: Downgrade | None = None
     forecast: bool = False  # alert once a month when the spend rate would exhaust monthly_usd early
+    # Opt-in: each process serves the org's part of checks from a slice of this size
+    # (see budgetguard.slices), handing spend in at least every slice_flush_s.
+    slice_usd: Usd | None = Field(default=None, gt=0)
+    slice_flush_s: float = Field(default=1.0, gt=0, le=60)
 
 
 class ModelOverride(_Strict):

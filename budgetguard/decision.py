@@ -27,6 +27,7 @@ class Ticket:
     # On a cluster the user's windows may hold more than the org's: the user part is
     # reserved before the org's routing picks a cheaper model. None: the same amount.
     user_amount_nano: int | None = None
+    org_local: bool = False  # the org's part was held in this process's slice (org.slice_usd)
 
     def members(self, rid: str) -> tuple[str, str]:
         w = self.windows

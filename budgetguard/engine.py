@@ -26,7 +26,8 @@ from .decision import Decision, Status, Ticket, WindowStatus
 from .errors import BudgetGuardError, InvalidArgument, InvalidArgumentType
 from .events import Event, denial_event, stream_head, usage_event
 from .policy import Policies, UserPolicy
-from .pricing import ModelPrice, nano_to_usd
+from .pricing import ModelPrice, nano_to_usd, usd_to_nano
+from .slices import Item, OrgSlices, Refill
 from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for
 from .usage import Usage, check_token_count
 from .windows import WINDOWS, Period, WindowClock, WindowSet, user_tag, windows_at
@@ -82,6 +83,8 @@ class SettlePlan:
     lapsed_outcome: str
     windows: WindowSet  # the windows charged
     now: datetime
+    cost: int | None = None  # None: a release
+    ranks: tuple[str, str] = ("", "")  # the spender and feature in the org's rankings
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,7 @@ class CheckPlan:
     call: ScriptCall | None = None  # the first (on a single Redis, the only) reserve call
     decision: Decision | None = None
     user_amount: int | None = None  # on a cluster: what the user part holds
+    org_local: bool = False  # the org's part came from this process's slice
 
 
 def _ranked(name: str) -> str:
@@ -181,7 +185,12 @@ class Engine:
         from .pricing import Pricebook
 
         self.config = config
-        self.split = split
+        org = config.org
+        # The org's part of checks from in-process slices (opt-in): its own hash slot's
+        # calls become one per slice, so it runs split even on a single Redis.
+        self.slices = OrgSlices(usd_to_nano(org.slice_usd), int(org.slice_flush_s * 1000),
+                                config.reservation_ttl_s * 1000) if org.slice_usd else None
+        self.split = split or self.slices is not None
         self.prices = Pricebook(config.models)
         self.policies = Policies(config)
         self._clock = clock
@@ -395,12 +404,16 @@ class Engine:
                        and all(cap is None or u + c.amount_nano <= cap
                                for cap, u in zip(plan.policy.caps, used, strict=True))
                        for c in plan.candidates]
-        call = self._reserve_call(plan, _ORG, offered, code == 1 and int(user[3]) & _USER_WINDOWS_MASK != 0)
-        try:
-            org = yield call
-        except BudgetGuardError:
-            yield from self._give_back_user_part(plan)
-            raise
+        user_triggered = code == 1 and int(user[3]) & _USER_WINDOWS_MASK != 0
+        org = None
+        if self.slices is not None and code == 1:
+            org = yield from self._slice_part(plan, offered, user_triggered)
+        if org is None:
+            try:
+                org = yield self._reserve_call(plan, _ORG, offered, user_triggered)
+            except BudgetGuardError:
+                yield from self._give_back_user_part(plan)
+                raise
         if int(org[0]) == 2:
             return org
         if int(org[0]) == 0:
@@ -409,6 +422,114 @@ class Engine:
         mask = int(org[2]) | (int(user[2]) if code == 1 and int(org[0]) == 1 else 0)
         triggered = int(org[3]) | (int(user[3]) if code == 1 else 0)
         return [org[0], org[1], mask, triggered, *spent, *org[4:6], *reserved, *org[6:8], *org[8:]]
+
+    def _slice_part(self, plan: CheckPlan, offered: Sequence[bool], user_triggered: bool) -> Steps:
+        """The org's part from this process's slice (refilled once if short); None: ask Redis."""
+        slices = self.slices
+        assert slices is not None
+        w = plan.windows
+        stamps = (w.d.stamp, w.m.stamp)
+        now_ms = _epoch_ms(plan.now)
+        crossings: list[str] = []
+        for attempt in (0, 1):
+            spent_d, spent_m, reserved_d, reserved_m = slices.figures
+            triggered = 0
+            for bit, (used, trigger) in enumerate(zip((spent_d + reserved_d, spent_m + reserved_m),
+                                                      self.policies.org.triggers, strict=True), start=3):
+                if trigger is not None and used >= trigger:
+                    triggered |= 1 << bit
+            order = self._try_order(plan, offered, user_triggered, triggered != 0)
+            taken = slices.take(plan.rid, stamps, order, now_ms, now_ms + self._lease_ms)
+            if taken is not None:
+                plan.org_local = True
+                return [1, taken[0], 0, triggered, *slices.figures, *crossings]
+            refill = slices.begin(stamps, now_ms, extra=max((a for _, a in order), default=0)) if attempt == 0 \
+                else None
+            if refill is None:
+                return None
+            crossings = yield from self._refill(refill, plan.now)
+        return None
+
+    @staticmethod
+    def _try_order(plan: CheckPlan, offered: Sequence[bool], user_triggered: bool,
+                   org_triggered: bool) -> list[tuple[int, int]]:
+        """Candidates (1-based index, amount) in reserve.lua's order: triggered routes, requested, others."""
+        def by_trigger(c: Candidate) -> bool:
+            return ((c.route in (_USER_ROUTE, _BOTH_ROUTES) and user_triggered)
+                    or (c.route in (_ORG_ROUTE, _BOTH_ROUTES) and org_triggered))
+
+        indexed = [(i + 1, c) for i, c in enumerate(plan.candidates) if offered[i]]
+        first = [x for x in indexed if x[1].route != _REQUESTED and by_trigger(x[1])]
+        requested = [x for x in indexed if x[1].route == _REQUESTED]
+        rest = [x for x in indexed if x[1].route != _REQUESTED and not by_trigger(x[1])]
+        return [(i, c.amount_nano) for i, c in (*first, *requested, *rest)]
+
+    def _refill(self, refill: Refill, now: datetime) -> Steps:
+        """Run one slice call; returns the crossings it reported (none when it failed)."""
+        slices = self.slices
+        assert slices is not None
+        if refill.sent is None:
+            refill.sent = self._slice_call(refill, now)
+        try:
+            reply = yield refill.sent
+        except BudgetGuardError as exc:
+            slices.failed(refill)
+            log.warning("org budget slice call failed (%s); it is resent with the next one", exc)
+            return []
+        slices.done(refill, reply, int(refill.sent.args[7]))
+        return [_text(raw) for raw in reply[6:]]
+
+    def _slice_call(self, refill: Refill, now: datetime) -> ScriptCall:
+        org = self._org_prefix
+        windows = self._windows.at(now)
+        d, m = refill.stamps
+        hour = f"{now:%Y%m%d%H}"
+        ends = self._ends_ms(windows)
+        caps = self.policies.org.caps
+        baseline = self.anomaly_baselines.get(hour)
+        now_ms = _epoch_ms(now)
+        items = [v for item in refill.batch for v in (item.cost, item.spender, item.feature, item.event)]
+        return ScriptCall(
+            "slice",
+            (f"{org}rq:{refill.id}", org + "leases", org + d, org + m, f"{org}hist:{hour[:8]}",
+             f"{org}top:u:h:{hour}", f"{org}top:u:{d}", f"{org}top:u:{m}", f"{org}top:f:h:{hour}", org + "events"),
+            (now_ms, self._grace_ms, self._state_ms, org, f"|{d}|{m}", ",".join(refill.release), refill.id,
+             now_ms + self._lease_ms, refill.want, refill.need, f"{ends[3]},{ends[4]}",
+             ",".join("-1" if cap is None else str(cap) for cap in caps), self._org_thresholds(), hour[8:],
+             self._history_ms, "" if baseline is None else baseline.threshold_nano, self._stream_maxlen, *items),
+        )
+
+    def flush_steps(self, *, final: bool = False) -> Steps:
+        """Hand in this process's slice spend (``final``: and give its slices back); returns crossings."""
+        if self.slices is None:
+            return []
+        now = self.now()
+        w = self._windows.at(now)
+        refill = self.slices.begin((w.d.stamp, w.m.stamp), _epoch_ms(now), final=final)
+        if refill is None:
+            return []
+        return (yield from self._refill(refill, now))
+
+    def slice_alerts(self, crossings: Sequence[str]) -> list[Alert]:
+        """Alerts of the org thresholds and anomalies a slice call crossed."""
+        alerts = []
+        now = self.now()
+        for raw in crossings:
+            parts = raw.split("|")
+            if parts[0] == "a":
+                alerts.append(self.anomaly_alert(now, int(parts[2])))
+            elif parts[0] == "t":  # an org window: no user or tier in it
+                alerts.append(self._window_alert("threshold", int(parts[1]) - 1, self._windows.at(now),
+                                                 int(parts[3]), Decimal(parts[2]), "", self.policies.for_user(""),
+                                                 now))
+        return alerts
+
+    def flush_due(self) -> bool:
+        if self.slices is None:
+            return False
+        now = self.now()
+        w = self._windows.at(now)
+        return self.slices.due((w.d.stamp, w.m.stamp), _epoch_ms(now))
 
     def _give_back_user_part(self, plan: CheckPlan) -> Steps:
         """Compensate a cluster check whose org part denied or failed: release the user part."""
@@ -442,6 +563,7 @@ class Engine:
             amount_nano=amount,
             candidate=(plan.candidates.index(candidate) + 1) if candidate in plan.candidates else 0,
             user_amount_nano=plan.user_amount,
+            org_local=plan.org_local,
         )
         return Decision(
             allowed=allowed,
@@ -610,6 +732,11 @@ class Engine:
                 spender, _ranked(decision.tags.get("feature", "")),
                 "" if baseline is None else baseline.threshold_nano)
         tail = (outcome, lapsed, self._stream_maxlen)
+        ranks = (spender, args[14])
+        user_call = ScriptCall("settle", (t.request_key, *self._part_keys(t.user_prefix, charge, _USER)),
+                               (*args, "", *tail, _USER))
+        if t.org_local:  # the org's part is settled in memory, after the user's
+            return SettlePlan((user_call,), decision, event, state, outcome, lapsed, charge, now, cost, ranks)
         if not self.split:
             calls: tuple[ScriptCall, ...] = (ScriptCall(
                 "settle", (t.request_key, *self._part_keys(t.user_prefix, charge, _BOTH), *org_keys),
@@ -621,10 +748,29 @@ class Engine:
                 ScriptCall("settle", (f"{org}rq:{decision.reservation_id}",
                                       *self._part_keys(t.user_prefix, charge, _ORG), *org_keys),
                            (*args, head, *tail, _ORG)),
-                ScriptCall("settle", (t.request_key, *self._part_keys(t.user_prefix, charge, _USER)),
-                           (*args, "", *tail, _USER)),
+                user_call,
             )
-        return SettlePlan(calls, decision, event, state, outcome, lapsed, charge, now)
+        return SettlePlan(calls, decision, event, state, outcome, lapsed, charge, now, cost, ranks)
+
+    def settle_steps(self, plan: SettlePlan) -> Steps:
+        """The settle calls of ``plan``; returns their replies, the event-carrying part first."""
+        t = plan.decision._ticket
+        if t is None or not t.org_local or self.slices is None:
+            return (yield from self.steps(plan.calls))
+        user = yield plan.calls[0]
+        org: list[Any] = [0, ""]  # settled before: the org's part was handed on then
+        if int(user[0]) == 1:
+            live = self.slices.release(plan.decision.reservation_id)
+            if plan.cost is not None:
+                outcome = plan.outcome if live else plan.lapsed_outcome
+                line = stream_head(plan.event) + outcome + '"}' if self._stream_maxlen != "0" else ""
+                self.slices.queue(Item(plan.cost, plan.ranks[0], plan.ranks[1], line))
+            org = [1, int(live)]
+        replies = [org, user]
+        if self.flush_due():
+            crossings = yield from self.flush_steps()
+            replies.append([1, 1, *crossings])
+        return replies
 
     @staticmethod
     def steps(calls: Sequence[ScriptCall]) -> Steps:
@@ -633,6 +779,11 @@ class Engine:
         for call in calls:
             replies.append((yield call))
         return replies
+
+    def _org_thresholds(self) -> str:
+        org = self.policies.org
+        return ",".join(f"{w + 4},{level.normalize():f},{_ceil_share(cap, level)}"
+                        for w, cap in enumerate(org.caps) if cap is not None for level in org.alert_at)
 
     def _alert_thresholds(self, policy: UserPolicy) -> str:
         packed = self._thresholds.get(id(policy))
@@ -696,8 +847,14 @@ class Engine:
         alerts = []
         for raw in reply[14:]:
             parts = _text(raw).split("|")
+            if parts[0] == "a":  # from a slice refill (org.slice_usd)
+                alerts.append(self.anomaly_alert(plan.now, int(parts[2])))
+                continue
             w = int(parts[1]) - 1
-            if parts[0] == "b":
+            if parts[0] == "t":  # likewise
+                alerts.append(self._window_alert("threshold", w, plan.windows, int(parts[3]), Decimal(parts[2]),
+                                                 plan.user, plan.policy, plan.now))
+            elif parts[0] == "b":
                 alerts.append(self._window_alert("blocked", w, plan.windows, spent[w], Decimal(1), plan.user,
                                                  plan.policy, plan.now))
             elif parts[0] == "r":

@@ -20,11 +20,11 @@ import redis as redis_sync
 import redis.asyncio as redis_async
 
 from .alerts.dispatch import Describe, Dispatcher
-from .alerts.jobs import Invoke, Job, RetryPolicy, alert_job, baseline_job, forecast_job
+from .alerts.jobs import Invoke, Job, RetryPolicy, Sleep, alert_job, baseline_job, forecast_job
 from .alerts.model import Alert
 from .config import Config, load_config
 from .decision import Decision, Status
-from .engine import CheckPlan, Engine, Settled, SettlePlan
+from .engine import CheckPlan, Engine, Settled, SettlePlan, Steps
 from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
 from .events import Event, JsonlSink, to_json
 from .metrics import Metrics
@@ -107,6 +107,7 @@ class BudgetGuard:
         self._jsonl = JsonlSink(config.events.jsonl_path) if config.events.jsonl_path else None
         self._events_wanted = bool(self._on_event or self._jsonl)
         self._next_forecast: datetime | None = None
+        self._slice_timer = threading.Lock()  # held while a slice flush is scheduled
         atexit.register(_close_lanes_at_exit, weakref.ref(self))
 
     @classmethod
@@ -223,6 +224,8 @@ class BudgetGuard:
     def _checked(self, plan: CheckPlan, reply: Any, sync: bool) -> Decision:
         """The decision for a reserve reply (None: decided locally), its alerts and denial event handed on."""
         decision = self._decided(plan, reply)
+        if decision.allowed and self._engine.slices is not None:
+            self._schedule_slice_flush(sync)
         if reply is not None and not isinstance(reply, StoreUnavailable):
             self._submit_alerts(self._engine.check_alerts(plan, reply), sync)
         if not decision.allowed and decision.limit != "store.unavailable":
@@ -241,7 +244,34 @@ class BudgetGuard:
                          "a usage event")
         if self._alerting and settled.event is not None:
             self._schedule_periodic(functools.partial(self._submit, self._dispatcher, sync))
+        if self._engine.slices is not None and self._engine.slices.holding:
+            self._schedule_slice_flush(sync)
         return settled.applied
+
+    def _schedule_slice_flush(self, sync: bool) -> None:
+        """While this process holds an org slice, renew it and hand in its spend every slice_flush_s."""
+        if self._slice_timer.acquire(blocking=False):
+            if not self._submit(self._dispatcher, sync, functools.partial(self._slice_job, sync), "a slice flush"):
+                self._slice_timer.release()
+
+    def _slice_job(self, sync: bool) -> Job:
+        slices = self._engine.slices
+        assert slices is not None
+        try:
+            yield Sleep(self.config.org.slice_flush_s)
+            steps = self._engine.flush_steps(final=not slices.busy)
+            call = next(steps, None)
+            while call is not None:
+                reply = yield call
+                try:
+                    call = steps.throw(reply) if isinstance(reply, BaseException) else steps.send(reply)
+                except StopIteration as done:
+                    self._submit_alerts(self._engine.slice_alerts(done.value), sync)
+                    break
+        finally:
+            self._slice_timer.release()
+        if slices.holding:
+            self._schedule_slice_flush(sync)
 
     def _schedule_periodic(self, submit: Submit) -> None:
         """Per process: this hour's anomaly baseline once, and a forecast at most hourly."""
@@ -327,14 +357,14 @@ class BudgetGuard:
 
     def _settled(self, decision: Decision, plan: SettlePlan) -> bool:
         try:
-            replies = self._sync.drive(self._engine.steps(plan.calls))
+            replies = self._sync.drive(self._engine.settle_steps(plan))
         except StoreUnavailable:
             return self._unsettled(decision)
         return self._after_settle(self._engine.read_settle(plan, replies), sync=True)
 
     async def _asettled(self, decision: Decision, plan: SettlePlan) -> bool:
         try:
-            replies = await self._async_store().drive(self._engine.steps(plan.calls))
+            replies = await self._async_store().drive(self._engine.settle_steps(plan))
         except StoreUnavailable:
             return self._unsettled(decision)
         return self._after_settle(self._engine.read_settle(plan, replies), sync=False)
@@ -421,8 +451,14 @@ class BudgetGuard:
         self._events_lane.close()
         self._dispatcher.close(max(0.0, self.config.alerts.flush_timeout_s - (time.monotonic() - started)))
 
+    def _give_back_slices(self, sync: bool) -> Steps:
+        crossings = yield from self._engine.flush_steps(final=True)
+        self._submit_alerts(self._engine.slice_alerts(crossings), sync)
+
     def close(self) -> None:
         """Flush queued alerts and events (within ``alerts.flush_timeout_s``), then disconnect."""
+        if self._engine.slices is not None:
+            self._sync.drive(self._give_back_slices(sync=True))
         self._close_lanes()
         if self._jsonl is not None:
             self._jsonl.close()
@@ -432,6 +468,8 @@ class BudgetGuard:
     async def aclose(self) -> None:
         while self._orphans:  # cancelled checks still in flight, then their releases
             await asyncio.gather(*list(self._orphans), return_exceptions=True)
+        if self._engine.slices is not None:
+            await self._async_store().drive(self._give_back_slices(sync=False))
         started = time.monotonic()
         await self._events_lane.aclose()
         await self._dispatcher.aclose(max(0.0, self.config.alerts.flush_timeout_s - (time.monotonic() - started)))

@@ -31,7 +31,7 @@ __all__ = ["AsyncStore", "StoreUnavailable", "SyncStore", "connect", "connect_as
 
 log = logging.getLogger("budgetguard.store")
 
-SCRIPTS = ("reserve", "settle", "status", "lookup")
+SCRIPTS = ("reserve", "settle", "status", "lookup", "slice")
 
 
 class StoreUnavailable(BudgetGuardError):
