@@ -1,0 +1,188 @@
+"""Org budget slices (org.slice_usd): exact org ledger, caps held, bounded loss on a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+from decimal import Decimal
+
+import pytest
+
+from budgetguard import Usage
+from budgetguard.pricing import nano_to_usd
+
+from .helpers import MSG, PRICES, guard
+
+NANO = Decimal("1e-9")
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def slice_url(request: pytest.FixtureRequest) -> str:
+    """Slices run split (user part in Redis, org part in memory) on a single Redis and on a cluster."""
+    if request.param == "redis":
+        request.getfixturevalue("real_redis")
+        return request.getfixturevalue("real_redis_url")
+    return request.getfixturevalue("cluster_url")
+
+
+def _estimate(url, clock) -> Decimal:
+    probe = guard(url, clock)
+    d = probe.check("probe", "gpt-4o", MSG, max_tokens=50)
+    probe.release(d)
+    probe.close()
+    return d.estimated_cost_usd
+
+
+def _org(g, user="x"):
+    w = g.status(user).windows
+    return w["org.daily"], w["org.monthly"]
+
+
+def test_one_process_fills_the_cap_exactly_and_hands_in_every_cent(slice_url, clock):
+    e = _estimate(slice_url, clock)
+    cap = e * 10
+    g = guard(slice_url, clock, org={"daily_usd": str(cap), "slice_usd": str(e * 3)})
+    decisions = [g.check(f"u{i % 3}", "gpt-4o", MSG, max_tokens=50) for i in range(15)]
+    assert [d.allowed for d in decisions] == [True] * 10 + [False] * 5
+    assert {d.limit for d in decisions[10:]} == {"org.daily"}
+    day, _ = _org(g)
+    assert day.spent_usd + day.reserved_usd == cap  # the slices hold the whole room, nothing more
+    spent = Decimal(0)
+    for d in decisions[:10]:
+        usage = Usage(input_tokens=d.estimated_input_tokens, output_tokens=7)
+        assert g.record(d, usage)
+        spent += nano_to_usd(g._engine.cost_nano(d, usage))
+    g.close()  # hands in the last batch and gives the slice back
+    day, month = _org(g)
+    assert (day.spent_usd, day.reserved_usd) == (spent, 0)
+    assert (month.spent_usd, month.reserved_usd) == (spent, 0)
+    users = [g.status(f"u{i}").windows["user.daily"] for i in range(3)]
+    assert sum(u.spent_usd for u in users) == spent and all(u.reserved_usd == 0 for u in users)
+
+
+def test_spend_and_events_are_handed_in_on_time(slice_url, clock, real_redis):
+    """Without close(): a record past slice_flush_s hands the batch in, events included."""
+    e = _estimate(slice_url, clock)
+    g = guard(slice_url, clock, org={"daily_usd": "100", "slice_usd": str(e * 100), "slice_flush_s": 5})
+    d1 = g.check("alice", "gpt-4o", MSG, max_tokens=50)
+    g.record(d1, Usage(input_tokens=d1.estimated_input_tokens, output_tokens=10))
+    day, _ = _org(g)
+    assert day.spent_usd == 0  # still in this process
+    clock.advance(seconds=6)
+    d2 = g.check("bob", "gpt-4o", MSG, max_tokens=50)
+    g.record(d2, Usage(input_tokens=d2.estimated_input_tokens, output_tokens=20))
+    day, _ = _org(g)
+    want = sum(nano_to_usd(g._engine.cost_nano(d, Usage(input_tokens=d.estimated_input_tokens, output_tokens=n)))
+               for d, n in ((d1, 10), (d2, 20)))
+    assert day.spent_usd == want
+    events = [json.loads(fields[b"e"]) for _, fields in g._sync.client.xrange(g._engine._org_prefix + "events")]
+    assert [(ev["user"], ev["outcome"]) for ev in events if ev["user"] != "probe"] == [("alice", "ok"), ("bob", "ok")]
+    g.close()
+
+
+async def test_concurrent_async_checks_never_pass_the_cap(slice_url, clock):
+    e = _estimate(slice_url, clock)
+    fits = 60
+    slice_usd = e * 8
+    g = guard(slice_url, clock, org={"daily_usd": str(e * fits), "slice_usd": str(slice_usd)},
+              redis_timeout_ms=10_000)
+    start = asyncio.Event()
+
+    async def one(i):
+        await start.wait()
+        return await g.acheck(f"u{i % 7}", "gpt-4o", MSG, max_tokens=50)
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(150)]
+    start.set()
+    decisions = await asyncio.gather(*tasks)
+    allowed = [d for d in decisions if d.allowed]
+    # Never more than the cap; fewer only by what a slice held while a call was turned away.
+    assert fits - slice_usd / e <= len(allowed) <= fits
+    for d in allowed:
+        await g.arecord(d, Usage(input_tokens=d.estimated_input_tokens, output_tokens=50))
+    await g.aclose()
+    day, _ = _org(g)
+    assert day.reserved_usd == 0
+    assert day.spent_usd == e * len(allowed) <= e * fits
+
+
+def test_processes_share_the_org_exactly(slice_url, real_redis_url):
+    """4 processes x 8 threads with their own slices: caps hold and the org ledger is exact."""
+    from .slice_workers import run_calls
+
+    probe_e = _estimate(slice_url, None)
+    cap = probe_e * 150
+    data = {"models": dict(PRICES), "reservation_ttl_s": 60, "redis_timeout_ms": 10_000,
+            "org": {"daily_usd": str(cap), "slice_usd": str(probe_e * 5)}}
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=run_calls, args=(data, slice_url, start, p, 8, 15, results)) for p in range(4)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(30)
+    allowed = sum(o[0] for o in outcomes)
+    recorded = {u: n for o in outcomes for u, n in o[2].items()}
+    denied = sum(o[1] for o in outcomes)
+    assert allowed + denied == 4 * 8 * 15
+    assert denied > 0  # 480 calls against room for 150 estimates (each spends about half its estimate)
+    g = guard(slice_url, None, org={"daily_usd": str(cap)})
+    day, _ = _org(g)
+    assert day.reserved_usd == 0
+    assert day.spent_usd == nano_to_usd(sum(recorded.values())) <= cap
+    for user, nano in recorded.items():
+        w = g.status(user).windows["user.daily"]
+        assert (w.spent_usd, w.reserved_usd) == (nano_to_usd(nano), 0)
+
+
+def test_a_dead_process_loses_at_most_its_unhanded_spend(slice_url, clock):
+    """Killed without close(): the org misses less than one slice; the slice lapses with its lease."""
+    from .slice_workers import run_calls
+
+    e = _estimate(slice_url, None)
+    slice_usd = e * 6
+    data = {"models": dict(PRICES), "reservation_ttl_s": 60,
+            "org": {"daily_usd": "1000", "slice_usd": str(slice_usd), "slice_flush_s": 60}}
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(1), ctx.Queue()
+    proc = ctx.Process(target=run_calls, args=(data, slice_url, start, 0, 1, 20, results, True))
+    proc.start()
+    allowed, _, recorded = results.get(timeout=120)
+    proc.join(30)
+    assert allowed == 20
+    truth = nano_to_usd(sum(recorded.values()))
+    g = guard(slice_url, None, org={"daily_usd": "1000"})
+    day, _ = _org(g)
+    assert truth - slice_usd < day.spent_usd < truth  # a batch was lost, never more than a slice
+    assert day.reserved_usd > 0  # the dead process's slice, until its lease lapses
+    for user, nano in recorded.items():  # the users' counters lost nothing
+        assert g.status(user).windows["user.daily"].spent_usd == nano_to_usd(nano)
+    later = guard(slice_url, lambda: clock.now, org={"daily_usd": "1000"})
+    clock.now = __import__("datetime").datetime.now(__import__("datetime").UTC)
+    clock.advance(seconds=61)
+    day, _ = _org(later)
+    assert day.reserved_usd == 0
+
+
+def test_slices_cut_the_org_calls(real_redis, real_redis_url, clock):
+    """Script calls per request: on a single Redis one per step; with slices the org's part is rare."""
+    e = _estimate(real_redis_url, clock)
+    counts = {}
+    for name, org in (("plain", {"daily_usd": "100"}), ("sliced", {"daily_usd": "100", "slice_usd": str(e * 50)})):
+        g = guard(real_redis_url, clock, org=org)
+        calls = []
+        g.metrics.observe_redis = lambda script, seconds, ok, calls=calls: calls.append(script)
+        g._sync.observe = g.metrics.observe_redis
+        for i in range(100):
+            d = g.check(f"u{i % 5}", "gpt-4o", MSG, max_tokens=50)
+            g.record(d, Usage(input_tokens=d.estimated_input_tokens, output_tokens=50))
+        g.close()
+        counts[name] = {s: calls.count(s) for s in set(calls)}
+    assert counts["plain"] == {"reserve": 100, "settle": 100}
+    sliced = counts["sliced"]
+    assert sliced["reserve"] == 100 and sliced["settle"] == 100  # the user's parts
+    # 100 estimates of spend and a slice of 50: spend is handed in each half slice (4), a
+    # slice runs short now and then, plus the first and the last call: a handful, not 200.
+    assert 2 <= sliced["slice"] <= 10
