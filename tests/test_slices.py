@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -12,10 +13,8 @@ import pytest
 from budgetguard import Usage
 from budgetguard.pricing import nano_to_usd
 
+from .conftest import FrozenClock
 from .helpers import MSG, PRICES, guard
-
-NANO = Decimal("1e-9")
-
 
 @pytest.fixture(params=["redis", "cluster"])
 def slice_url(request: pytest.FixtureRequest) -> str:
@@ -137,7 +136,7 @@ def test_processes_share_the_org_exactly(slice_url, real_redis_url):
         assert (w.spent_usd, w.reserved_usd) == (nano_to_usd(nano), 0)
 
 
-def test_a_dead_process_loses_at_most_its_unhanded_spend(slice_url, clock):
+def test_a_dead_process_loses_at_most_its_unhanded_spend(slice_url):
     """Killed without close(): the org misses less than one slice; the slice lapses with its lease."""
     from .slice_workers import run_calls
 
@@ -159,10 +158,9 @@ def test_a_dead_process_loses_at_most_its_unhanded_spend(slice_url, clock):
     assert day.reserved_usd > 0  # the dead process's slice, until its lease lapses
     for user, nano in recorded.items():  # the users' counters lost nothing
         assert g.status(user).windows["user.daily"].spent_usd == nano_to_usd(nano)
-    later = guard(slice_url, lambda: clock.now, org={"daily_usd": "1000"})
-    clock.now = __import__("datetime").datetime.now(__import__("datetime").UTC)
-    clock.advance(seconds=61)
-    day, _ = _org(later)
+    # The worker ran on the real clock: a minute past its lease, its slice has lapsed.
+    later = FrozenClock(datetime.now(UTC) + timedelta(seconds=61))
+    day, _ = _org(guard(slice_url, later, org={"daily_usd": "1000"}))
     assert day.reserved_usd == 0
 
 
