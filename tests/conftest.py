@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
+
+from .cluster import LocalCluster
 
 # The real tiktoken encodings, loaded offline from the rank files kept beside the tests.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).parent / "data" / "tiktoken"))
@@ -90,6 +93,30 @@ def real_redis(real_redis_url: str) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A real 3-primary/3-replica Redis Cluster from redis-server, started once per session."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but redis-server is not on PATH: the cluster tests need it")
+        pytest.skip("redis-server is not on PATH (needed to start a Redis Cluster)")
+    cluster = LocalCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_client(redis_cluster: LocalCluster) -> Iterator[RedisCluster]:
+    """A RedisCluster client on an empty cluster; nodes an earlier test killed are back."""
+    redis_cluster.ensure_healthy()
+    redis_cluster.flushall()
+    client = RedisCluster.from_url(redis_cluster.url)
+    yield client
     client.close()
 
 
