@@ -818,12 +818,12 @@ class Engine:
 
         ``replies`` are those of ``plan.calls``; the first carries the event.
         """
-        parts = [self._settled_part(plan, reply) for reply in replies]
-        if not any(applied for applied, _, _ in parts):
+        results = [self._settled_part(plan, reply) for reply in replies]
+        if not any(applied for applied, _, _ in results):
             return Settled(False, [], None)
-        live = parts[0][1]
-        crossed = [c for applied, _, part in parts if applied for c in part]
-        event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome) if parts[0][0] else None
+        live = results[0][1]
+        crossed = [c for applied, _, part in results if applied for c in part]
+        event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome) if results[0][0] else None
         d = plan.decision
         policy = self.policies.for_user(d.user)
         alerts = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import functools
 import inspect
 import logging
@@ -92,6 +93,7 @@ class BudgetGuard:
                                self.metrics.observe_redis)
         self._owns_async = async_redis is None
         self._given_async = async_redis
+        self._cluster_threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._async_stores: dict[asyncio.AbstractEventLoop, AsyncStore | ThreadedStore] = {}
         self._async_lock = threading.Lock()
         self._orphans: set[asyncio.Future[Any]] = set()  # cancelled checks and their releases, in flight
@@ -137,6 +139,11 @@ class BudgetGuard:
     def _new_async_store(self) -> AsyncStore | ThreadedStore:
         if self._given_async is None and not self._owns_sync:
             return ThreadedStore(self._sync)
+        if self._given_async is None and is_cluster(self._url):
+            if self._cluster_threads is None:
+                self._cluster_threads = concurrent.futures.ThreadPoolExecutor(
+                    self.config.redis_max_connections, thread_name_prefix="budgetguard-cluster")
+            return ThreadedStore(self._sync, self._cluster_threads)
         client = self._given_async or connect_async(self.config, self._url)
         embedded = self._given_async is None and is_memory(self._url)
         timeout = None if embedded else self.config.redis_timeout_ms / 1000
@@ -250,9 +257,9 @@ class BudgetGuard:
 
     def _schedule_slice_flush(self, sync: bool) -> None:
         """While this process holds an org slice, renew it and hand in its spend every slice_flush_s."""
-        if self._slice_timer.acquire(blocking=False):
-            if not self._submit(self._dispatcher, sync, functools.partial(self._slice_job, sync), "a slice flush"):
-                self._slice_timer.release()
+        if self._slice_timer.acquire(blocking=False) and not self._submit(
+                self._dispatcher, sync, functools.partial(self._slice_job, sync), "a slice flush"):
+            self._slice_timer.release()
 
     def _slice_job(self, sync: bool) -> Job:
         slices = self._engine.slices
@@ -464,6 +471,8 @@ class BudgetGuard:
             self._jsonl.close()
         if self._owns_sync:
             self._sync.client.close()
+        if self._cluster_threads is not None:
+            self._cluster_threads.shutdown(wait=False)
 
     async def aclose(self) -> None:
         while self._orphans:  # cancelled checks still in flight, then their releases
@@ -480,6 +489,8 @@ class BudgetGuard:
             self._jsonl.close()
         if self._owns_sync:
             self._sync.client.close()
+        if self._cluster_threads is not None:
+            self._cluster_threads.shutdown(wait=False)
 
     def __enter__(self) -> BudgetGuard:
         return self

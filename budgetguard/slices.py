@@ -20,6 +20,7 @@ This module only keeps the state; the engine builds the script calls.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -58,6 +59,12 @@ class Refill:
     batch_total: int = field(default=0)
 
 
+def _reset_in_child(ref: weakref.ref[OrgSlices]) -> None:
+    slices = ref()
+    if slices is not None:
+        slices._reset()
+
+
 class OrgSlices:
     """This process's slices of the org's budget, shared by its threads and event loops."""
 
@@ -68,8 +75,7 @@ class OrgSlices:
         self._lock = threading.Lock()
         self._reset()
         # A forked child must not spend its parent's slices: it starts with none.
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (s := ref()) is not None and s._reset())
+        os.register_at_fork(after_in_child=functools.partial(_reset_in_child, weakref.ref(self)))
 
     def _reset(self) -> None:
         self._lock = threading.Lock()

@@ -8,6 +8,7 @@ into a fail-open or fail-closed decision.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -20,8 +21,8 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from .config import Config
 from .engine import ScriptCall, Steps
@@ -147,20 +148,38 @@ def _cluster_options(config: Config, retry: Any) -> dict[str, Any]:
     timeout = config.redis_timeout_ms / 1000
     # MOVED and ASK are followed by the client whatever the retry count. The retries
     # cover a primary that failed over: the client maps the cluster again and resends,
-    # which is safe because every script applies once per reservation id.
-    return {"socket_timeout": timeout, "socket_connect_timeout": timeout,
-            "max_connections": config.redis_max_connections, "retry": retry}
+    # which is safe because every script applies once per reservation id. As on a
+    # single Redis, callers past a node's pool size wait for a connection.
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": retry,
+            "max_connections": config.redis_max_connections, "timeout": timeout,
+            "connection_pool_class": redis.BlockingConnectionPool}
 
 
-def _cluster_url(url: str) -> str:
-    return url.replace("+cluster://", "://", 1)
+def _connect_cluster(config: Config, url: str) -> redis.cluster.RedisCluster:
+    """``redis+cluster://[user:pass@]host:port[,host:port...]``: any listed node that answers maps the rest."""
+    from redis.retry import Retry
+
+    scheme, rest = url.split("://", 1)
+    auth, _, hosts = rest.rpartition("@")
+    hosts = hosts.split("/", 1)[0]
+    first, *others = hosts.split(",") if hosts else [""]
+    base = f"{scheme.replace('+cluster', '')}://{auth + '@' if auth else ''}{first}"
+    nodes = []
+    for other in others:
+        host, _, port = other.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"cluster node {other!r} is not host:port")
+        nodes.append(redis.cluster.ClusterNode(host, int(port)))
+    # Once connected the client keeps the whole cluster's nodes as its startup nodes,
+    # so a long-lived guard survives the loss of the node it was given.
+    return redis.cluster.RedisCluster.from_url(base, startup_nodes=nodes or None,
+                                               **_cluster_options(config, _cluster_retry(Retry)))
 
 
 def _cluster_retry(retry_class: Any) -> Any:
-    return retry_class(ExponentialBackoff(cap=0.5, base=0.05), CLUSTER_RETRIES)
-
-
-CLUSTER_RETRIES = 3
+    # redis-py's cluster client takes only the count from it (it resends at once,
+    # after mapping the cluster again).
+    return retry_class(NoBackoff(), 3)
 
 
 def connect(config: Config, url: str) -> redis.Redis:
@@ -178,12 +197,11 @@ def connect(config: Config, url: str) -> redis.Redis:
 
     try:
         if is_cluster(url):
-            return redis.cluster.RedisCluster.from_url(  # type: ignore[return-value]
-                _cluster_url(url), **_cluster_options(config, _cluster_retry(Retry)))
+            return _connect_cluster(config, url)  # type: ignore[return-value]
         pool = redis.BlockingConnectionPool.from_url(url, **_pool_options(config, _retry(Retry)))
     except ValueError as exc:
         raise ConfigError(f"redis_url: {exc}") from None
-    except RedisError as exc:  # a cluster client maps the cluster as it starts
+    except (RedisError, RedisClusterException) as exc:  # a cluster client maps the cluster as it starts
         raise StoreUnavailable(f"budget store unavailable: {exc}") from None
     return redis.Redis.from_pool(pool)  # the client owns the pool: close() closes its sockets
 
@@ -201,9 +219,6 @@ def connect_async(config: Config, url: str) -> redis.asyncio.Redis:
     from redis.asyncio.retry import Retry
 
     try:
-        if is_cluster(url):
-            return redis.asyncio.cluster.RedisCluster.from_url(  # type: ignore[return-value]
-                _cluster_url(url), **_cluster_options(config, _cluster_retry(Retry)))
         pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_pool_options(config, _retry(Retry)))
     except ValueError as exc:
         raise ConfigError(f"redis_url: {exc}") from None
@@ -304,14 +319,20 @@ class AsyncStore(_Outcomes):
 
 
 class ThreadedStore:
-    """Async face of a sync store, for a guard built with only a sync ``redis=`` client."""
+    """Async face of a sync store, for a guard built with only a sync ``redis=`` client.
 
-    def __init__(self, store: SyncStore) -> None:
+    Also serves async calls on a ``redis+cluster://`` URL: redis-py's asyncio cluster
+    client (8.1) fails some concurrent first connections to a node with an
+    AttributeError, so the sync cluster client is driven from ``executor`` instead.
+    """
+
+    def __init__(self, store: SyncStore, executor: concurrent.futures.Executor | None = None) -> None:
         self._store = store
+        self._executor = executor
         self.client = None
 
     async def run(self, call: ScriptCall) -> Any:
-        return await asyncio.to_thread(self._store.run, call)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._store.run, call)
 
     async def drive(self, steps: Steps) -> Any:
-        return await asyncio.to_thread(self._store.drive, steps)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._store.drive, steps)

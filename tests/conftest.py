@@ -120,6 +120,20 @@ def cluster_client(redis_cluster: LocalCluster) -> Iterator[RedisCluster]:
     client.close()
 
 
+@pytest.fixture
+def cluster_url(redis_cluster: LocalCluster, cluster_client: RedisCluster) -> str:
+    """A ``redis+cluster://`` URL of the (emptied) test cluster, for guards."""
+    return "redis+cluster://" + redis_cluster.url.split("://", 1)[1]
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def any_backend_url(request: pytest.FixtureRequest) -> str:
+    """The engine's own tests also run on a Redis Cluster (user and org parts per slot)."""
+    if request.param == "cluster":
+        return request.getfixturevalue("cluster_url")
+    return request.getfixturevalue("_backend_" + request.param)
+
+
 @pytest.fixture(autouse=True)
 def _flush_guards(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Let each test's background work (alerts, denial events) finish before the next test's flush."""
@@ -138,13 +152,20 @@ def _flush_guards(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         g.flush(timeout=10)
 
 
+@pytest.fixture
+def _backend_memory() -> str:
+    return f"memory://test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def _backend_redis(real_redis: redis.Redis, real_redis_url: str) -> str:
+    return real_redis_url
+
+
 @pytest.fixture(params=["memory", "redis"])
 def backend_url(request: pytest.FixtureRequest) -> str:
     """Every engine test runs on embedded fakeredis and on a real Redis."""
-    if request.param == "memory":
-        return f"memory://test-{uuid.uuid4().hex}"
-    request.getfixturevalue("real_redis")
-    return request.getfixturevalue("real_redis_url")
+    return request.getfixturevalue("_backend_" + request.param)
 
 
 class FrozenClock:

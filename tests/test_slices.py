@@ -16,6 +16,7 @@ from budgetguard.pricing import nano_to_usd
 from .conftest import FrozenClock
 from .helpers import MSG, PRICES, guard
 
+
 @pytest.fixture(params=["redis", "cluster"])
 def slice_url(request: pytest.FixtureRequest) -> str:
     """Slices run split (user part in Redis, org part in memory) on a single Redis and on a cluster."""
