@@ -333,9 +333,14 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", log_config=None, access_log=not args.no_access_log,
         server_header=False, date_header=False, timeout_graceful_shutdown=args.shutdown_timeout))
-    server.run()
-    # uvicorn reports a port it cannot bind in its log and returns without serving.
-    return 0 if server.started else 1
+    try:
+        server.run()
+    except SystemExit:
+        # uvicorn logs why it could not listen (address in use, no permission), then exits.
+        if server.started:
+            raise
+        raise BudgetGuardError(f"cannot listen on {args.host}:{args.port} (see the error above)") from None
+    return 0
 
 
 def _read_key(args: argparse.Namespace) -> str:

@@ -234,7 +234,8 @@ class Forwarder:
             for task in (pump, gone):
                 task.cancel()
             await asyncio.gather(pump, gone, return_exceptions=True)
-        if pump.cancelled():
+        if pump.cancelled() or isinstance(pump.exception(), OSError):
+            # Gone: uvicorn reports it through receive(), servers of ASGI spec 2.4 by failing send().
             log.info("%s %s: the client left mid-stream; closing the upstream stream", scope["method"], scope["path"])
             return
         pump.result()

@@ -102,8 +102,11 @@ class _Gate:
 
         try:
             await self.handle(scope, receive, counted, path, method, endpoint is not None)
+        except Exception:
+            status = status or 500  # the server answers 500 when nothing was sent yet
+            raise
         finally:
-            self.metrics.observe_proxy(endpoint or "other", status or 499)  # 499: no answer (client gone)
+            self.metrics.observe_proxy(endpoint or "other", status or 499)  # 499: no answer (the client left)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, path: str, method: str,
                      guarded: bool) -> None:
@@ -243,8 +246,12 @@ def proxy_app(
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
-        doc = error_body("not_found", f"{request.method} {request.url.path}: the budget proxy serves /v1/..., "
-                         "/healthz and /metrics", kind="not_found_error", anthropic=False)
+        if status == 405:
+            doc = error_body("method_not_allowed", f"{request.method} {request.url.path}: method not allowed",
+                             kind="invalid_request_error", anthropic=False)
+        else:
+            doc = error_body("not_found", f"{request.method} {request.url.path}: the budget proxy serves /v1/..., "
+                             "/healthz and /metrics", kind="not_found_error", anthropic=False)
         return Response(doc, status_code=status, media_type="application/json")
 
     @asynccontextmanager

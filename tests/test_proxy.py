@@ -358,6 +358,8 @@ def test_not_found_outside_v1_and_dot_segments_refused(env):
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
     resp = httpx.get(f"{env.url}/v1/%2e%2e/admin", headers={"authorization": f"Bearer {ALICE_KEY}"})
     assert resp.status_code == 400
+    resp = httpx.post(f"{env.url}/healthz")
+    assert resp.status_code == 405 and resp.json()["error"]["code"] == "method_not_allowed"
     assert env.up.received == []
 
 
@@ -637,11 +639,19 @@ def test_check_config_summarises_the_proxy(tmp_path):
     assert "sk-real-upstream" not in out.stdout
 
 
-def test_proxy_command_needs_keys_or_a_user_header(tmp_path):
+def test_proxy_command_needs_keys_or_a_user_header_and_a_free_port(tmp_path):
     config = tmp_path / "limits.yaml"
     config.write_text("redis_url: memory://\n")
     out = cli("proxy", "--config", str(config), "--upstream", "http://127.0.0.1:9")
     assert out.returncode == 2 and out.stderr.startswith("budgetguard: api_keys: no keys")
+    config.write_text(yaml.safe_dump({"redis_url": "memory://", "api_keys": API_KEYS}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli("proxy", "--config", str(config), "--upstream", "http://127.0.0.1:9", "--port", str(port))
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[-1] == f"budgetguard: cannot listen on 127.0.0.1:{port} (see the error above)"
 
 
 def test_proxy_command_serves_a_guarded_call(env, tmp_path):
