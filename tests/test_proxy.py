@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -108,8 +109,8 @@ class Env:
         return self
 
     def close(self) -> None:
-        for server in self.servers:
-            server.__exit__()
+        while self.servers:
+            self.servers.pop().__exit__()
 
     def openai(self, key: str = ALICE_KEY, **kwargs: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)
@@ -284,6 +285,20 @@ def test_virtual_keys_are_replaced_by_the_upstream_keys(env):
     assert anthropic_headers["x-api-key"] == "sk-ant-real" and "authorization" not in anthropic_headers
     assert not any(ALICE_KEY in value for h in (openai_headers, anthropic_headers) for value in h.values())
     env.assert_ledger(chat_cost(env.up) + anthropic_cost(env.up))
+
+
+def test_anthropic_requests_go_to_the_anthropic_upstream(env):
+    other = Upstream()
+    with Server(create_upstream(other)) as anthropic_srv:
+        env.start(anthropic_upstream=anthropic_srv.url)
+        env.anthropic().messages.create(model="claude-test-1", messages=MESSAGES[1:], max_tokens=50)
+        auth = {"authorization": f"Bearer {ALICE_KEY}"}
+        httpx.get(f"{env.url}/v1/models", headers={**auth, "anthropic-version": "2023-06-01"})
+        env.openai().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
+        httpx.get(f"{env.url}/v1/models", headers=auth)
+        env.close()
+    assert [r[0] for r in other.received] == ["/v1/messages", "/v1/models"]
+    assert [r[0] for r in env.up.received] == ["/v1/chat/completions", "/v1/models"]
 
 
 def test_upstream_keys_come_from_the_config(env):
@@ -461,6 +476,36 @@ def test_upstream_dying_mid_stream_ends_it_with_an_error_and_charges_what_was_co
     assert text == "".join(TEXT)
     assert env.settled() == fallback_cost("gpt-4o", text)
     env.assert_ledger(fallback_cost("gpt-4o", text))
+
+
+@pytest.fixture
+def breaking_upstream() -> Iterator[str]:
+    """An upstream that starts a JSON answer of 1000 bytes, sends 20, and closes the connection."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n"
+                             b'{"id": "chatcmpl-1",')
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    thread.join(10)
+
+
+def test_json_answer_breaking_off_is_aborted_and_charged_the_worst_case(env, breaking_upstream):
+    env.start(upstream=breaking_upstream)
+    with pytest.raises(httpx.RemoteProtocolError):  # an incomplete transfer, not a truncated document
+        httpx.post(f"{env.url}/v1/chat/completions", headers={"authorization": f"Bearer {ALICE_KEY}"},
+                   json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 300})
+    worst_case = cost("gpt-4o", estimate_input_tokens("gpt-4o", MESSAGES), 300)
+    assert env.settled() == worst_case
 
 
 def test_upstream_stalling_mid_stream_times_out_with_an_error_event(env):
