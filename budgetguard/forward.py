@@ -20,6 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from starlette.datastructures import Headers
@@ -50,7 +51,7 @@ class Target:
 
     def request_url(self, scope: Scope) -> httpx.URL:
         base = httpx.URL(self.url)
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode()
         query: bytes = scope.get("query_string") or b""
         # The base URL's own path (a gateway prefix) comes first; the request keeps its
         # path as the client sent it (percent-encoding included) and its query string.

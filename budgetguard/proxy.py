@@ -89,6 +89,7 @@ class _Gate:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})  # not proxied (e.g. the Realtime API)
             return
+        scope = _api_scope(scope)
         path: str = scope["path"]
         method: str = scope["method"]
         endpoint = DEFAULT_ROUTES.get(path) if method == "POST" else None
@@ -164,6 +165,26 @@ class _Gate:
         if self.passthrough == "none" or method not in _READ_METHODS:
             return False
         return self.passthrough == "read" or path == "/v1/models" or path.startswith("/v1/models/")
+
+
+def _api_scope(scope: Scope) -> Scope:
+    """The request as the API sees it: ``/v1/...`` whatever prefix the proxy is mounted under.
+
+    The gate is mounted at ``/v1``, so ``root_path`` ends with it; Starlette leaves
+    ``path`` whole. Stripping what comes before ``/v1`` lets the middleware match its
+    routes and the upstream receive the API path when the app is mounted at a prefix.
+    """
+    root: str = scope.get("root_path", "")
+    path: str = scope["path"]
+    if not root.endswith("/v1") or not path.startswith(root):
+        return scope
+    prefix = root[: -len("/v1")]
+    if not prefix:
+        return scope
+    raw: bytes | None = scope.get("raw_path")
+    encoded = prefix.encode()
+    return {**scope, "path": path[len(prefix):], "root_path": "",
+            "raw_path": raw[len(encoded):] if raw is not None and raw.startswith(encoded) else None}
 
 
 def _scope_user(request: Request) -> str | None:
