@@ -26,6 +26,8 @@ import httpx
 import openai
 import pytest
 import yaml
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from budgetguard import BudgetGuard, ConfigError
 from budgetguard.config import parse_config
@@ -290,7 +292,7 @@ def test_virtual_keys_are_replaced_by_the_upstream_keys(env):
 def test_anthropic_requests_go_to_the_anthropic_upstream(env):
     other = Upstream()
     with Server(create_upstream(other)) as anthropic_srv:
-        env.start(anthropic_upstream=anthropic_srv.url)
+        env.start(anthropic_upstream=anthropic_srv.url, passthrough="all")
         env.anthropic().messages.create(model="claude-test-1", messages=MESSAGES[1:], max_tokens=50)
         auth = {"authorization": f"Bearer {ALICE_KEY}"}
         httpx.get(f"{env.url}/v1/models", headers={**auth, "anthropic-version": "2023-06-01"})
@@ -299,6 +301,11 @@ def test_anthropic_requests_go_to_the_anthropic_upstream(env):
         env.close()
     assert [r[0] for r in other.received] == ["/v1/messages", "/v1/models"]
     assert [r[0] for r in env.up.received] == ["/v1/chat/completions", "/v1/models"]
+    # Paths below /v1/messages are Anthropic's too: here its upstream is down, the other one up.
+    env.start(anthropic_upstream=f"http://127.0.0.1:{free_port()}", passthrough="all")
+    resp = httpx.post(f"{env.url}/v1/messages/count_tokens", headers=auth, json={})
+    assert resp.status_code == 502 and resp.json()["type"] == "error"
+    assert httpx.get(f"{env.url}/v1/models", headers=auth).status_code == 200
 
 
 def test_upstream_keys_come_from_the_config(env):
@@ -315,7 +322,10 @@ def test_trusted_user_header_names_the_user_and_is_not_forwarded(env):
     headers = env.up.received[0][2]
     assert "x-budget-user" not in headers
     assert headers["authorization"] == "Bearer sk-provider-key"  # pass-through: no upstream key configured
-    # Without the header, the api_keys still name the caller.
+    # The header wins over a listed key; without it, the api_keys still name the caller.
+    env.openai(default_headers={"X-Budget-User": "carol@example.com"}).chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, max_tokens=50)
+    env.assert_ledger(2 * chat_cost(env.up), user="carol@example.com")
     env.openai().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
     env.assert_ledger(chat_cost(env.up), user="alice")
 
@@ -323,15 +333,20 @@ def test_trusted_user_header_names_the_user_and_is_not_forwarded(env):
 def test_unbudgeted_requests_follow_passthrough(env):
     env.start()  # passthrough: models (the default)
     auth = {"authorization": f"Bearer {ALICE_KEY}"}
-    resp = httpx.get(f"{env.url}/v1/models?limit=2", headers=auth)
+    resp = httpx.get(f"{env.url}/v1/models?limit=2&after=m%201", headers=auth)
     assert resp.status_code == 200 and resp.json() == {"echo": ""}
+    assert resp.headers["x-echo-query"] == "limit=2&after=m%201"  # the query string, as sent
+    assert httpx.head(f"{env.url}/v1/models", headers=auth).status_code == 200
+    assert httpx.options(f"{env.url}/v1/models", headers=auth).status_code == 405  # the upstream's answer
+    assert len(env.up.received) == 2
+    env.up.received.clear()
     resp = httpx.post(f"{env.url}/v1/models", headers=auth, content=b"payload")
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "route_not_allowed"
     resp = httpx.get(f"{env.url}/v1/files", headers=auth)
     assert resp.status_code == 403
     resp = httpx.get(f"{env.url}/v1/chat/completions", headers=auth)  # stored completions: not budgeted
     assert resp.status_code == 403
-    assert len(env.up.received) == 1
+    assert env.up.received == []
     env.start(passthrough="read")
     assert httpx.get(f"{env.url}/v1/files", headers=auth).status_code == 404  # forwarded; the fake has no route
     assert httpx.post(f"{env.url}/v1/models", headers=auth, content=b"payload").status_code == 403
@@ -349,13 +364,16 @@ def test_headers_hop_by_hop_dropped_both_ways(env):
                       json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20},
                       headers={"authorization": f"Bearer {ALICE_KEY}", "connection": "keep-alive, x-hop",
                                "x-hop": "1", "x-kept": "2", "proxy-authorization": "Basic abc",
-                               "accept-encoding": "gzip", "te": "trailers"})
+                               "accept-encoding": "gzip", "te": "trailers", "keep-alive": "timeout=5",
+                               "trailer": "x-checksum"})
     assert resp.status_code == 200
     headers = env.up.received[0][2]
     assert headers["x-kept"] == "2" and headers["accept-encoding"] == "identity"
-    for name in ("x-hop", "proxy-authorization", "te"):
+    for name in ("x-hop", "proxy-authorization", "te", "keep-alive", "trailer"):
         assert name not in headers
     assert resp.headers["content-type"] == "application/json"
+    # The upstream's Content-Length is not relayed: the answer is streamed as it comes.
+    assert "content-length" not in resp.headers and resp.headers["transfer-encoding"] == "chunked"
     assert resp.headers.get("x-budget-remaining-usd") == "unlimited"
     # A chunked request body reaches the upstream whole, with its length.
     body = json.dumps({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20}).encode()
@@ -411,6 +429,7 @@ def test_store_down_under_closed_fail_mode_is_503(env):
         env.openai().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=5)
     assert info.value.status_code == 503
     assert info.value.response.json()["error"]["code"] == "store.unavailable"
+    assert info.value.response.headers["retry-after"] == "1"
     assert env.up.received == []
 
 
@@ -442,6 +461,7 @@ def test_unreachable_upstream_is_502_and_releases(env):
     metrics = httpx.get(f"{env.url}/metrics").text
     assert 'budgetguard_proxy_upstream_errors_total{code="upstream_unreachable"} 2.0' in metrics
     assert 'budgetguard_proxy_requests_total{endpoint="chat",status="502"} 1.0' in metrics
+    assert httpx.get(f"{env.url}/healthz").status_code == 200  # the store's health, not the upstream's
 
 
 @pytest.fixture
@@ -462,6 +482,21 @@ def test_upstream_past_the_timeout_is_504_and_releases(env, silent_upstream):
     assert info.value.status_code == 504
     assert info.value.response.json()["error"]["code"] == "upstream_timeout"
     env.assert_ledger(Decimal(0))
+
+
+def test_no_free_upstream_connection_is_504(env):
+    env.start(max_connections=1, connect_timeout=0.3)
+    env.up.mode = "hang"  # the first stream holds the only connection
+    stream = env.openai().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=300, stream=True)
+    next(iter(stream))
+    with pytest.raises(openai.APIStatusError) as info:
+        env.openai(BOB_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
+    assert info.value.status_code == 504
+    assert "no upstream connection became free" in info.value.response.json()["error"]["message"]
+    env.assert_ledger(Decimal(0), user="bob")
+    stream.close()
+    assert env.up.disconnected.wait(10)
+    env.openai(BOB_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)  # free again
 
 
 def test_upstream_dying_mid_stream_ends_it_with_an_error_and_charges_what_was_counted(env):
@@ -629,6 +664,18 @@ def test_proxy_config_defaults_and_env():
     assert parse_config({"proxy": {"upstream": "${UNSET}"}}, env={}).proxy.upstream is None
 
 
+def test_the_app_mounted_at_a_prefix(env):
+    env.start()  # a guard to build the app with
+    assert env.guard is not None
+    outer = Starlette(routes=[Mount("/llm", app=proxy_app(env.guard, upstream=env.upstream_srv.url))])
+    with Server(outer, lifespan="on") as srv:  # Starlette runs no lifespan of a mounted app
+        client = openai.OpenAI(base_url=f"{srv.url}/llm/v1", api_key=ALICE_KEY, max_retries=0)
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
+        assert httpx.get(f"{srv.url}/llm/healthz").json() == {"status": "ok"}
+    assert env.up.received[0][0] == "/v1/chat/completions"
+    env.assert_ledger(chat_cost(env.up))
+
+
 def test_upstream_path_prefix_is_kept(env):
     # A gateway mounted under a path: the request's /v1/... path goes below it.
     env.start(upstream=f"{env.upstream_srv.url}/prefix")
@@ -727,6 +774,7 @@ def test_proxy_command_serves_a_guarded_call(env, tmp_path):
     # uvicorn shuts down gracefully, then re-raises the signal it caught.
     assert proc.returncode in (0, -signal.SIGTERM), stderr
     assert "Application shutdown complete" in stderr
+    assert '"POST /v1/chat/completions HTTP/1.1" 200' in stderr  # the access log
     assert f"budgetguard proxy on http://127.0.0.1:{port}" in stderr
     assert "Traceback" not in stderr and BOB_KEY not in stderr
     # The command's guard runs on the real clock: read the ledger with one too.

@@ -200,7 +200,7 @@ def create_upstream(up: Upstream) -> Starlette:
     async def other(request: Request) -> Response:
         body = await request.body()
         up.record(request, body)
-        return JSONResponse({"echo": body.decode()})
+        return JSONResponse({"echo": body.decode()}, headers={"x-echo-query": request.url.query})
 
     return Starlette(routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
