@@ -1,11 +1,14 @@
-"""The ``budgetguard`` command: check a config, show budgets, report on and follow the usage log, run a demo."""
+"""The ``budgetguard`` command: check a config, show budgets, report on and follow the usage log, run a demo,
+run the budget proxy."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -14,9 +17,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import redis
+import yaml
 
 from . import __version__
-from .config import Config, load_config, parse_config
+from .config import Config, load_config, parse_config, upstream_url
 from .decision import WindowStatus
 from .errors import BudgetGuardError
 from .eventlog import EventLogError, follow_jsonl, follow_stream, read_jsonl, read_stream, stream_key
@@ -85,6 +89,13 @@ def summarize(config: Config) -> str:
     for name, sink in sinks:
         target = {"slack": "webhook_url", "pagerduty": "routing_key", "webhook": "url"}[name]
         lines.append(f"alerts     {name}: {'configured' if getattr(sink, target) else f'off ({target} is empty)'}")
+    px = config.proxy
+    if config.api_keys or px.model_fields_set:
+        lines.append(f"proxy      upstream {px.upstream or '(from --upstream)'}, anthropic "
+                     f"{px.anthropic_upstream or 'same'}; {len(config.api_keys)} api keys, user header "
+                     f"{px.user_header or 'off'}, upstream keys "
+                     f"{'set' if px.upstream_api_key or px.anthropic_api_key else 'callers own (pass-through)'}, "
+                     f"passthrough {px.passthrough}")
     return "\n".join(lines)
 
 
@@ -284,6 +295,83 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the proxy -----------------------------------------------------------------------------
+
+
+def _flag_url(flag: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return upstream_url(value)
+    except ValueError as exc:
+        raise BudgetGuardError(f"{flag} {value!r}: {exc}") from None
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .proxy import proxy_app
+
+    # Flags first: a bad flag is reported before the config file is read.
+    upstream = _flag_url("--upstream", args.upstream)
+    anthropic_upstream = _flag_url("--anthropic-upstream", args.anthropic_upstream)
+    if not 0 < args.port < 65536:
+        raise BudgetGuardError(f"--port {args.port}: must be between 1 and 65535")
+    path = _config_path(args, required=True)
+    assert path is not None  # required
+    config = load_config(path)
+    url = config.redis_url or os.environ.get("REDIS_URL") or "memory://"
+    guard = BudgetGuard(config)
+    try:
+        app = proxy_app(guard, upstream=upstream, anthropic_upstream=anthropic_upstream, close_guard=True)
+    except BudgetGuardError:
+        guard.close()
+        raise
+    print(f"budgetguard proxy on http://{args.host}:{args.port} -> {upstream or config.proxy.upstream} "
+          f"(budget store {'memory:// (embedded, this process only)' if is_memory(url) else 'Redis'}, "
+          f"{len(config.api_keys)} api keys)", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, lifespan="on", log_config=None, access_log=not args.no_access_log,
+        server_header=False, date_header=False, timeout_graceful_shutdown=args.shutdown_timeout))
+    try:
+        server.run()
+    except SystemExit:
+        # uvicorn logs why it could not listen (address in use, no permission), then exits.
+        if server.started:
+            raise
+        raise BudgetGuardError(f"cannot listen on {args.host}:{args.port} (see the error above)") from None
+    return 0
+
+
+def _read_key(args: argparse.Namespace) -> str:
+    if args.key is not None:
+        return str(args.key)
+    if sys.stdin.isatty():
+        return getpass.getpass("API key (not echoed): ")
+    return sys.stdin.readline()
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from .proxy import fingerprint, hash_key
+
+    if args.generate:
+        if args.key is not None:
+            raise BudgetGuardError("--generate and --key exclude each other")
+        key = "bg-" + secrets.token_urlsafe(32)
+        print(f"# the new key (give it to its holder; it is not stored anywhere): {key}")
+    else:
+        key = _read_key(args).strip()
+        if not key:
+            raise BudgetGuardError("no key given: pipe it on stdin or pass --key")
+    digest = hash_key(key)
+    entry: dict[str, str] = {"sha256": digest, "user": args.user}
+    if args.name:
+        entry["name"] = args.name
+    print(f"# api_keys entry (fingerprint {fingerprint(digest)}):")
+    print(yaml.safe_dump([entry], default_flow_style=None, sort_keys=False, width=200).rstrip())
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr, exit 2 (argparse would print the whole usage)."""
 
@@ -333,6 +421,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, type=Path, help=config_help)
     p.set_defaults(func=cmd_tail)
 
+    p = sub.add_parser("proxy", help="run the OpenAI/Anthropic-compatible budget proxy",
+                       description="An HTTP proxy enforcing limits.yaml in front of an OpenAI- or "
+                                   "Anthropic-compatible upstream. Callers use keys listed under api_keys.")
+    p.add_argument("--config", default=None, type=Path, help=config_help)
+    p.add_argument("--upstream", default=None, help="upstream base URL, e.g. https://api.openai.com "
+                                                    "(default: proxy.upstream)")
+    p.add_argument("--anthropic-upstream", default=None,
+                   help="upstream of /v1/messages and Anthropic SDK calls, e.g. https://api.anthropic.com "
+                        "(default: proxy.anthropic_upstream, else --upstream)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", default=8080, type=int, help="port to listen on (default 8080)")
+    p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    p.add_argument("--shutdown-timeout", default=30.0, type=float,
+                   help="seconds open requests get to finish on SIGTERM/SIGINT (default 30)")
+    p.set_defaults(func=cmd_proxy, server=True)
+
+    p = sub.add_parser("hash-key", help="print the api_keys entry of an API key (read from stdin)",
+                       description="Print the api_keys entry (the key's SHA-256) for limits.yaml. The key is read "
+                                   "from stdin (prompted for on a terminal); --key puts it in your shell history.")
+    p.add_argument("--key", default=None, help="the key (prefer stdin)")
+    p.add_argument("--user", default="CHANGE-ME", help="the user the key charges (default CHANGE-ME)")
+    p.add_argument("--name", default=None, help="a label for the key, shown in the usage log")
+    p.add_argument("--generate", action="store_true", help="make a new random key and print it with its entry")
+    p.set_defaults(func=cmd_hash_key)
+
     p = sub.add_parser("demo", help="run a small simulated workload on the embedded store")
     p.add_argument("--config", default=DEFAULT_CONFIG, type=Path)
     p.add_argument("--redis-url", default=None, help="run against this Redis instead of memory://")
@@ -342,9 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # a failing store becomes the one-line error below
+    server = getattr(args, "server", False)
+    logging.basicConfig(level=logging.INFO if args.verbose or server else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if server
+                        else "%(levelname)s %(name)s: %(message)s")
+    if server and not args.verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call otherwise
+    if not args.verbose and not server:  # a failing store becomes the one-line error below
+        # (a long-running server logs its outages instead)
         logging.getLogger("budgetguard.store").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))

@@ -24,16 +24,19 @@ from .errors import ConfigError
 __all__ = [
     "AlertsConfig",
     "AnomalyConfig",
+    "ApiKey",
     "Config",
     "Downgrade",
     "EventsConfig",
     "ModelOverride",
     "OrgConfig",
     "PerRequest",
+    "ProxyConfig",
     "TierConfig",
     "UserConfig",
     "load_config",
     "parse_config",
+    "upstream_url",
 ]
 
 # Caps stay below 2**53 nano-USD, the range where the Lua scripts compare exactly.
@@ -178,6 +181,106 @@ class AnomalyConfig(_Strict):
     min_spend_usd: Usd = Decimal(1)  # quieter hours than this never alert, however unusual
 
 
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# RFC 9110 token characters: what a header name may contain.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers the proxy reads or rewrites itself; naming one as the user header would be a mistake.
+_RESERVED_HEADERS = frozenset({"authorization", "x-api-key", "host", "content-length", "content-type",
+                               "connection", "transfer-encoding", "accept-encoding", "cookie"})
+
+
+class ApiKey(_Strict):
+    """One caller key of the proxy, kept as the SHA-256 of the key (never the key itself)."""
+
+    sha256: str
+    user: str
+    name: str | None = None  # a label for people and the usage log (tag ``api_key``)
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _hex_digest(cls, value: Any) -> Any:
+        # The message never repeats the value: a pasted plaintext key must not reach a log.
+        if not isinstance(value, str) or not _SHA256_HEX.match(value):
+            raise ValueError("must be the key's SHA-256 as 64 lowercase hex characters "
+                             "(`budgetguard hash-key` prints it)")
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty user id")
+        return value
+
+
+def upstream_url(value: str) -> str:
+    """An upstream base URL: http(s), a host, no query; without the ``/v1`` the requests bring."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http(s) URL with a host, e.g. https://api.openai.com")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    try:
+        parts.port  # noqa: B018  # a bad port raises here
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if parts.path.rstrip("/").endswith("/v1"):
+        raise ValueError("must be the base URL without /v1 (requests keep their /v1/... path), "
+                         "e.g. https://api.openai.com")
+    return value.rstrip("/")
+
+
+def _optional_upstream(value: str | None) -> str | None:
+    # An unset ${VAR} leaves the upstream to the command line.
+    if value is None or value == "":
+        return None
+    return upstream_url(value)
+
+
+def _credential(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value == "":
+        # Most likely an unset ${VAR}: silently passing callers' keys through instead
+        # would send budgetguard's virtual keys to the provider.
+        raise ValueError("is empty (an unset environment variable?); remove the field to pass callers' keys "
+                         "through instead")
+    if value != value.strip() or any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        raise ValueError("contains whitespace or control characters")
+    return value
+
+
+class ProxyConfig(_Strict):
+    """``budgetguard proxy``: where requests go and how callers are known."""
+
+    upstream: str | None = None
+    anthropic_upstream: str | None = None  # /v1/messages and Anthropic SDK calls; default: upstream
+    upstream_api_key: str | None = None  # set: callers hold budgetguard keys only, this one goes upstream
+    anthropic_api_key: str | None = None
+    user_header: str | None = None  # a trusted header naming the user (behind an auth gateway only)
+    # Which unbudgeted /v1 requests are forwarded: GET /v1/models only, any read, anything, nothing.
+    passthrough: Literal["models", "read", "all", "none"] = "models"
+    timeout_s: Annotated[float, Field(gt=0, le=86_400), BeforeValidator(_not_bool)] = 600.0
+    connect_timeout_s: Annotated[float, Field(gt=0, le=600), BeforeValidator(_not_bool)] = 10.0
+    max_body_bytes: Annotated[int, Field(gt=0, le=1 << 30), BeforeValidator(_not_bool)] = 16 * 1024 * 1024
+    max_connections: Annotated[int, Field(gt=0, le=100_000), BeforeValidator(_not_bool)] = 1000
+
+    _upstreams = field_validator("upstream", "anthropic_upstream")(_optional_upstream)
+    _keys = field_validator("upstream_api_key", "anthropic_api_key")(_credential)
+
+    @field_validator("user_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not _HEADER_NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid HTTP header name")
+        if value.lower() in _RESERVED_HEADERS or value.lower().startswith("proxy-"):
+            raise ValueError(f"{value!r} is a header the proxy reads or rewrites itself; use a dedicated one "
+                             "such as X-Budget-User")
+        return value
+
+
 class Config(_Strict):
     """The whole of limits.yaml. Build it with :func:`load_config` or :func:`parse_config`."""
 
@@ -198,6 +301,8 @@ class Config(_Strict):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    api_keys: list[ApiKey] = Field(default_factory=list)
 
     @field_validator("redis_url")
     @classmethod
@@ -303,6 +408,13 @@ def _check_references(config: Config) -> None:
     for name, user in config.users.items():
         if user.tier is not None and user.tier not in config.tiers:
             raise ConfigError(f"users.{name}.tier: tier {user.tier!r} is not defined under tiers")
+
+    first_of: dict[str, int] = {}
+    for i, entry in enumerate(config.api_keys):
+        j = first_of.setdefault(entry.sha256, i)
+        if j != i:
+            # Two users for one key would make the charge depend on list order.
+            raise ConfigError(f"api_keys.{i}.sha256: the same key as api_keys.{j}.sha256 (each key once)")
 
     if config.anomaly.min_history_days > config.anomaly.baseline_days:
         raise ConfigError(f"anomaly.min_history_days: {config.anomaly.min_history_days} exceeds baseline_days "

@@ -72,6 +72,12 @@ class Metrics:
                                     ("script",), registry=self.registry)
         self.alerts = Counter("budgetguard_alert_deliveries", "Alert deliveries by sink and outcome.",
                               ("sink", "outcome"), registry=self.registry)
+        # Filled only by the HTTP proxy (budgetguard.proxy); empty otherwise.
+        self.proxy_requests = Counter("budgetguard_proxy_requests", "Proxy answers by endpoint and HTTP status.",
+                                      ("endpoint", "status"), registry=self.registry)
+        self.proxy_upstream_errors = Counter("budgetguard_proxy_upstream_errors",
+                                             "Proxied requests the upstream failed (timeouts, refused or cut "
+                                             "connections), by error code.", ("code",), registry=self.registry)
         self._spend = _SpendCollector()
         self.registry.register(self._spend)
 
@@ -107,6 +113,12 @@ class Metrics:
 
     def observe_alert(self, sink: str, outcome: str) -> None:
         self.alerts.labels(sink, outcome).inc()
+
+    def observe_proxy(self, endpoint: str, status: int) -> None:
+        self.proxy_requests.labels(endpoint, str(status)).inc()
+
+    def observe_upstream_error(self, code: str) -> None:
+        self.proxy_upstream_errors.labels(code).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of this registry, and its content type."""

@@ -19,7 +19,7 @@ from .report import build_report, format_usd
 if TYPE_CHECKING:
     from .guard import BudgetGuard
 
-__all__ = ["ASGIApp", "GetApp", "org_status", "stats_app", "stats_snapshot"]
+__all__ = ["ASGIApp", "GetApp", "aorg_status", "org_status", "stats_app", "stats_snapshot"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -36,6 +36,12 @@ _ORG_PROBE = "\x00budgetguard-org-status"
 def org_status(guard: BudgetGuard) -> dict[str, WindowStatus]:
     """The org's windows (``org.daily``, ``org.monthly``): spent, reserved, cap, reset time."""
     st = guard.status(_ORG_PROBE)
+    return {name: w for name, w in st.windows.items() if name.startswith("org.")}
+
+
+async def aorg_status(guard: BudgetGuard) -> dict[str, WindowStatus]:
+    """:func:`org_status` for async callers (one status script, bounded by ``redis_timeout_ms``)."""
+    st = await guard.astatus(_ORG_PROBE)
     return {name: w for name, w in st.windows.items() if name.startswith("org.")}
 
 

@@ -39,7 +39,9 @@ class Upstream:
     a_cache_write: int = 50
     a_output: int = 42
     status: int = 200  # answer with this error status instead (>= 400)
-    mode: str = "normal"  # normal | cut (end without usage) | hang (stall until the client leaves) | raise
+    # normal | cut (end without usage) | hang (keep-alives until the client leaves) | raise |
+    # stall (send nothing more until the client leaves)
+    mode: str = "normal"
     raise_before_start: bool = False
     chunks: list[str] = field(default_factory=lambda: list(TEXT))
     received: list[tuple[str, bytes, dict[str, str]]] = field(default_factory=list)
@@ -56,6 +58,11 @@ class Upstream:
                         return
                     if mode == "raise":
                         raise RuntimeError("upstream blew up mid-stream")
+                    if mode == "stall":
+                        try:
+                            await asyncio.Event().wait()
+                        finally:
+                            self.disconnected.set()
                     if mode == "hang":
                         try:
                             while True:  # keep-alives until the client leaves
@@ -193,7 +200,7 @@ def create_upstream(up: Upstream) -> Starlette:
     async def other(request: Request) -> Response:
         body = await request.body()
         up.record(request, body)
-        return JSONResponse({"echo": body.decode()})
+        return JSONResponse({"echo": body.decode()}, headers={"x-echo-query": request.url.query})
 
     return Starlette(routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
@@ -227,9 +234,9 @@ class Switch:
 class Server:
     """uvicorn serving ``app`` on 127.0.0.1 in a background thread."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, lifespan: str = "off") -> None:
         self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan=lifespan,
                                 access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
