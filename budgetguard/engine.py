@@ -395,7 +395,12 @@ class Engine:
         if code == 0:
             return [*user[:4], *user[4:7], 0, 0, *user[7:10], 0, 0, *user[10:]]
         if code == 2:  # a live request id: the org part holds the model it chose, if it got that far
-            plan.user_amount = int(_text(user[1]).split("|")[2])
+            state = _text(user[1]).split("|")
+            plan.user_amount = int(state[2])
+            held = self.slices.held_for(plan.rid) if self.slices is not None else None
+            if held is not None:  # held in this process's slice
+                plan.org_local = True
+                return [2, f"L|{held[0]}|{held[1]}|{state[3]}|{state[4]}"]
             offered = [c.amount_nano <= plan.user_amount for c in plan.candidates]
         else:
             plan.user_amount = plan.candidates[int(user[1]) - 1].amount_nano

@@ -105,6 +105,8 @@ class BudgetGuard:
                                  on_drop=functools.partial(self.metrics.observe_alert, "queue", "dropped"))
         self._dispatcher = lane(name="budgetguard-alerts")  # deliveries, forecasts, baselines
         self._events_lane = lane(name="budgetguard-events")  # denial events, JSONL, on_event
+        # Its own lane: the slice flush sleeps between rounds and must not hold up alerts.
+        self._slices_lane = lane(name="budgetguard-slices") if self._engine.slices is not None else None
         self._alerting = bool(self._on_alert or _any_sink(config))
         self._jsonl = JsonlSink(config.events.jsonl_path) if config.events.jsonl_path else None
         self._events_wanted = bool(self._on_event or self._jsonl)
@@ -257,8 +259,10 @@ class BudgetGuard:
 
     def _schedule_slice_flush(self, sync: bool) -> None:
         """While this process holds an org slice, renew it and hand in its spend every slice_flush_s."""
+        lane = self._slices_lane
+        assert lane is not None
         if self._slice_timer.acquire(blocking=False) and not self._submit(
-                self._dispatcher, sync, functools.partial(self._slice_job, sync), "a slice flush"):
+                lane, sync, functools.partial(self._slice_job, sync), "a slice flush"):
             self._slice_timer.release()
 
     def _slice_job(self, sync: bool) -> Job:
@@ -266,15 +270,17 @@ class BudgetGuard:
         assert slices is not None
         try:
             yield Sleep(self.config.org.slice_flush_s)
-            steps = self._engine.flush_steps(final=not slices.busy)
-            call = next(steps, None)
-            while call is not None:
-                reply = yield call
+            # A lane job is answered with a failure instead of having it raised: raise it
+            # into the steps, which keep a failed refill to resend.
+            steps = self._engine.flush_steps()
+            reply: Any = None
+            while True:
                 try:
                     call = steps.throw(reply) if isinstance(reply, BaseException) else steps.send(reply)
                 except StopIteration as done:
-                    self._submit_alerts(self._engine.slice_alerts(done.value), sync)
+                    self._submit_alerts(self._engine.slice_alerts(done.value or []), sync)
                     break
+                reply = yield call
         finally:
             self._slice_timer.release()
         if slices.holding:
@@ -462,10 +468,20 @@ class BudgetGuard:
         crossings = yield from self._engine.flush_steps(final=True)
         self._submit_alerts(self._engine.slice_alerts(crossings), sync)
 
+    def _close_slices(self) -> None:
+        """Stop the periodic flush, then hand in the last spend and give the slices back."""
+        if self._slices_lane is None:
+            return
+        self._slices_lane.close(self.config.alerts.flush_timeout_s)
+        try:
+            self._sync.drive(self._give_back_slices(sync=True))
+        except StoreUnavailable as exc:
+            log.error("org budget slices not handed back (%s): their spend is lost to the org's counters "
+                      "and they lapse after reservation_ttl_s", exc)
+
     def close(self) -> None:
         """Flush queued alerts and events (within ``alerts.flush_timeout_s``), then disconnect."""
-        if self._engine.slices is not None:
-            self._sync.drive(self._give_back_slices(sync=True))
+        self._close_slices()
         self._close_lanes()
         if self._jsonl is not None:
             self._jsonl.close()
@@ -477,8 +493,13 @@ class BudgetGuard:
     async def aclose(self) -> None:
         while self._orphans:  # cancelled checks still in flight, then their releases
             await asyncio.gather(*list(self._orphans), return_exceptions=True)
-        if self._engine.slices is not None:
-            await self._async_store().drive(self._give_back_slices(sync=False))
+        if self._slices_lane is not None:
+            await self._slices_lane.aclose(self.config.alerts.flush_timeout_s)
+            try:
+                await self._async_store().drive(self._give_back_slices(sync=False))
+            except StoreUnavailable as exc:
+                log.error("org budget slices not handed back (%s): their spend is lost to the org's counters "
+                          "and they lapse after reservation_ttl_s", exc)
         started = time.monotonic()
         await self._events_lane.aclose()
         await self._dispatcher.aclose(max(0.0, self.config.alerts.flush_timeout_s - (time.monotonic() - started)))
@@ -526,6 +547,7 @@ def _any_sink(config: Config) -> bool:
 def _close_lanes_at_exit(ref: weakref.ref[BudgetGuard]) -> None:
     guard = ref()
     if guard is not None:
+        guard._close_slices()  # a script that never called close() still hands in its spend
         guard._close_lanes()
 
 

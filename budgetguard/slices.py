@@ -83,7 +83,7 @@ class OrgSlices:
         self.granted = 0
         self.stamps: tuple[str, str] | None = None
         self.deadline_ms = 0
-        self.held: dict[str, tuple[int, int]] = {}  # reservation id -> (amount, deadline ms)
+        self.held: dict[str, tuple[int, int, int]] = {}  # reservation id -> (amount, deadline ms, candidate)
         self.held_total = 0
         self.pending: list[Item] = []
         self.pending_total = 0
@@ -96,7 +96,7 @@ class OrgSlices:
     # -- admitting ---------------------------------------------------------------------
 
     def _sweep(self, now_ms: int) -> None:
-        lapsed = [rid for rid, (_, deadline) in self.held.items() if deadline <= now_ms]
+        lapsed = [rid for rid, (_, deadline, _) in self.held.items() if deadline <= now_ms]
         for rid in lapsed:
             self.held_total -= self.held.pop(rid)[0]
 
@@ -113,10 +113,16 @@ class OrgSlices:
             free = self.granted - self.held_total - self.pending_total - self.unsent_total
             for index, amount in order:
                 if amount <= free:
-                    self.held[rid] = (amount, deadline_ms)
+                    self.held[rid] = (amount, deadline_ms, index)
                     self.held_total += amount
                     return index, amount
             return None
+
+    def held_for(self, rid: str) -> tuple[int, int] | None:
+        """The (candidate, amount) a live hold of ``rid`` took, if any (a repeated request id)."""
+        with self._lock:
+            held = self.held.get(rid)
+            return None if held is None else (held[2], held[0])
 
     def release(self, rid: str) -> bool:
         """Let go of ``rid``'s hold; True if it was still live."""
@@ -150,6 +156,8 @@ class OrgSlices:
         with self._lock:
             if self.in_flight is not None:
                 return None
+            if final and not (self.members or self.pending or self.in_doubt):
+                return None  # nothing held, nothing to hand in
             self._sweep(now_ms)
             refill = self.in_doubt
             if refill is None:
@@ -185,12 +193,6 @@ class OrgSlices:
         with self._lock:
             self.in_flight = None
             self.in_doubt = refill
-
-    @property
-    def busy(self) -> bool:
-        """Calls in flight hold part of the slice."""
-        with self._lock:
-            return bool(self.held)
 
     @property
     def holding(self) -> bool:

@@ -271,7 +271,10 @@ class SyncStore(_Outcomes):
 
     def drive(self, steps: Steps) -> Any:
         """Run an engine operation's calls in turn; a failure is raised into it (to compensate)."""
-        call = next(steps)
+        try:
+            call = next(steps)
+        except StopIteration as done:  # nothing to send after all
+            return done.value
         while True:
             try:
                 reply = self.run(call)
@@ -305,7 +308,10 @@ class AsyncStore(_Outcomes):
         return reply
 
     async def drive(self, steps: Steps) -> Any:
-        call = next(steps)
+        try:
+            call = next(steps)
+        except StopIteration as done:
+            return done.value
         while True:
             try:
                 reply = await self.run(call)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -185,3 +186,39 @@ def test_slices_cut_the_org_calls(real_redis, real_redis_url, clock):
     # 100 estimates of spend and a slice of 50: spend is handed in each half slice (4), a
     # slice runs short now and then, plus the first and the last call: a handful, not 200.
     assert 2 <= sliced["slice"] <= 10
+
+
+def test_a_repeated_request_id_finds_its_hold_in_the_slice(slice_url, clock):
+    e = _estimate(slice_url, clock)
+    g = guard(slice_url, clock, org={"daily_usd": "100", "slice_usd": str(e * 10)})
+    first = g.check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
+    again = g.check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
+    assert again.allowed and "repeat" in again.reason
+    assert g._engine.slices.held_total == first._ticket.amount_nano  # held once, not twice
+    assert g.record(again, Usage(input_tokens=again.estimated_input_tokens, output_tokens=50))
+    assert g.record(first, Usage(input_tokens=first.estimated_input_tokens, output_tokens=50)) is False
+    g.close()
+    day, _ = _org(g)
+    assert (day.spent_usd, day.reserved_usd) == (e, 0)
+
+
+def _poll(predicate, seconds: float = 10.0) -> bool:
+    deadline = datetime.now(UTC) + timedelta(seconds=seconds)
+    while datetime.now(UTC) < deadline:
+        if predicate():
+            return True
+        threading.Event().wait(0.02)
+    return predicate()
+
+
+def test_an_idle_process_hands_in_its_spend_and_gives_its_slice_back(slice_url):
+    """No further calls: the background flush hands the spend in, then returns the idle slice."""
+    g = guard(slice_url, None, org={"daily_usd": "100", "slice_usd": "1", "slice_flush_s": 0.2})
+    d = g.check("erin", "gpt-4o", MSG, max_tokens=50)
+    usage = Usage(input_tokens=d.estimated_input_tokens, output_tokens=30)
+    g.record(d, usage)
+    cost = nano_to_usd(g._engine.cost_nano(d, usage))
+    assert _org(g)[0].spent_usd == 0  # not handed in yet
+    assert _poll(lambda: _org(g)[0].spent_usd == cost)
+    assert _poll(lambda: _org(g)[0].reserved_usd == 0)  # the idle slice went back
+    assert not g._engine.slices.holding
