@@ -43,3 +43,12 @@ def cost_usd(model: str, input_tokens: int, output_tokens: int, cached: int = 0)
 
 def estimate_usd(model: str, input_tokens: int, max_tokens: int) -> Decimal:
     return cost_usd(model, input_tokens, max_tokens)
+
+
+def estimate(url: str, clock: Any = None, max_tokens: int = 50) -> Decimal:
+    """The worst-case cost of one ``MSG`` request to gpt-4o, read from a probe that reserves and releases."""
+    probe = guard(url, clock)
+    d = probe.check("probe", "gpt-4o", MSG, max_tokens=max_tokens)
+    probe.release(d)
+    probe.close()
+    return d.estimated_cost_usd

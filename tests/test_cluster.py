@@ -12,17 +12,9 @@ from budgetguard import BudgetGuard, Usage
 from budgetguard.engine import ScriptCall
 
 from .conftest import FrozenClock
-from .helpers import MSG, config, guard
+from .helpers import MSG, config, estimate, guard
 
 ORG_KEY = "bg:{org}:leases"
-
-
-def _estimate(url, clock) -> Decimal:
-    probe = guard(url, clock)
-    d = probe.check("probe", "gpt-4o", MSG, max_tokens=50)
-    probe.release(d)
-    probe.close()
-    return d.estimated_cost_usd
 
 
 def test_a_check_runs_one_script_per_slot(cluster_url, redis_cluster, clock):
@@ -44,7 +36,7 @@ def test_a_check_runs_one_script_per_slot(cluster_url, redis_cluster, clock):
 
 
 def test_an_org_denial_gives_the_user_part_back(cluster_url, clock, cluster_client):
-    e = _estimate(cluster_url, clock)
+    e = estimate(cluster_url, clock)
     g = guard(cluster_url, clock, org={"daily_usd": str(e * 2)})
     first = [g.check(f"u{i}", "gpt-4o", MSG, max_tokens=50) for i in range(3)]
     assert [d.allowed for d in first] == [True, True, False] and first[2].limit == "org.daily"
@@ -91,7 +83,7 @@ def _traffic(g: BudgetGuard, stop: threading.Event, threads: int, tally: dict, l
 
 def test_traffic_through_failovers_keeps_the_books_exact(cluster_url, redis_cluster, clock):
     """Coordinated failovers of the org's node and a user's node while 6 threads check and record."""
-    e = _estimate(cluster_url, clock)
+    e = estimate(cluster_url, clock)
     cap = e * 50  # each call spends about half its estimate: the cap is reached within the traffic
     g = guard(cluster_url, clock, org={"daily_usd": str(cap)}, fail_mode="closed", redis_timeout_ms=5000)
     tally = dict.fromkeys(("checks", "allowed", "denied", "unenforced", "recorded", "unrecorded", "cost"), 0)

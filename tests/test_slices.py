@@ -15,7 +15,7 @@ from budgetguard import Usage
 from budgetguard.pricing import nano_to_usd
 
 from .conftest import FrozenClock
-from .helpers import MSG, PRICES, guard
+from .helpers import MSG, PRICES, estimate, guard
 
 
 @pytest.fixture(params=["redis", "cluster"])
@@ -27,21 +27,13 @@ def slice_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue("cluster_url")
 
 
-def _estimate(url, clock) -> Decimal:
-    probe = guard(url, clock)
-    d = probe.check("probe", "gpt-4o", MSG, max_tokens=50)
-    probe.release(d)
-    probe.close()
-    return d.estimated_cost_usd
-
-
 def _org(g, user="x"):
     w = g.status(user).windows
     return w["org.daily"], w["org.monthly"]
 
 
 def test_one_process_fills_the_cap_exactly_and_hands_in_every_cent(slice_url, clock):
-    e = _estimate(slice_url, clock)
+    e = estimate(slice_url, clock)
     cap = e * 10
     g = guard(slice_url, clock, org={"daily_usd": str(cap), "slice_usd": str(e * 3)})
     decisions = [g.check(f"u{i % 3}", "gpt-4o", MSG, max_tokens=50) for i in range(15)]
@@ -64,7 +56,7 @@ def test_one_process_fills_the_cap_exactly_and_hands_in_every_cent(slice_url, cl
 
 def test_spend_and_events_are_handed_in_on_time(slice_url, clock, real_redis):
     """Without close(): a record past slice_flush_s hands the batch in, events included."""
-    e = _estimate(slice_url, clock)
+    e = estimate(slice_url, clock)
     g = guard(slice_url, clock, org={"daily_usd": "100", "slice_usd": str(e * 100), "slice_flush_s": 5})
     d1 = g.check("alice", "gpt-4o", MSG, max_tokens=50)
     g.record(d1, Usage(input_tokens=d1.estimated_input_tokens, output_tokens=10))
@@ -83,7 +75,7 @@ def test_spend_and_events_are_handed_in_on_time(slice_url, clock, real_redis):
 
 
 async def test_concurrent_async_checks_never_pass_the_cap(slice_url, clock):
-    e = _estimate(slice_url, clock)
+    e = estimate(slice_url, clock)
     fits = 60
     slice_usd = e * 8
     g = guard(slice_url, clock, org={"daily_usd": str(e * fits), "slice_usd": str(slice_usd)},
@@ -112,7 +104,7 @@ def test_processes_share_the_org_exactly(slice_url, real_redis_url):
     """4 processes x 8 threads with their own slices: caps hold and the org ledger is exact."""
     from .slice_workers import run_calls
 
-    probe_e = _estimate(slice_url, None)
+    probe_e = estimate(slice_url, None)
     cap = probe_e * 150
     data = {"models": dict(PRICES), "reservation_ttl_s": 60, "redis_timeout_ms": 10_000,
             "org": {"daily_usd": str(cap), "slice_usd": str(probe_e * 5)}}
@@ -142,7 +134,7 @@ def test_a_dead_process_loses_at_most_its_unhanded_spend(slice_url):
     """Killed without close(): the org misses less than one slice; the slice lapses with its lease."""
     from .slice_workers import run_calls
 
-    e = _estimate(slice_url, None)
+    e = estimate(slice_url, None)
     slice_usd = e * 6
     data = {"models": dict(PRICES), "reservation_ttl_s": 60,
             "org": {"daily_usd": "1000", "slice_usd": str(slice_usd), "slice_flush_s": 60}}
@@ -168,7 +160,7 @@ def test_a_dead_process_loses_at_most_its_unhanded_spend(slice_url):
 
 def test_slices_cut_the_org_calls(real_redis, real_redis_url, clock):
     """Script calls per request: on a single Redis one per step; with slices the org's part is rare."""
-    e = _estimate(real_redis_url, clock)
+    e = estimate(real_redis_url, clock)
     counts = {}
     for name, org in (("plain", {"daily_usd": "100"}), ("sliced", {"daily_usd": "100", "slice_usd": str(e * 50)})):
         g = guard(real_redis_url, clock, org=org)
@@ -189,7 +181,7 @@ def test_slices_cut_the_org_calls(real_redis, real_redis_url, clock):
 
 
 def test_a_repeated_request_id_finds_its_hold_in_the_slice(slice_url, clock):
-    e = _estimate(slice_url, clock)
+    e = estimate(slice_url, clock)
     g = guard(slice_url, clock, org={"daily_usd": "100", "slice_usd": str(e * 10)})
     first = g.check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
     again = g.check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")

@@ -29,3 +29,30 @@ local function sweep(leases, prefix, now)
   for _, member in ipairs(expired) do unreserve(prefix, member) end
   redis.call('ZREM', leases, unpack(expired))
 end
+
+-- The keys of the parts a script was called with ("uo", "u" or "o"), from KEYS[first]:
+-- the lease set of each part, then the window counters of those parts in order (user
+-- hour, day, month; org day, month). Returns a table: user/org (whether present), their
+-- lease sets, windows (their numbers 1-5), key (per window number) and next (index of the
+-- first key after them).
+local function part_keys(parts, first)
+  local p = {user = string.find(parts, 'u', 1, true) ~= nil, org = string.find(parts, 'o', 1, true) ~= nil,
+             windows = {}, key = {}}
+  local k = first
+  if p.user then p.user_leases = KEYS[k]; k = k + 1 end
+  if p.org then p.org_leases = KEYS[k]; k = k + 1 end
+  if p.user then for w = 1, 3 do p.windows[#p.windows + 1] = w end end
+  if p.org then for w = 4, 5 do p.windows[#p.windows + 1] = w end end
+  for _, w in ipairs(p.windows) do p.key[w] = KEYS[k]; k = k + 1 end
+  p.next = k
+  return p
+end
+
+-- Add a settled cost to the org's spend rankings: each entry {zset, member ('' none), ttl ms}.
+local function rank(cost, entries)
+  for _, e in ipairs(entries) do
+    if e[2] ~= '' and tonumber(redis.call('ZINCRBY', e[1], cost, e[2])) == tonumber(cost) then
+      redis.call('PEXPIRE', e[1], math.max(1000, e[3]))
+    end
+  end
+end

@@ -28,19 +28,10 @@
 -- "r|<window>|<suffix>" an org window blocked earlier whose successor has now opened.
 
 local now = tonumber(ARGV[1])
-local parts = ARGV[13]
-local with_user = string.find(parts, 'u', 1, true) ~= nil
-local with_org = string.find(parts, 'o', 1, true) ~= nil
-
-local k = 2
-local user_leases, org_leases
-if with_user then user_leases = KEYS[k]; k = k + 1 end
-if with_org then org_leases = KEYS[k]; k = k + 1 end
-local present, key = {}, {}
-if with_user then for w = 1, 3 do present[#present + 1] = w end end
-if with_org then for w = 4, 5 do present[#present + 1] = w end end
-for _, w in ipairs(present) do key[w] = KEYS[k]; k = k + 1 end
-local blocked = KEYS[k]
+local p = part_keys(ARGV[13], 2)
+local with_user, with_org, user_leases, org_leases = p.user, p.org, p.user_leases, p.org_leases
+local present, key = p.windows, p.key
+local blocked = KEYS[p.next]
 
 if with_user then sweep(user_leases, ARGV[5], now) end
 if with_org then sweep(org_leases, ARGV[6], now) end

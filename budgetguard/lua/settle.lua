@@ -30,18 +30,9 @@
 -- each is claimed by a marker field so that it is reported once, whoever crosses it.
 
 local now = tonumber(ARGV[1])
-local parts = ARGV[21]
-local with_user = string.find(parts, 'u', 1, true) ~= nil
-local with_org = string.find(parts, 'o', 1, true) ~= nil
-
-local k = 2
-local user_leases, org_leases
-if with_user then user_leases = KEYS[k]; k = k + 1 end
-if with_org then org_leases = KEYS[k]; k = k + 1 end
-local present, key = {}, {}
-if with_user then for w = 1, 3 do present[#present + 1] = w end end
-if with_org then for w = 4, 5 do present[#present + 1] = w end end
-for _, w in ipairs(present) do key[w] = KEYS[k]; k = k + 1 end
+local p = part_keys(ARGV[21], 2)
+local with_user, with_org, user_leases, org_leases = p.user, p.org, p.user_leases, p.org_leases
+local present, key, k = p.windows, p.key, p.next
 
 if with_user then sweep(user_leases, ARGV[4], now) end
 if with_org then sweep(org_leases, ARGV[5], now) end
@@ -92,13 +83,8 @@ if cost ~= '' then
     end
     -- An hour's rankings only name who spent in an anomalous hour: two days is plenty.
     local hour_ttl = 2 * 86400000
-    local tops = {{KEYS[k + 1], ARGV[14], hour_ttl}, {KEYS[k + 2], ARGV[14], tonumber(ends[4]) + grace - now},
-                  {KEYS[k + 3], ARGV[14], tonumber(ends[5]) + grace - now}, {KEYS[k + 4], ARGV[15], hour_ttl}}
-    for _, top in ipairs(tops) do
-      if top[2] ~= '' and tonumber(redis.call('ZINCRBY', top[1], cost, top[2])) == tonumber(cost) then
-        redis.call('PEXPIRE', top[1], math.max(1000, top[3]))
-      end
-    end
+    rank(cost, {{KEYS[k + 1], ARGV[14], hour_ttl}, {KEYS[k + 2], ARGV[14], tonumber(ends[4]) + grace - now},
+                {KEYS[k + 3], ARGV[14], tonumber(ends[5]) + grace - now}, {KEYS[k + 4], ARGV[15], hour_ttl}})
   end
 end
 if with_org and ARGV[17] ~= '' then

@@ -45,13 +45,8 @@ for i = 18, #ARGV, 4 do
   local cost = ARGV[i]
   total = total + tonumber(cost)
   if cost ~= '0' then
-    local tops = {{KEYS[6], ARGV[i + 1], hour_ttl}, {KEYS[7], ARGV[i + 1], tonumber(ends[1]) + grace - now},
-                  {KEYS[8], ARGV[i + 1], tonumber(ends[2]) + grace - now}, {KEYS[9], ARGV[i + 2], hour_ttl}}
-    for _, top in ipairs(tops) do
-      if top[2] ~= '' and tonumber(redis.call('ZINCRBY', top[1], cost, top[2])) == tonumber(cost) then
-        redis.call('PEXPIRE', top[1], math.max(1000, top[3]))
-      end
-    end
+    rank(cost, {{KEYS[6], ARGV[i + 1], hour_ttl}, {KEYS[7], ARGV[i + 1], tonumber(ends[1]) + grace - now},
+                {KEYS[8], ARGV[i + 1], tonumber(ends[2]) + grace - now}, {KEYS[9], ARGV[i + 2], hour_ttl}})
   end
   if ARGV[17] ~= '0' then
     redis.call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[17], '*', 'e', ARGV[i + 3])
