@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -132,6 +133,16 @@ def any_backend_url(request: pytest.FixtureRequest) -> str:
     if request.param == "cluster":
         return request.getfixturevalue("cluster_url")
     return request.getfixturevalue("_backend_" + request.param)
+
+
+@pytest.fixture(scope="module")
+def upstream_server() -> Iterator[tuple[Any, Any]]:
+    """The fake LLM upstream (tests/upstream.py) on a free 127.0.0.1 port, and its switch."""
+    from .upstream import Server, Switch
+
+    switch = Switch()
+    with Server(switch) as srv:
+        yield srv, switch
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -21,27 +20,25 @@ from budgetguard import BudgetGuard, Usage
 from budgetguard.asgi import BudgetMiddleware
 from budgetguard.tokens import count_text_tokens, estimate_input_tokens
 
-from .helpers import PRICES, config
-from .upstream import TEXT, Server, Switch, Upstream, create_upstream
+from .helpers import config
+from .upstream import (
+    MESSAGES,
+    MODELS,
+    TEXT,
+    Server,
+    Switch,
+    Upstream,
+    anthropic_cost,
+    chat_cost,
+    cost,
+    create_upstream,
+    fallback_cost,
+)
 
-MODELS = {
-    **PRICES,
-    "claude-test-1": {"input_per_mtok": "3.00", "output_per_mtok": "15.00", "cached_input_per_mtok": "0.30",
-                          "cache_write_per_mtok": "3.75"},
-    "text-embedding-3-small": {"input_per_mtok": "0.02", "output_per_mtok": "0"},
-}
 KEYS = {"sk-alice": "alice", "sk-bob": "bob"}
-MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Why budget LLM calls?"}]
 WINDOWS = ("user.hourly", "user.daily", "user.monthly", "org.daily", "org.monthly")
 
 
-def cost(model: str, input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0) -> Decimal:
-    """Price arithmetic done independently of the library, rounded up to the nano-dollar."""
-    p = {k: Decimal(v) for k, v in MODELS[model].items()}
-    exact = ((input_tokens - cached - written) * p["input_per_mtok"]
-             + cached * p.get("cached_input_per_mtok", p["input_per_mtok"])
-             + written * p.get("cache_write_per_mtok", p["input_per_mtok"]) + output_tokens * p["output_per_mtok"])
-    return Decimal(math.ceil(exact * 1000)) / 10**9
 
 
 def identify(request: Any) -> str | None:
@@ -52,13 +49,6 @@ def identify(request: Any) -> str | None:
 async def aidentify(request: Any) -> str | None:
     await asyncio.sleep(0)
     return identify(request)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple[Server, Switch]]:
-    switch = Switch()
-    with Server(switch) as srv:
-        yield srv, switch
 
 
 class Env:
@@ -129,22 +119,16 @@ class Env:
 
 
 @pytest.fixture
-def env(server: tuple[Server, Switch], backend_url: str, clock: Any) -> Iterator[Env]:
-    e = Env(*server, backend_url, clock)
+def env(upstream_server: tuple[Server, Switch], backend_url: str, clock: Any) -> Iterator[Env]:
+    e = Env(*upstream_server, backend_url, clock)
     e.plug()
     yield e
-    server[1].app = None
+    upstream_server[1].app = None
     e.close()
 
 
-def chat_cost(up: Upstream, model: str = "gpt-4o") -> Decimal:
-    return cost(model, up.prompt_tokens, up.completion_tokens, cached=up.cached_tokens)
 
 
-def anthropic_cost(up: Upstream, output: int | None = None) -> Decimal:
-    total = up.a_input + up.a_cache_read + up.a_cache_write
-    return cost("claude-test-1", total, up.a_output if output is None else output, cached=up.a_cache_read,
-                written=up.a_cache_write)
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -222,8 +206,6 @@ def test_chat_stream_with_usage_asked_for_passes_it_through(env):
     env.assert_ledger(chat_cost(env.up))
 
 
-def fallback_cost(model: str, text: str) -> Decimal:
-    return cost(model, estimate_input_tokens(model, MESSAGES), count_text_tokens(model, text))
 
 
 def test_client_disconnect_mid_stream_charges_input_and_streamed_output(env):

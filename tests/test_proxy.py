@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -34,53 +33,36 @@ from budgetguard.config import parse_config
 from budgetguard.proxy import fingerprint, hash_key, proxy_app
 from budgetguard.tokens import count_text_tokens, estimate_input_tokens
 
-from .upstream import TEXT, Server, Switch, Upstream, create_upstream, free_port
+from .upstream import (
+    MESSAGES,
+    MODELS,
+    TEXT,
+    Server,
+    Switch,
+    Upstream,
+    anthropic_cost,
+    chat_cost,
+    cost,
+    create_upstream,
+    fallback_cost,
+    free_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
-MODELS = {
-    "gpt-4o": {"input_per_mtok": "2.50", "output_per_mtok": "10.00", "cached_input_per_mtok": "1.25"},
-    "gpt-4o-mini": {"input_per_mtok": "0.15", "output_per_mtok": "0.60", "cached_input_per_mtok": "0.075"},
-    "claude-test-1": {"input_per_mtok": "3.00", "output_per_mtok": "15.00", "cached_input_per_mtok": "0.30",
-                      "cache_write_per_mtok": "3.75"},
-    "text-embedding-3-small": {"input_per_mtok": "0.02", "output_per_mtok": "0"},
-}
 ALICE_KEY = "bg-alice-virtual-key-0001"
 BOB_KEY = "bg-bob-virtual-key-0002"
 API_KEYS = [{"sha256": hashlib.sha256(ALICE_KEY.encode()).hexdigest(), "user": "alice", "name": "alice-laptop"},
             {"sha256": hashlib.sha256(BOB_KEY.encode()).hexdigest(), "user": "bob"}]
-MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Why budget LLM calls?"}]
 WINDOWS = ("user.hourly", "user.daily", "user.monthly")
 
 
-def cost(model: str, input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0) -> Decimal:
-    """Price arithmetic done independently of the library, rounded up to the nano-dollar."""
-    p = {k: Decimal(v) for k, v in MODELS[model].items()}
-    exact = ((input_tokens - cached - written) * p["input_per_mtok"]
-             + cached * p.get("cached_input_per_mtok", p["input_per_mtok"])
-             + written * p.get("cache_write_per_mtok", p["input_per_mtok"]) + output_tokens * p["output_per_mtok"])
-    return Decimal(math.ceil(exact * 1000)) / 10**9
 
 
-def chat_cost(up: Upstream, model: str = "gpt-4o") -> Decimal:
-    return cost(model, up.prompt_tokens, up.completion_tokens, cached=up.cached_tokens)
 
 
-def anthropic_cost(up: Upstream) -> Decimal:
-    total = up.a_input + up.a_cache_read + up.a_cache_write
-    return cost("claude-test-1", total, up.a_output, cached=up.a_cache_read, written=up.a_cache_write)
 
 
-def fallback_cost(model: str, text: str) -> Decimal:
-    """What a stream without usage is charged: the estimated input plus the streamed output, counted."""
-    return cost(model, estimate_input_tokens(model, MESSAGES), count_text_tokens(model, text))
-
-
-@pytest.fixture(scope="module")
-def upstream_server() -> Iterator[tuple[Server, Switch]]:
-    switch = Switch()
-    with Server(switch) as srv:
-        yield srv, switch
 
 
 class Env:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import uvicorn
@@ -257,3 +259,41 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+# -- what the fake upstream's answers cost, priced independently of the library ---------
+
+MODELS = {
+    "gpt-4o": {"input_per_mtok": "2.50", "output_per_mtok": "10.00", "cached_input_per_mtok": "1.25"},
+    "gpt-4o-mini": {"input_per_mtok": "0.15", "output_per_mtok": "0.60", "cached_input_per_mtok": "0.075"},
+    "claude-test-1": {"input_per_mtok": "3.00", "output_per_mtok": "15.00", "cached_input_per_mtok": "0.30",
+                      "cache_write_per_mtok": "3.75"},
+    "text-embedding-3-small": {"input_per_mtok": "0.02", "output_per_mtok": "0"},
+}
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Why budget LLM calls?"}]
+
+
+def cost(model: str, input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0) -> Decimal:
+    """Price arithmetic done independently of the library, rounded up to the nano-dollar."""
+    p = {k: Decimal(v) for k, v in MODELS[model].items()}
+    exact = ((input_tokens - cached - written) * p["input_per_mtok"]
+             + cached * p.get("cached_input_per_mtok", p["input_per_mtok"])
+             + written * p.get("cache_write_per_mtok", p["input_per_mtok"]) + output_tokens * p["output_per_mtok"])
+    return Decimal(math.ceil(exact * 1000)) / 10**9
+
+
+def chat_cost(up: Upstream, model: str = "gpt-4o") -> Decimal:
+    return cost(model, up.prompt_tokens, up.completion_tokens, cached=up.cached_tokens)
+
+
+def anthropic_cost(up: Upstream, output: int | None = None) -> Decimal:
+    total = up.a_input + up.a_cache_read + up.a_cache_write
+    return cost("claude-test-1", total, up.a_output if output is None else output, cached=up.a_cache_read,
+                written=up.a_cache_write)
+
+
+def fallback_cost(model: str, text: str) -> Decimal:
+    """What a stream without usage is charged: the estimated input plus the streamed output, counted."""
+    from budgetguard.tokens import count_text_tokens, estimate_input_tokens
+
+    return cost(model, estimate_input_tokens(model, MESSAGES), count_text_tokens(model, text))
