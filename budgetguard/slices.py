@@ -108,7 +108,9 @@ class OrgSlices:
         """Hold the first ``(index, amount)`` of ``order`` that fits the slice; None: refill first."""
         with self._lock:
             self._sweep(now_ms)
-            if not self.usable(stamps, now_ms):
+            # While a refill is out (or its outcome unknown) the slice Redis counts is about
+            # to change: calls then take the org's part from Redis, per request.
+            if self.in_flight is not None or self.in_doubt is not None or not self.usable(stamps, now_ms):
                 return None
             free = self.granted - self.held_total - self.pending_total - self.unsent_total
             for index, amount in order:
