@@ -75,7 +75,7 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class SettlePlan:
-    calls: tuple[ScriptCall, ...]  # one; on a cluster the org's part, then the user's
+    calls: tuple[ScriptCall, ...]  # one; on a cluster the user's part, then the org's
     decision: Decision
     event: Event  # without "outcome" until the script's reply says whether the lease had lapsed
     state: str  # the settled state this call writes (its own resend finds it)
@@ -146,6 +146,11 @@ def _fmt(nano: int) -> str:
 
 def _epoch_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
+
+
+# A compensated user part: not a live reservation (a request id reserves afresh) and not
+# settled (the decision's own record or release still applies).
+_GIVEN_BACK = "C|0|released|"
 
 
 def settled_state(candidate: int, cost_nano: int | None) -> str:
@@ -362,7 +367,7 @@ class Engine:
         return spec
 
     def _reserve_call(self, plan: CheckPlan, parts: str, offered: Sequence[bool] | None = None,
-                      user_triggered: bool = False) -> ScriptCall:
+                      user_triggered: bool = False, probe: bool = False) -> ScriptCall:
         prefix, w = plan.user_prefix, plan.windows
         now_ms = _epoch_ms(plan.now)
         state = (self._org_prefix if parts == _ORG else prefix) + "rq:" + plan.rid
@@ -377,7 +382,7 @@ class Engine:
                       for i, c in enumerate(plan.candidates)),
              # A tier opts its users into alerts with alert_at; the org's blocks always alert.
              _ORG_WINDOWS_MASK | (_USER_WINDOWS_MASK if plan.policy.alert_at else 0),
-             parts, "1" if user_triggered else "0"),
+             parts, "1" if user_triggered else "0", "1" if probe else "0"),
         )
 
     def check_steps(self, plan: CheckPlan) -> Steps:
@@ -386,6 +391,8 @@ class Engine:
         On a cluster the user part goes first. The org part is offered only the candidates
         the user part could hold (no dearer than what it holds), so its choice is what one
         script would choose, and a denial there gives the user part back before returning.
+        A denial by the user part still probes the org part, so that the denial names the
+        window that resets last and claims the org's first-denial alert, as one script would.
         """
         assert plan.call is not None
         if not self.split:
@@ -393,14 +400,23 @@ class Engine:
         user = yield plan.call
         code = int(user[0])
         if code == 0:
-            return [*user[:4], *user[4:7], 0, 0, *user[7:10], 0, 0, *user[10:]]
+            cheapest = min(range(len(plan.candidates)), key=lambda i: plan.candidates[i].amount_nano)
+            try:
+                org = yield self._reserve_call(plan, _ORG, [i == cheapest for i in range(len(plan.candidates))],
+                                               probe=True)
+            except BudgetGuardError:
+                org = [0, 0, 0, 0, 0, 0, 0, 0]
+            return [0, 0, int(user[2]) | int(org[2]), int(user[3]) | int(org[3]), *user[4:7], *org[4:6],
+                    *user[7:10], *org[6:8], *user[10:], *org[8:]]
         if code == 2:  # a live request id: the org part holds the model it chose, if it got that far
             state = _text(user[1]).split("|")
             plan.user_amount = int(state[2])
-            held = self.slices.held_for(plan.rid) if self.slices is not None else None
-            if held is not None:  # held in this process's slice
+            if self.slices is not None:
+                # Held in a slice, this process's or another's (whichever settles the user
+                # part first hands the spend to the org): never reserve the org part again.
+                held = self.slices.held_for(plan.rid)
                 plan.org_local = True
-                return [2, f"L|{held[0]}|{held[1]}|{state[3]}|{state[4]}"]
+                return [2, user[1] if held is None else f"L|{held[0]}|{held[1]}|{state[3]}|{state[4]}"]
             offered = [c.amount_nano <= plan.user_amount for c in plan.candidates]
         else:
             plan.user_amount = plan.candidates[int(user[1]) - 1].amount_nano
@@ -411,8 +427,9 @@ class Engine:
                        for c in plan.candidates]
         user_triggered = code == 1 and int(user[3]) & _USER_WINDOWS_MASK != 0
         org = None
+        crossings: list[str] = []
         if self.slices is not None and code == 1:
-            org = yield from self._slice_part(plan, offered, user_triggered)
+            org, crossings = yield from self._slice_part(plan, offered, user_triggered)
         if org is None:
             try:
                 org = yield self._reserve_call(plan, _ORG, offered, user_triggered)
@@ -426,10 +443,13 @@ class Engine:
         spent, reserved = (user[4:7], user[7:10]) if code == 1 else ((0, 0, 0), (0, 0, 0))
         mask = int(org[2]) | (int(user[2]) if code == 1 and int(org[0]) == 1 else 0)
         triggered = int(org[3]) | (int(user[3]) if code == 1 else 0)
-        return [org[0], org[1], mask, triggered, *spent, *org[4:6], *reserved, *org[6:8], *org[8:]]
+        return [org[0], org[1], mask, triggered, *spent, *org[4:6], *reserved, *org[6:8], *org[8:], *crossings]
 
     def _slice_part(self, plan: CheckPlan, offered: Sequence[bool], user_triggered: bool) -> Steps:
-        """The org's part from this process's slice (refilled once if short); None: ask Redis."""
+        """The org's part from this process's slice, refilled once if short.
+
+        Returns (reply or None: ask Redis, crossings a refill reported).
+        """
         slices = self.slices
         assert slices is not None
         w = plan.windows
@@ -444,16 +464,16 @@ class Engine:
                 if trigger is not None and used >= trigger:
                     triggered |= 1 << bit
             order = self._try_order(plan, offered, user_triggered, triggered != 0)
-            taken = slices.take(plan.rid, stamps, order, now_ms, now_ms + self._lease_ms)
-            if taken is not None:
+            if not order:
+                break
+            if slices.take(plan.rid, stamps, order[0], now_ms, now_ms + self._lease_ms):
                 plan.org_local = True
-                return [1, taken[0], 0, triggered, *slices.figures, *crossings]
-            refill = slices.begin(stamps, now_ms, extra=max((a for _, a in order), default=0)) if attempt == 0 \
-                else None
+                return [1, order[0][0], 0, triggered, *slices.figures], crossings
+            refill = slices.begin(stamps, now_ms, extra=order[0][1]) if attempt == 0 else None
             if refill is None:
-                return None
-            crossings = yield from self._refill(refill, plan.now)
-        return None
+                break
+            crossings = yield from self._refill(refill)
+        return None, crossings
 
     @staticmethod
     def _try_order(plan: CheckPlan, offered: Sequence[bool], user_triggered: bool,
@@ -469,19 +489,22 @@ class Engine:
         rest = [x for x in indexed if x[1].route != _REQUESTED and not by_trigger(x[1])]
         return [(i, c.amount_nano) for i, c in (*first, *requested, *rest)]
 
-    def _refill(self, refill: Refill, now: datetime) -> Steps:
+    def _refill(self, refill: Refill) -> Steps:
         """Run one slice call; returns the crossings it reported (none when it failed)."""
         slices = self.slices
         assert slices is not None
-        if refill.sent is None:
-            refill.sent = self._slice_call(refill, now)
+        # Built afresh on each attempt; a resend of one that had applied finds its state.
+        call = self._slice_call(refill, self.now())
         try:
-            reply = yield refill.sent
+            reply = yield call
         except BudgetGuardError as exc:
             slices.failed(refill)
             log.warning("org budget slice call failed (%s); it is resent with the next one", exc)
             return []
-        slices.done(refill, reply, int(refill.sent.args[7]))
+        except BaseException:  # cancelled or closed mid-call: its outcome is unknown
+            slices.failed(refill)
+            raise
+        slices.done(refill, reply, int(call.args[7]))
         return [_text(raw) for raw in reply[6:]]
 
     def _slice_call(self, refill: Refill, now: datetime) -> ScriptCall:
@@ -497,7 +520,8 @@ class Engine:
         return ScriptCall(
             "slice",
             (f"{org}rq:{refill.id}", org + "leases", org + d, org + m, f"{org}hist:{hour[:8]}",
-             f"{org}top:u:h:{hour}", f"{org}top:u:{d}", f"{org}top:u:{m}", f"{org}top:f:h:{hour}", org + "events"),
+             f"{org}top:u:h:{hour}", f"{org}top:u:{d}", f"{org}top:u:{m}", f"{org}top:f:h:{hour}", org + "events",
+             org + "blocked"),
             (now_ms, self._grace_ms, self._state_ms, org, f"|{d}|{m}", ",".join(refill.release), refill.id,
              now_ms + self._lease_ms, refill.want, refill.need, f"{ends[3]},{ends[4]}",
              ",".join("-1" if cap is None else str(cap) for cap in caps), self._org_thresholds(), hour[8:],
@@ -506,27 +530,37 @@ class Engine:
 
     def flush_steps(self, *, final: bool = False) -> Steps:
         """Hand in this process's slice spend (``final``: and give its slices back); returns crossings."""
+        crossings: list[str] = []
         if self.slices is None:
-            return []
-        now = self.now()
-        w = self._windows.at(now)
-        refill = self.slices.begin((w.d.stamp, w.m.stamp), _epoch_ms(now), final=final)
-        if refill is None:
-            return []
-        return (yield from self._refill(refill, now))
+            return crossings
+        # A final flush may first have to resend a refill whose outcome was unknown (which
+        # takes a new slice), then give that back too.
+        for _ in range(2):
+            now = self.now()
+            w = self._windows.at(now)
+            refill = self.slices.begin((w.d.stamp, w.m.stamp), _epoch_ms(now), final=final)
+            if refill is None:
+                break
+            crossings += yield from self._refill(refill)
+            if not final or refill.want == 0:
+                break
+        return crossings
 
     def slice_alerts(self, crossings: Sequence[str]) -> list[Alert]:
-        """Alerts of the org thresholds and anomalies a slice call crossed."""
+        """Alerts of the org thresholds, resolved blocks and anomalies a slice call reported."""
         alerts = []
         now = self.now()
+        windows = self._windows.at(now)
+        policy = self.policies.for_user("")  # org windows only: no user or tier in them
         for raw in crossings:
             parts = raw.split("|")
             if parts[0] == "a":
                 alerts.append(self.anomaly_alert(now, int(parts[2])))
-            elif parts[0] == "t":  # an org window: no user or tier in it
-                alerts.append(self._window_alert("threshold", int(parts[1]) - 1, self._windows.at(now),
-                                                 int(parts[3]), Decimal(parts[2]), "", self.policies.for_user(""),
-                                                 now))
+            elif parts[0] == "t":
+                alerts.append(self._window_alert("threshold", int(parts[1]) - 1, windows, int(parts[3]),
+                                                 Decimal(parts[2]), "", policy, now))
+            elif parts[0] == "r":
+                alerts.append(self._resolved_alert(int(parts[1]) - 1, parts[2], windows, policy, now))
         return alerts
 
     def flush_due(self) -> bool:
@@ -545,7 +579,8 @@ class Engine:
             "settle",
             (f"{plan.user_prefix}rq:{plan.rid}", *self._part_keys(plan.user_prefix, w, _USER)),
             (_epoch_ms(self.now()), self._state_ms, self._grace_ms, plan.user_prefix, self._org_prefix, member,
-             "", "", ",".join(map(str, self._ends_ms(w))), settled_state(0, None), "", "", self._history_ms,
+             "", "", ",".join(map(str, self._ends_ms(w))), _GIVEN_BACK + os.urandom(4).hex(), "", "",
+             self._history_ms,
              "", "", "", "", "released", "released", self._stream_maxlen, _USER),
         )
         try:
@@ -747,43 +782,40 @@ class Engine:
                 "settle", (t.request_key, *self._part_keys(t.user_prefix, charge, _BOTH), *org_keys),
                 (*args, head, *tail, _BOTH)),)
         else:
-            # The org's part first: it carries the usage event, so the event log and the
-            # org's ledger move together; a crash before the user's part lets that lapse.
+            # The user's part first: its request state decides whether this settle applies,
+            # so the org (and the usage event with it) is charged once, by whoever got there.
             calls = (
+                user_call,
                 ScriptCall("settle", (f"{org}rq:{decision.reservation_id}",
                                       *self._part_keys(t.user_prefix, charge, _ORG), *org_keys),
                            (*args, head, *tail, _ORG)),
-                user_call,
             )
         return SettlePlan(calls, decision, event, state, outcome, lapsed, charge, now, cost, ranks)
 
     def settle_steps(self, plan: SettlePlan) -> Steps:
-        """The settle calls of ``plan``; returns their replies, the event-carrying part first."""
-        t = plan.decision._ticket
-        if t is None or not t.org_local or self.slices is None:
-            return (yield from self.steps(plan.calls))
-        user = yield plan.calls[0]
-        org: list[Any] = [0, ""]  # settled before: the org's part was handed on then
-        if int(user[0]) == 1:
-            live = self.slices.release(plan.decision.reservation_id)
-            if plan.cost is not None:
-                outcome = plan.outcome if live else plan.lapsed_outcome
-                line = stream_head(plan.event) + outcome + '"}' if self._stream_maxlen != "0" else ""
-                self.slices.queue(Item(plan.cost, plan.ranks[0], plan.ranks[1], line))
-            org = [1, int(live)]
-        replies = [org, user]
-        if self.flush_due():
-            crossings = yield from self.flush_steps()
-            replies.append([1, 1, *crossings])
-        return replies
+        """The settle calls of ``plan``; returns (the event-carrying part's reply, the user part's
+        reply or None on a single Redis, crossings of a slice flush it ran).
 
-    @staticmethod
-    def steps(calls: Sequence[ScriptCall]) -> Steps:
-        """Run ``calls`` in order; returns their replies."""
-        replies = []
-        for call in calls:
-            replies.append((yield call))
-        return replies
+        On a cluster the org's part runs only when the user's applied for this call.
+        """
+        t = plan.decision._ticket
+        if not self.split:
+            return (yield plan.calls[0]), None, []
+        user = yield plan.calls[0]
+        applied, live, _ = self._settled_part(plan, user)
+        org: Any = [0, ""]  # settled before: the org's part went with that settle
+        crossings: list[str] = []
+        if applied and (t is None or not t.org_local or self.slices is None):
+            org = yield plan.calls[1]
+        elif applied and self.slices is not None:
+            outcome = plan.outcome if live else plan.lapsed_outcome
+            line = stream_head(plan.event) + outcome + '"}' if self._stream_maxlen != "0" else ""
+            self.slices.settle(plan.decision.reservation_id,
+                               Item(plan.cost or 0, plan.ranks[0], plan.ranks[1], line))
+            org = [1, int(live)]
+            if self.flush_due():
+                crossings = yield from self.flush_steps()
+        return org, user, crossings
 
     def _org_thresholds(self) -> str:
         org = self.policies.org
@@ -818,17 +850,19 @@ class Engine:
         flag, _, rest = state[len(mine):].partition("|")
         return True, flag == "1", [c for c in rest.split(";") if c]
 
-    def read_settle(self, plan: SettlePlan, replies: Sequence[Sequence[Any]]) -> Settled:
+    def read_settle(self, plan: SettlePlan, replies: tuple[Any, Any, list[str]]) -> Settled:
         """Whether this settlement applied, the alerts it crossed, and its event.
 
-        ``replies`` are those of ``plan.calls``; the first carries the event.
+        ``replies`` is what :meth:`settle_steps` returns: the part that carries the event,
+        the user's part (None on a single Redis), and the crossings of a slice flush.
         """
-        results = [self._settled_part(plan, reply) for reply in replies]
-        if not any(applied for applied, _, _ in results):
+        first, user, flushed = replies
+        applied, live, crossed = self._settled_part(plan, first)
+        user_applied, _, user_crossed = self._settled_part(plan, user) if user is not None else (False, False, [])
+        if not (applied or user_applied):
             return Settled(False, [], None)
-        live = results[0][1]
-        crossed = [c for applied, _, part in results if applied for c in part]
-        event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome) if results[0][0] else None
+        crossed = (crossed if applied else []) + (user_crossed if user_applied else []) + list(flushed)
+        event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome) if applied else None
         d = plan.decision
         policy = self.policies.for_user(d.user)
         alerts = []
@@ -863,16 +897,18 @@ class Engine:
                 alerts.append(self._window_alert("blocked", w, plan.windows, spent[w], Decimal(1), plan.user,
                                                  plan.policy, plan.now))
             elif parts[0] == "r":
-                spec = WINDOWS[w]
-                old = parts[2]
-                current = plan.windows.of(spec.period)
-                alerts.append(Alert(
-                    kind="resolved", scope="org", window=spec.name, window_key=old,
-                    window_start=current.start, window_end=current.end, level=Decimal(1),
-                    spent_usd=Decimal(0), limit_usd=self._cap_usd(plan.policy, w), at=plan.now,
-                    key_prefix=self._prefix, next_step=f"the {spec.name} window {current.stamp} is open",
-                ))
+                alerts.append(self._resolved_alert(w, parts[2], plan.windows, plan.policy, plan.now))
         return alerts
+
+    def _resolved_alert(self, w: int, old: str, windows: WindowSet, policy: UserPolicy, now: datetime) -> Alert:
+        spec = WINDOWS[w]
+        current = windows.of(spec.period)
+        return Alert(
+            kind="resolved", scope="org", window=spec.name, window_key=old,
+            window_start=current.start, window_end=current.end, level=Decimal(1),
+            spent_usd=Decimal(0), limit_usd=self._cap_usd(policy, w), at=now,
+            key_prefix=self._prefix, next_step=f"the {spec.name} window {current.stamp} is open",
+        )
 
     def _cap_usd(self, policy: UserPolicy, w: int) -> Decimal | None:
         cap = (*policy.caps, *self.policies.org.caps)[w]

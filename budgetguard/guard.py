@@ -111,7 +111,11 @@ class BudgetGuard:
         self._jsonl = JsonlSink(config.events.jsonl_path) if config.events.jsonl_path else None
         self._events_wanted = bool(self._on_event or self._jsonl)
         self._next_forecast: datetime | None = None
-        self._slice_timer = threading.Lock()  # held while a slice flush is scheduled
+        # Per driver (this process's thread, or an event loop): when its scheduled slice
+        # flush runs (monotonic s). Per driver, so that a flush stranded on a loop that
+        # ended does not stop the others; a forked child starts with none.
+        self._slice_flushes: dict[object, float] = {}
+        os.register_at_fork(after_in_child=functools.partial(_forget_slice_flushes, weakref.ref(self)))
         atexit.register(_close_lanes_at_exit, weakref.ref(self))
 
     @classmethod
@@ -261,11 +265,18 @@ class BudgetGuard:
         """While this process holds an org slice, renew it and hand in its spend every slice_flush_s."""
         lane = self._slices_lane
         assert lane is not None
-        if self._slice_timer.acquire(blocking=False) and not self._submit(
-                lane, sync, functools.partial(self._slice_job, sync), "a slice flush"):
-            self._slice_timer.release()
+        if lane.closed:
+            return
+        driver: object = "thread" if sync else asyncio.get_running_loop()
+        now = time.monotonic()
+        due = self._slice_flushes.get(driver)
+        if due is not None and now < due + 2 * self.config.org.slice_flush_s + 1:
+            return  # one is scheduled (a stale entry is one that never ran)
+        self._slice_flushes[driver] = now + self.config.org.slice_flush_s
+        if not self._submit(lane, sync, functools.partial(self._slice_job, sync, driver), "a slice flush"):
+            self._slice_flushes.pop(driver, None)
 
-    def _slice_job(self, sync: bool) -> Job:
+    def _slice_job(self, sync: bool, driver: object) -> Job:
         slices = self._engine.slices
         assert slices is not None
         try:
@@ -282,7 +293,7 @@ class BudgetGuard:
                     break
                 reply = yield call
         finally:
-            self._slice_timer.release()
+            self._slice_flushes.pop(driver, None)
         if slices.holding:
             self._schedule_slice_flush(sync)
 
@@ -542,6 +553,12 @@ def _any_sink(config: Config) -> bool:
     a = config.alerts
     return bool((a.slack and a.slack.webhook_url) or (a.pagerduty and a.pagerduty.routing_key)
                 or (a.webhook and a.webhook.url))
+
+
+def _forget_slice_flushes(ref: weakref.ref[BudgetGuard]) -> None:
+    guard = ref()
+    if guard is not None:
+        guard._slice_flushes = {}
 
 
 def _close_lanes_at_exit(ref: weakref.ref[BudgetGuard]) -> None:

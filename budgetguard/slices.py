@@ -103,22 +103,25 @@ class OrgSlices:
     def usable(self, stamps: tuple[str, str], now_ms: int) -> bool:
         return self.stamps == stamps and now_ms < self.deadline_ms - self.lease_ms * _RENEW_MARGIN
 
-    def take(self, rid: str, stamps: tuple[str, str], order: Sequence[tuple[int, int]], now_ms: int,
-             deadline_ms: int) -> tuple[int, int] | None:
-        """Hold the first ``(index, amount)`` of ``order`` that fits the slice; None: refill first."""
+    def take(self, rid: str, stamps: tuple[str, str], first: tuple[int, int], now_ms: int,
+             deadline_ms: int) -> bool:
+        """Hold ``first`` (candidate index, amount) if it fits the slice; False: refill or ask Redis.
+
+        Only the candidate one script would try first: whether a later one should be chosen
+        depends on the org's caps, which the slice does not show.
+        """
         with self._lock:
             self._sweep(now_ms)
             # While a refill is out (or its outcome unknown) the slice Redis counts is about
             # to change: calls then take the org's part from Redis, per request.
             if self.in_flight is not None or self.in_doubt is not None or not self.usable(stamps, now_ms):
-                return None
-            free = self.granted - self.held_total - self.pending_total - self.unsent_total
-            for index, amount in order:
-                if amount <= free:
-                    self.held[rid] = (amount, deadline_ms, index)
-                    self.held_total += amount
-                    return index, amount
-            return None
+                return False
+            index, amount = first
+            if amount > self.granted - self.held_total - self.pending_total - self.unsent_total:
+                return False
+            self.held[rid] = (amount, deadline_ms, index)
+            self.held_total += amount
+            return True
 
     def held_for(self, rid: str) -> tuple[int, int] | None:
         """The (candidate, amount) a live hold of ``rid`` took, if any (a repeated request id)."""
@@ -126,17 +129,12 @@ class OrgSlices:
             held = self.held.get(rid)
             return None if held is None else (held[2], held[0])
 
-    def release(self, rid: str) -> bool:
-        """Let go of ``rid``'s hold; True if it was still live."""
+    def settle(self, rid: str, item: Item) -> None:
+        """Let go of ``rid``'s hold and queue its spend and event, in one step (no room in between)."""
         with self._lock:
             held = self.held.pop(rid, None)
             if held is not None:
                 self.held_total -= held[0]
-            return held is not None
-
-    def queue(self, item: Item) -> None:
-        """Spend settled from the slice, to hand in with the next refill."""
-        with self._lock:
             self.pending.append(item)
             self.pending_total += item.cost
 
@@ -174,13 +172,14 @@ class OrgSlices:
             return refill
 
     def done(self, refill: Refill, reply: Sequence[Any], deadline_ms: int) -> None:
-        granted, given_back, spent_d, spent_m, reserved_d, reserved_m = (int(v) for v in reply[:6])
+        granted, _, spent_d, spent_m, reserved_d, reserved_m = (int(v) for v in reply[:6])
         with self._lock:
             self.in_flight = self.in_doubt = None
             self.unsent_total -= refill.batch_total
+            # What Redis gave back may be less (a slice whose lease lapsed was swept there):
+            # either way none of it is held any more.
             for member in refill.release:
-                self.members.pop(member, None)
-            self.granted -= given_back
+                self.granted -= self.members.pop(member, 0)
             if granted > 0:
                 self.members[f"{refill.id}|{granted}|{refill.stamps[0]}|{refill.stamps[1]}"] = granted
                 self.granted += granted

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from functools import cache
 from importlib.resources import files
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -159,11 +160,12 @@ def _connect_cluster(config: Config, url: str) -> redis.cluster.RedisCluster:
     """``redis+cluster://[user:pass@]host:port[,host:port...]``: any listed node that answers maps the rest."""
     from redis.retry import Retry
 
-    scheme, rest = url.split("://", 1)
-    auth, _, hosts = rest.rpartition("@")
-    hosts = hosts.split("/", 1)[0]
-    first, *others = hosts.split(",") if hosts else [""]
-    base = f"{scheme.replace('+cluster', '')}://{auth + '@' if auth else ''}{first}"
+    parts = urlsplit(url)
+    auth, _, hosts = parts.netloc.rpartition("@")
+    first, *others = hosts.split(",")
+    # The first node, credentials, database and options (TLS files...) go through from_url.
+    base = urlunsplit((parts.scheme.replace("+cluster", ""), f"{auth}@{first}" if auth else first, parts.path,
+                       parts.query, ""))
     nodes = []
     for other in others:
         host, _, port = other.rpartition(":")
@@ -277,14 +279,17 @@ class SyncStore(_Outcomes):
             return done.value
         while True:
             try:
-                reply = self.run(call)
-            except StoreUnavailable as exc:
-                call = steps.throw(exc)  # the operation compensates, or raises it back
-                continue
-            try:
+                try:
+                    reply = self.run(call)
+                except StoreUnavailable as exc:
+                    call = steps.throw(exc)  # the operation compensates, or raises it back
+                    continue
                 call = steps.send(reply)
             except StopIteration as done:
                 return done.value
+            except BaseException:
+                steps.close()  # interrupted: let the operation clean up (a refill it had out)
+                raise
 
 
 class AsyncStore(_Outcomes):
@@ -314,14 +319,17 @@ class AsyncStore(_Outcomes):
             return done.value
         while True:
             try:
-                reply = await self.run(call)
-            except StoreUnavailable as exc:
-                call = steps.throw(exc)
-                continue
-            try:
+                try:
+                    reply = await self.run(call)
+                except StoreUnavailable as exc:
+                    call = steps.throw(exc)
+                    continue
                 call = steps.send(reply)
             except StopIteration as done:
                 return done.value
+            except BaseException:
+                steps.close()  # cancelled: let the operation clean up (a refill it had out)
+                raise
 
 
 class ThreadedStore:

@@ -390,12 +390,12 @@ def test_a_resent_settle_reports_the_crossings_of_its_first_run(backend_url, clo
                     redis_url=backend_url, clock=clock)
     d = g.check("alice", "gpt-4o", MSG, max_tokens=10)
     plan = g._engine.settle_call(d, spend(6))
-    first = g._engine.read_settle(plan, g._sync.drive(g._engine.steps(plan.calls)))
-    resent = g._engine.read_settle(plan, g._sync.drive(g._engine.steps(plan.calls)))
+    first = g._engine.read_settle(plan, g._sync.drive(g._engine.settle_steps(plan)))
+    resent = g._engine.read_settle(plan, g._sync.drive(g._engine.settle_steps(plan)))
     assert [(a.kind, a.level) for a in first.alerts] == [("threshold", Decimal("0.5"))]
     assert resent.applied and resent.alerts == first.alerts and resent.event == first.event
     other = g._engine.settle_call(d, spend(1))  # a second, different settle of the same decision
-    assert g._engine.read_settle(other, g._sync.drive(g._engine.steps(other.calls))) == type(first)(False, [], None)
+    assert g._engine.read_settle(other, g._sync.drive(g._engine.settle_steps(other))) == type(first)(False, [], None)
     g.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -30,9 +31,9 @@ def test_a_check_runs_one_script_per_slot(cluster_url, redis_cluster, clock):
     d = g.check("alice", "gpt-4o", MSG, max_tokens=50)
     g.record(d, Usage(input_tokens=d.estimated_input_tokens, output_tokens=5))
     user_slot, org_slot = redis_cluster.keyslot("{u:alice}"), redis_cluster.keyslot("{org}")
-    # Reserve: the user's part, then the org's; settle: the org's part (with the event), then the user's.
-    assert nodes == [("reserve", {user_slot}), ("reserve", {org_slot}), ("settle", {org_slot}),
-                     ("settle", {user_slot})]
+    # Reserve and settle alike: the user's part, then the org's (the settle's carries the event).
+    assert nodes == [("reserve", {user_slot}), ("reserve", {org_slot}), ("settle", {user_slot}),
+                     ("settle", {org_slot})]
 
 
 def test_an_org_denial_gives_the_user_part_back(cluster_url, clock, cluster_client):
@@ -155,3 +156,42 @@ def test_an_unreachable_cluster_is_a_clear_error(url):
 
     with pytest.raises((StoreUnavailable, ConfigError)):
         BudgetGuard(config(redis_timeout_ms=100), redis_url=url)
+
+
+def _failing(g, script: str, part: str):
+    """Make the guard's store fail one kind of call (as a node that does not answer would)."""
+    from budgetguard.store import StoreUnavailable
+
+    run = g._sync.run
+    state = {"on": True}
+
+    def failing(call):
+        parts = call.args[12] if call.script == "reserve" else call.args[-1]
+        if state["on"] and call.script == script and parts == part:
+            raise StoreUnavailable(f"budget store unavailable: {script} {part} (injected)")
+        return run(call)
+
+    g._sync.run = failing
+    return state
+
+
+def test_fail_open_after_the_org_part_failed_still_charges_both(cluster_url, clock):
+    g = guard(cluster_url, clock, fail_mode="open", org={"daily_usd": "100"})
+    org_down = _failing(g, "reserve", "o")
+    d = g.check("alice", "gpt-4o", MSG, max_tokens=50)
+    assert (d.allowed, d.enforced, d.limit) == (True, False, "store.unavailable")
+    org_down["on"] = False
+    usage = Usage(input_tokens=d.estimated_input_tokens, output_tokens=50)
+    assert g.record(d, usage)
+    w = g.status("alice").windows
+    cost = Decimal(g._engine.cost_nano(d, usage)) / 10**9
+    assert (w["user.daily"].spent_usd, w["org.daily"].spent_usd) == (cost, cost)
+    assert (w["user.daily"].reserved_usd, w["org.daily"].reserved_usd) == (0, 0)
+
+
+async def test_a_failed_give_back_is_a_denial_not_an_exception(cluster_url, clock):
+    g = guard(cluster_url, clock, org={"daily_usd": "0.0001"})  # the org denies every request
+    _failing(g, "settle", "u")
+    assert g.check("alice", "gpt-4o", MSG, max_tokens=50).limit == "org.daily"
+    d = await asyncio.wait_for(g.acheck("bob", "gpt-4o", MSG, max_tokens=50), 10)
+    assert d.limit == "org.daily"

@@ -409,11 +409,11 @@ def test_same_call_twice_applies_once(backend_url, clock):
     usage = Usage(input_tokens=100, output_tokens=10)
     cost = g._engine.cost_nano(first, usage)
     plan = g._engine.settle_call(first, usage)
-    assert g._engine.read_settle(plan, g._sync.drive(g._engine.steps(plan.calls))).applied is True
+    assert g._engine.read_settle(plan, g._sync.drive(g._engine.settle_steps(plan))).applied is True
     # The resend finds the state it would have written: applied once, reported as applied.
-    assert g._engine.read_settle(plan, g._sync.drive(g._engine.steps(plan.calls))).applied is True
+    assert g._engine.read_settle(plan, g._sync.drive(g._engine.settle_steps(plan))).applied is True
     other = g._engine.settle_call(first, Usage(input_tokens=9999, output_tokens=1))
-    assert g._engine.read_settle(other, g._sync.drive(g._engine.steps(other.calls))).applied is False
+    assert g._engine.read_settle(other, g._sync.drive(g._engine.settle_steps(other))).applied is False
     w = g.status("u1").windows["user.daily"]
     assert (w.spent_usd, w.reserved_usd) == (Decimal(cost) / 10**9, 0)
 

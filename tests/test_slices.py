@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -214,3 +215,189 @@ def test_an_idle_process_hands_in_its_spend_and_gives_its_slice_back(slice_url):
     assert _poll(lambda: _org(g)[0].spent_usd == cost)
     assert _poll(lambda: _org(g)[0].reserved_usd == 0)  # the idle slice went back
     assert not g._engine.slices.holding
+
+
+# -- regressions: each of these failed before its fix ---------------------------------------
+
+
+def _full(d):
+    return Usage(input_tokens=d.estimated_input_tokens, output_tokens=d.max_output_tokens)
+
+
+def _events(g):
+    return [json.loads(f[b"e"]) for _, f in g._sync.client.xrange(g._engine._org_prefix + "events")]
+
+
+def test_a_slice_that_lapsed_is_not_counted_again(real_redis, real_redis_url, clock):
+    e = estimate(real_redis_url, clock)
+    cap = e * 10
+    g = guard(real_redis_url, clock, org={"daily_usd": str(cap), "slice_usd": str(e * 3), "slice_flush_s": 60})
+    d = g.check("u0", "gpt-4o", MSG, max_tokens=50)
+    g.record(d, _full(d))
+    clock.advance(seconds=61)  # the slice's lease lapses in Redis (a long pause)
+    allowed = [x for x in (g.check(f"u{i % 5}", "gpt-4o", MSG, max_tokens=50) for i in range(20)) if x.allowed]
+    for x in allowed:
+        g.record(x, _full(x))
+    g.close()
+    assert 1 + len(allowed) == 10 and _org(g)[0].spent_usd == cap
+
+
+def test_a_resent_user_settle_still_charges_the_org(real_redis, real_redis_url, clock):
+    e = estimate(real_redis_url, clock)
+    g = guard(real_redis_url, clock, org={"daily_usd": "100", "slice_usd": str(e * 10)})
+    run = g._sync.run
+
+    def lost_reply(call):
+        if call.script == "settle" and call.args[-1] == "u":
+            run(call)  # applied, its reply lost, and the client resends
+        return run(call)
+
+    g._sync.run = lost_reply
+    d = g.check("alice", "gpt-4o", MSG, max_tokens=50)
+    assert g.record(d, _full(d))
+    g._sync.run = run
+    g.close()
+    assert _org(g)[0].spent_usd == nano_to_usd(g._engine.cost_nano(d, _full(d)))
+    assert [ev["outcome"] for ev in _events(g) if ev["user"] == "alice"] == ["ok"]
+
+
+def test_a_request_id_retried_by_another_process_is_charged_once(real_redis, real_redis_url, clock):
+    e = estimate(real_redis_url, clock)
+    org = {"daily_usd": "100", "slice_usd": str(e * 10)}
+    a, b = guard(real_redis_url, clock, org=org), guard(real_redis_url, clock, org=org)
+    d1 = a.check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
+    d2 = b.check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
+    assert "repeat" in d2.reason
+    assert [a.record(d1, _full(d1)), b.record(d2, _full(d2))] == [True, False]
+    a.close()
+    b.close()
+    assert _org(a)[0].spent_usd == a.status("dora").windows["user.daily"].spent_usd == e
+
+
+def test_a_second_record_reports_false_even_when_a_flush_runs(real_redis, real_redis_url, clock):
+    e = estimate(real_redis_url, clock)
+    g = guard(real_redis_url, clock, org={"daily_usd": "100", "slice_usd": str(e * 10), "slice_flush_s": 1})
+    a = g.check("alice", "gpt-4o", MSG, max_tokens=50)
+    assert g.record(a, _full(a))
+    b = g.check("bob", "gpt-4o", MSG, max_tokens=50)
+    g.record(b, _full(b))
+    clock.advance(seconds=2)  # the next settle runs a flush
+    assert g.record(a, _full(a)) is False
+    g.close()
+
+
+def test_releases_reach_the_usage_stream(real_redis, real_redis_url, clock):
+    g = guard(real_redis_url, clock, org={"daily_usd": "100", "slice_usd": "1"})
+    ok = g.check("alice", "gpt-4o", MSG, max_tokens=50)
+    g.record(ok, _full(ok))
+    bad = g.check("alice", "gpt-4o", MSG, max_tokens=50)
+    g.release(bad, error="upstream 500")
+    g.close()
+    assert [ev["outcome"] for ev in _events(g)] == ["ok", "released"]
+
+
+def test_a_short_slice_takes_no_route_nothing_triggered(real_redis, real_redis_url, clock):
+    """The requested model does not fit the slice: ask Redis, do not route to a cheaper model."""
+    e = estimate(real_redis_url, clock)
+    g = guard(real_redis_url, clock, org={"daily_usd": "100", "slice_usd": str(e * 3), "slice_flush_s": 60,
+                                          "downgrade": {"at": 0.9, "routes": {"gpt-4o": "gpt-4o-mini"}}})
+    held = [g.check(f"u{i}", "gpt-4o", MSG, max_tokens=50) for i in range(4)]
+    g.record(held[0], Usage(input_tokens=held[0].estimated_input_tokens, output_tokens=1))
+    d = g.check("u9", "gpt-4o", MSG, max_tokens=50)
+    assert (d.allowed, d.model) == (True, "gpt-4o")
+    g.close()
+
+
+def test_spend_of_100k_dollars_and_more_is_read_exactly(real_redis, real_redis_url, clock):
+    g = guard(real_redis_url, clock, org={"daily_usd": "400000", "alert_at": [0.5], "slice_usd": "5",
+                                          "slice_flush_s": 1})
+    day = g._engine._org_prefix + g._engine.windows_now(clock()).d.stamp
+    real_redis.hset(day, "s", 200_000 * 10**9 - 1)  # just under $200k spent today
+    alerts = []
+    g._on_alert, g._alerting = [alerts.append], True
+    d = g.check("alice", "gpt-4o", MSG, max_tokens=50)
+    clock.advance(seconds=2)
+    assert g.record(d, _full(d))  # hands the spend in: crosses 50% at over 2e14 nano-USD
+    g.close()
+    assert [(a.window, a.level) for a in alerts] == [("org.daily", Decimal("0.5"))]
+    assert alerts[0].spent_usd == Decimal(200_000) - Decimal("1e-9") + nano_to_usd(g._engine.cost_nano(d, _full(d)))
+
+
+def test_the_org_block_is_resolved_on_the_next_day(real_redis, real_redis_url, clock):
+    e = estimate(real_redis_url, clock)
+    g = guard(real_redis_url, clock, org={"daily_usd": str(e * 2), "slice_usd": str(e)})
+    alerts = []
+    g._on_alert, g._alerting = [alerts.append], True
+    for d in [g.check(f"u{i}", "gpt-4o", MSG, max_tokens=50) for i in range(3)]:
+        if d.allowed:
+            g.record(d, _full(d))
+    clock.advance(days=1)
+    d = g.check("v", "gpt-4o", MSG, max_tokens=50)
+    g.record(d, _full(d))
+    g.flush(5)
+    g.close()
+    kinds = [(a.kind, a.window) for a in alerts]
+    assert ("blocked", "org.daily") in kinds and ("resolved", "org.daily") in kinds
+
+
+async def test_a_record_cancelled_during_a_flush_loses_no_spend(real_redis, real_redis_url, clock):
+    e = estimate(real_redis_url, clock)
+    g = guard(real_redis_url, clock, org={"daily_usd": "100", "slice_usd": str(e * 10), "slice_flush_s": 1})
+    store = g._async_store()
+    run = store.run
+    slow = asyncio.Event()
+
+    async def slow_slice(call):
+        if call.script == "slice" and not slow.is_set():
+            await asyncio.sleep(0.5)
+        return await run(call)
+
+    store.run = slow_slice
+    ds = [await g.acheck(f"u{i}", "gpt-4o", MSG, max_tokens=50) for i in range(3)]
+    clock.advance(seconds=2)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(g.arecord(ds[0], _full(ds[0])), 0.05)
+    slow.set()
+    for d in ds[1:]:
+        await g.arecord(d, _full(d))
+    await g.aclose()
+    assert _org(g)[0].spent_usd == sum(nano_to_usd(g._engine.cost_nano(d, _full(d))) for d in ds)
+
+
+def test_a_forked_child_flushes_in_the_background(real_redis, real_redis_url):
+    e = estimate(real_redis_url, None)
+    g = guard(real_redis_url, None, org={"daily_usd": "100", "slice_usd": str(e * 10), "slice_flush_s": 0.2})
+    d = g.check("parent", "gpt-4o", MSG, max_tokens=50)
+    g.record(d, _full(d))
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_child_records_and_idles, args=(g,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    g.close()
+
+
+def _child_records_and_idles(g) -> None:
+    d = g.check("child", "gpt-4o", MSG, max_tokens=50)
+    g.record(d, _full(d))
+    want = g._engine.cost_nano(d, _full(d))
+    # No close(): the child's background flush must hand its spend in by itself.
+    handed = _poll(lambda: g.status("child").windows["org.daily"].spent_usd >= nano_to_usd(2 * want))
+    os._exit(0 if handed else 1)
+
+
+def test_asyncio_run_without_aclose_leaves_the_flush_working(real_redis, real_redis_url):
+    e = estimate(real_redis_url, None)
+    g = guard(real_redis_url, None, org={"daily_usd": "100", "slice_usd": str(e * 10), "slice_flush_s": 0.2})
+
+    async def one():
+        d = await g.acheck("async", "gpt-4o", MSG, max_tokens=50)
+        await g.arecord(d, _full(d))
+        return d
+
+    first = asyncio.run(one())  # the loop ends before its flush could run
+    d = g.check("sync", "gpt-4o", MSG, max_tokens=50)
+    g.record(d, _full(d))
+    want = nano_to_usd(g._engine.cost_nano(first, _full(first)) + g._engine.cost_nano(d, _full(d)))
+    assert _poll(lambda: _org(g)[0].spent_usd == want)
+    g.close()

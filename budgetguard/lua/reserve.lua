@@ -17,6 +17,8 @@
 -- ARGV[12] mask of the windows whose first denial is an alert
 -- ARGV[13] the parts: "uo", "u" or "o"
 -- ARGV[14] "1" when an earlier part (the user's) reached its routing threshold, else "0"
+-- ARGV[15] "1": only probe (after the user part denied): report the blocking windows and
+--          claim their first-denial alerts, but reserve nothing
 --
 -- Returns {1, chosen, requested_blockers, triggered, spent..., reserved...} when reserved,
 --         {0, 0, blockers of the cheapest candidate, triggered, spent..., reserved...} when denied,
@@ -115,6 +117,11 @@ if chosen == 0 then
       reply[#reply + 1] = 'b|' .. w
     end
   end
+  return reply
+end
+
+if ARGV[15] == '1' then
+  reply[1], reply[2], reply[3] = 0, 0, 0
   return reply
 end
 

@@ -69,7 +69,7 @@ if cost ~= '' then
     local w = tonumber(t[i])
     if key[w] and spent[w] >= tonumber(t[i + 2])
         and redis.call('HSETNX', key[w], 'a:' .. t[i + 1], now) == 1 then
-      reply[#reply + 1] = 't|' .. w .. '|' .. t[i + 1] .. '|' .. spent[w]
+      reply[#reply + 1] = 't|' .. w .. '|' .. t[i + 1] .. '|' .. string.format('%d', spent[w])
     end
   end
   if with_org and cost ~= '0' then
@@ -79,7 +79,7 @@ if cost ~= '' then
     if hour == tonumber(cost) then redis.call('PEXPIRE', hist, hist_ttl) end
     if ARGV[16] ~= '' and hour >= tonumber(ARGV[16])
         and redis.call('HSETNX', hist, 'a:' .. ARGV[12], now) == 1 then
-      reply[#reply + 1] = 'a|' .. ARGV[12] .. '|' .. hour
+      reply[#reply + 1] = 'a|' .. ARGV[12] .. '|' .. string.format('%d', hour)
     end
     -- An hour's rankings only name who spent in an anomalous hour: two days is plenty.
     local hour_ttl = 2 * 86400000

@@ -8,7 +8,7 @@
 -- KEYS[1] this refill's state   KEYS[2] org leases   KEYS[3] org day   KEYS[4] org month
 -- KEYS[5] org spend history of the UTC day   KEYS[6] org spend by user, this hour
 -- KEYS[7] by user, today   KEYS[8] by user, this month   KEYS[9] by feature, this hour
--- KEYS[10] usage event stream
+-- KEYS[10] usage event stream   KEYS[11] the org's open "blocked" alerts (as in reserve.lua)
 -- ARGV[1] now ms   ARGV[2] key grace ms   ARGV[3] state ttl ms   ARGV[4] org prefix
 -- ARGV[5] org window suffixes "|d:..|m:.."   ARGV[6] slices to give back, joined by ','
 -- ARGV[7] the new slice's id   ARGV[8] its deadline ms
@@ -57,24 +57,33 @@ local reply = {}
 local spent = {}
 -- Totals stay below 2^53 (caps are under $9M), so '%d' prints them exactly.
 local charged = string.format('%d', total)
+local suffix = split(ARGV[5], '|')
+local crossings = {}
 for w = 1, 2 do
+  if redis.call('EXISTS', KEYS[2 + w]) == 0 then
+    -- A new org window: a "blocked" alert of its predecessor can be resolved.
+    local open = redis.call('HGET', KEYS[11], w + 3)
+    if open and open ~= suffix[w] then
+      redis.call('HDEL', KEYS[11], w + 3)
+      crossings[#crossings + 1] = 'r|' .. (w + 3) .. '|' .. open
+    end
+  end
   spent[w] = redis.call('HINCRBY', KEYS[2 + w], 's', charged)
   redis.call('PEXPIRE', KEYS[2 + w], math.max(1000, tonumber(ends[w]) + grace - now))
 end
-local crossings = {}
 if total > 0 then
   local t = split(ARGV[13], ',')
   for i = 1, #t, 3 do
     local w = tonumber(t[i]) - 3
     if spent[w] >= tonumber(t[i + 2]) and redis.call('HSETNX', KEYS[2 + w], 'a:' .. t[i + 1], now) == 1 then
-      crossings[#crossings + 1] = 't|' .. (w + 3) .. '|' .. t[i + 1] .. '|' .. spent[w]
+      crossings[#crossings + 1] = 't|' .. (w + 3) .. '|' .. t[i + 1] .. '|' .. string.format('%d', spent[w])
     end
   end
   local hour = redis.call('HINCRBY', KEYS[5], ARGV[14], charged)
   if hour == total then redis.call('PEXPIRE', KEYS[5], ARGV[15]) end
   if ARGV[16] ~= '' and hour >= tonumber(ARGV[16])
       and redis.call('HSETNX', KEYS[5], 'a:' .. ARGV[14], now) == 1 then
-    crossings[#crossings + 1] = 'a|' .. ARGV[14] .. '|' .. hour
+    crossings[#crossings + 1] = 'a|' .. ARGV[14] .. '|' .. string.format('%d', hour)
   end
 end
 
