@@ -98,6 +98,7 @@ class Setup:
     org_port: int
     ping: Callable[[str], Any]  # one PING round trip to the node of a user's keys
     samples: dict[str, list[int]] = field(default_factory=lambda: {"check": [], "record": [], "ping": []})
+    per_round: list[dict[str, float]] = field(default_factory=list)  # median µs per step, each round
     stats: dict[int, CommandStats] = field(default_factory=dict)
     requests: int = 0
     unenforced: int = 0
@@ -150,6 +151,7 @@ def cluster_setup(name: str, cluster: LocalCluster, slice_usd: str | None, users
 def run_round(setup: Setup, users: list[str], n: int, offset: int) -> None:
     """``n`` requests (check, record, PING) of users taken in turn from ``offset``."""
     guard, samples = setup.guard, setup.samples
+    start = len(samples["check"])
     for i in range(n):
         user = users[(offset + i) % len(users)]
         t0 = time.perf_counter_ns()
@@ -165,6 +167,7 @@ def run_round(setup: Setup, users: list[str], n: int, offset: int) -> None:
         samples["record"].append(t2 - t1)
         samples["ping"].append(t3 - t2)
     setup.requests += n
+    setup.per_round.append({step: median_us(values[start:]) for step, values in samples.items()})
 
 
 def ledger_ok(setup: Setup, cost_nano: int) -> str:
@@ -250,6 +253,13 @@ def report_latency(setups: list[Setup]) -> None:
     print(f"  cluster+slices / cluster, p50: check "
           f"{median_us(sliced.samples['check']) / median_us(plain.samples['check']):.2f}, record "
           f"{median_us(sliced.samples['record']) / median_us(plain.samples['record']):.2f}")
+    # The same ratios round by round: how far the machine's noise moves them.
+    for a, b in ((base, by["single+slices"]), (plain, sliced), (base, plain)):
+        spans = []
+        for step in ("check", "record"):
+            ratios = [rb[step] / ra[step] for ra, rb in zip(a.per_round, b.per_round, strict=True)]
+            spans.append(f"{step} {min(ratios):.2f} to {max(ratios):.2f}")
+        print(f"  per round, {b.name} / {a.name} p50: {', '.join(spans)}")
 
 
 def main() -> None:
@@ -277,6 +287,7 @@ def main() -> None:
         for s in setups:  # connections, script loading, the first slice
             run_round(s, users, args.warmup, 0)
             s.samples = {k: [] for k in s.samples}
+            s.per_round = []
         before = {s.name: s.snapshot() for s in setups}
         for s in setups:
             s.scripts_before = s.script_calls()

@@ -90,6 +90,8 @@ STANDARD_TIER = {"hourly_usd": "5", "daily_usd": "10", "monthly_usd": "50"}
 ORG_HEADROOM = 300  # requests the org cap allows beyond the most stage 1 can spend
 KINDS = (("json", 2), ("stream_usage", 1), ("stream", 1))  # request kinds and their weights
 SCRIPTS = ("reserve", "settle", "slice", "lookup")
+# uvicorn closes keep-alive connections idle for 5 s; ours reconnect well before that.
+IDLE_S = 2.0
 
 
 # -- pricing, by hand ------------------------------------------------------------------------
@@ -286,8 +288,11 @@ class Connection:
         self.host, self.port = url.host, url.port or 80
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.used = 0.0
 
     async def post(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is not None and time.monotonic() - self.used > IDLE_S:
+            await self.close()  # the server may be closing it: never send on an idle connection
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -318,6 +323,7 @@ class Connection:
             fields["connection"] = "close"
         if fields.get("connection", "").lower() == "close":
             await self.close()
+        self.used = time.monotonic()
         return status, fields, data
 
     async def close(self) -> None:
