@@ -68,6 +68,9 @@ from tests.cluster import LocalCluster
 HIGH_CAP_USD = "1000000"  # every window capped (so every script checks it) but never reached
 OUTPUT_TOKENS = 100  # what each record charges for output
 SCRIPTS = ("reserve", "settle", "slice")
+# A process idle this long has handed in its slice spend (slice_flush_s is 1 s): counting
+# from and to such a moment charges each request with its own hand-in, no more, no less.
+HAND_IN_S = 3.0
 
 
 def make_config(prefix: str, slice_usd: str | None) -> Config:
@@ -288,6 +291,7 @@ def main() -> None:
             run_round(s, users, args.warmup, 0)
             s.samples = {k: [] for k in s.samples}
             s.per_round = []
+        time.sleep(HAND_IN_S)  # the warm-up's slice spend handed in before counting starts
         before = {s.name: s.snapshot() for s in setups}
         for s in setups:
             s.scripts_before = s.script_calls()
@@ -297,7 +301,9 @@ def main() -> None:
                 s = setups[(r + k) % len(setups)]
                 run_round(s, users, args.n, r * args.n)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-        # Deltas over the whole span: slice calls made while a set-up sat idle count too.
+        # Deltas over the whole span: slice calls made while a set-up sat idle count too,
+        # and the last requests' spend is handed in before counting stops.
+        time.sleep(HAND_IN_S)
         for s in setups:
             after = s.snapshot()
             s.stats = {port: after[port] - before[s.name][port] for port in after}

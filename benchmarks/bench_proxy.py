@@ -92,6 +92,9 @@ KINDS = (("json", 2), ("stream_usage", 1), ("stream", 1))  # request kinds and t
 SCRIPTS = ("reserve", "settle", "slice", "lookup")
 # uvicorn closes keep-alive connections idle for 5 s; ours reconnect well before that.
 IDLE_S = 2.0
+# A proxy idle this long has handed in its slice spend (slice_flush_s is 1 s): counting Redis
+# calls from and to such a moment charges each request with its own hand-in.
+HAND_IN_S = 3.0
 
 
 # -- pricing, by hand ------------------------------------------------------------------------
@@ -577,6 +580,7 @@ class Target:
 async def run_stage1(name: str, concurrency: int, requests: list[Request], targets: dict[str, Target],
                      store: Store, proxy_url: str, args: argparse.Namespace, payloads: dict[str, bytes],
                      pids: dict[str, int]) -> Level:
+    await asyncio.sleep(HAND_IN_S)
     before = {port: CommandStats.read(c) for port, c in store.nodes.items()}
     scripts_before = script_counts(proxy_url)
     blocks = []
@@ -585,6 +589,7 @@ async def run_stage1(name: str, concurrency: int, requests: list[Request], targe
         for target in ("proxy", "direct") if r % 2 == 0 else ("direct", "proxy"):
             blocks.append(await run_block(target, targets[target].connections[:concurrency], chunk, payloads, pids))
         print(f"{name}, concurrency {concurrency}: round {r + 1}/{args.rounds}", file=sys.stderr)
+    await asyncio.sleep(HAND_IN_S)
     after = {port: CommandStats.read(c) for port, c in store.nodes.items()}
     scripts_after = script_counts(proxy_url)
     return Level(concurrency, blocks, {port: after[port] - before[port] for port in after},
