@@ -14,9 +14,9 @@ Four set-ups, each on servers of its own so that INFO commandstats counts its ca
 alone: a single Redis with default settings and with slices (two private
 ``redis-server`` processes), and a 3-primary Redis Cluster (``tests.cluster.LocalCluster``)
 with default settings and with slices (two clusters). Each round runs ``--n`` requests
-(check, record, then one PING for reference) on every set-up in turn, the order rotating
-per round, so the machine's noise hits all of them alike. All checks are allowed (caps
-far away) and each record charges a fixed usage.
+(check, record, then one PING for reference) on every set-up, interleaved request by
+request in a shuffled order, so the machine's noise hits all of them alike. All checks
+are allowed (caps far away) and each record charges a fixed usage.
 
 Redis 7.0 counts every command a script runs in INFO commandstats under the command's
 own name (a SET inside a script adds 1 to ``cmdstat_set``), besides the ``EVALSHA``
@@ -27,6 +27,7 @@ the EVALSHA time Redis reports (the commands inside included).
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 import uuid
@@ -151,26 +152,36 @@ def cluster_setup(name: str, cluster: LocalCluster, slice_usd: str | None, users
                  {p: users_on.get(p, 0) for p in primaries}, port_of(f"{prefix}:{{org}}:d"), ping)
 
 
-def run_round(setup: Setup, users: list[str], n: int, offset: int) -> None:
-    """``n`` requests (check, record, PING) of users taken in turn from ``offset``."""
-    guard, samples = setup.guard, setup.samples
-    start = len(samples["check"])
+def one_request(setup: Setup, user: str) -> None:
+    """Check, record, then a PING for reference; each timed."""
+    t0 = time.perf_counter_ns()
+    d = setup.guard.check(user, MODEL, MESSAGES, max_tokens=MAX_TOKENS)
+    t1 = time.perf_counter_ns()
+    setup.guard.record(d, Usage(input_tokens=d.estimated_input_tokens, output_tokens=OUTPUT_TOKENS))
+    t2 = time.perf_counter_ns()
+    setup.ping(user)
+    t3 = time.perf_counter_ns()
+    if not (d.allowed and d.enforced):
+        setup.unenforced += 1
+    setup.samples["check"].append(t1 - t0)
+    setup.samples["record"].append(t2 - t1)
+    setup.samples["ping"].append(t3 - t2)
+    setup.requests += 1
+
+
+def run_round(setups: list[Setup], users: list[str], n: int, offset: int, rng: random.Random) -> None:
+    """``n`` requests on every set-up, interleaved one by one in a shuffled order.
+
+    Interleaving request by request (not set-up by set-up) keeps every server busy alike
+    and lets a burst of the machine's noise hit all set-ups, not one.
+    """
+    starts = [len(s.samples["check"]) for s in setups]
     for i in range(n):
         user = users[(offset + i) % len(users)]
-        t0 = time.perf_counter_ns()
-        d = guard.check(user, MODEL, MESSAGES, max_tokens=MAX_TOKENS)
-        t1 = time.perf_counter_ns()
-        guard.record(d, Usage(input_tokens=d.estimated_input_tokens, output_tokens=OUTPUT_TOKENS))
-        t2 = time.perf_counter_ns()
-        setup.ping(user)
-        t3 = time.perf_counter_ns()
-        if not (d.allowed and d.enforced):
-            setup.unenforced += 1
-        samples["check"].append(t1 - t0)
-        samples["record"].append(t2 - t1)
-        samples["ping"].append(t3 - t2)
-    setup.requests += n
-    setup.per_round.append({step: median_us(values[start:]) for step, values in samples.items()})
+        for setup in rng.sample(setups, len(setups)):
+            one_request(setup, user)
+    for setup, start in zip(setups, starts, strict=True):
+        setup.per_round.append({step: median_us(values[start:]) for step, values in setup.samples.items()})
 
 
 def ledger_ok(setup: Setup, cost_nano: int) -> str:
@@ -287,8 +298,9 @@ def main() -> None:
                   single_setup("single+slices", servers[1], args.slice_usd, users),
                   cluster_setup("cluster", clusters[0], None, users),
                   cluster_setup("cluster+slices", clusters[1], args.slice_usd, users)]
-        for s in setups:  # connections, script loading, the first slice
-            run_round(s, users, args.warmup, 0)
+        rng = random.Random(7)
+        run_round(setups, users, args.warmup, 0, rng)  # connections, script loading, the first slice
+        for s in setups:
             s.samples = {k: [] for k in s.samples}
             s.per_round = []
         time.sleep(HAND_IN_S)  # the warm-up's slice spend handed in before counting starts
@@ -297,12 +309,9 @@ def main() -> None:
             s.scripts_before = s.script_calls()
             s.requests = 0
         for r in range(args.rounds):
-            for k in range(len(setups)):
-                s = setups[(r + k) % len(setups)]
-                run_round(s, users, args.n, r * args.n)
+            run_round(setups, users, args.n, r * args.n, rng)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-        # Deltas over the whole span: slice calls made while a set-up sat idle count too,
-        # and the last requests' spend is handed in before counting stops.
+        # The last requests' spend is handed in before counting stops.
         time.sleep(HAND_IN_S)
         for s in setups:
             after = s.snapshot()
