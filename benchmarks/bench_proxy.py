@@ -2,15 +2,16 @@
 
 Run by hand (it starts its own servers; nothing else is touched)::
 
-    python benchmarks/bench_proxy.py [--concurrency 32] [--block 500] [--rounds 6]
+    python benchmarks/bench_proxy.py [--concurrency 32,1] [--block 500] [--rounds 6]
                                      [--variants single,cluster,cluster+slices] [--slice-usd 1]
 
 Three processes besides this one: the fake OpenAI upstream of the tests
 (``tests/upstream.py``, served by uvicorn), the proxy (``python -m budgetguard proxy``)
 and Redis: a private ``redis-server`` (variant ``single``) or a 3-primary Redis Cluster
 (``tests.cluster.LocalCluster``; variants ``cluster`` and ``cluster+slices``, the latter
-with ``org.slice_usd``). This process is the load generator: ``--concurrency`` workers on
-one asyncio loop, each sending its next request as soon as the last one is answered.
+with ``org.slice_usd``). This process is the load generator: one keep-alive connection
+per concurrent caller on one asyncio loop, each sending its next request as soon as the
+last one is answered; stage 1 runs at each ``--concurrency`` level in turn.
 
 Requests are chat completions of about 1,000 input tokens and ``max_tokens`` 64, from
 200 callers (one API key each): half JSON, a quarter streaming with
