@@ -1,12 +1,9 @@
-"""Known bug, kept as strict xfails: a split check blocked by a user window and an org window
-names the user window and its earlier reset.
+"""A check blocked by a user window and an org window names the one that resets last, split or not.
 
 A check is split (user part, then org part) on a Redis Cluster and whenever ``org.slice_usd``
-is set. One script (single Redis, no slices) sees every window and, as the README says, names
-the blocking window that resets last: ``org.daily``, with ``retry_after`` until the day ends.
-A split check stops at the user part's denial without asking the org part, so it names
-``user.hourly`` with a ``retry_after`` at the end of the hour, after which the same request is
-denied again, now by ``org.daily``. The ledger is not affected.
+is set. One script sees every window at once; a split check whose user part denies probes the
+org part, so that it names the same window (here ``org.daily``, not ``user.hourly``, which
+resets first and after which the request would be denied again).
 """
 
 from __future__ import annotations
@@ -16,9 +13,6 @@ import pytest
 from budgetguard import Usage
 
 from .helpers import MSG, guard
-
-SPLIT_BUG = pytest.mark.xfail(strict=True, reason="a split check stops at the user part's denial and never "
-                                                  "sees the org windows that also block")
 
 
 @pytest.fixture
@@ -31,9 +25,9 @@ def url(request: pytest.FixtureRequest) -> str:
 
 @pytest.mark.parametrize(("url", "slice_usd"), [
     pytest.param("redis", None, id="one-script"),
-    pytest.param("redis", "0.01", id="redis-slices", marks=SPLIT_BUG),
-    pytest.param("cluster", None, id="cluster", marks=SPLIT_BUG),
-    pytest.param("cluster", "0.01", id="cluster-slices", marks=SPLIT_BUG),
+    pytest.param("redis", "0.01", id="redis-slices"),
+    pytest.param("cluster", None, id="cluster"),
+    pytest.param("cluster", "0.01", id="cluster-slices"),
 ], indirect=["url"])
 def test_a_check_blocked_by_a_user_and_an_org_window_names_the_one_that_resets_last(url, slice_usd, clock):
     org = {"daily_usd": "0.01", **({"slice_usd": slice_usd} if slice_usd else {})}
