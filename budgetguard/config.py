@@ -220,6 +220,9 @@ def upstream_url(value: str) -> str:
         raise ValueError("must be an http(s) URL with a host, e.g. https://api.openai.com")
     if parts.query or parts.fragment:
         raise ValueError("must not have a query or fragment")
+    if parts.username is not None or parts.password is not None:
+        # It would be logged with the URL; credentials belong in upstream_api_key.
+        raise ValueError("must not carry credentials (user:password@); use proxy.upstream_api_key")
     try:
         parts.port  # noqa: B018  # a bad port raises here
     except ValueError:
@@ -237,7 +240,8 @@ def _optional_upstream(value: str | None) -> str | None:
     return upstream_url(value)
 
 
-def _credential(value: str | None) -> str | None:
+def credential(value: str | None) -> str | None:
+    """An upstream key as given (None: pass callers' keys through); refuses empty or padded ones."""
     if value is None:
         return None
     if value == "":
@@ -266,7 +270,7 @@ class ProxyConfig(_Strict):
     max_connections: Annotated[int, Field(gt=0, le=100_000), BeforeValidator(_not_bool)] = 1000
 
     _upstreams = field_validator("upstream", "anthropic_upstream")(_optional_upstream)
-    _keys = field_validator("upstream_api_key", "anthropic_api_key")(_credential)
+    _keys = field_validator("upstream_api_key", "anthropic_api_key")(credential)
 
     @field_validator("user_header")
     @classmethod

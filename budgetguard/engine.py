@@ -405,18 +405,21 @@ class Engine:
                 org = yield self._reserve_call(plan, _ORG, [i == cheapest for i in range(len(plan.candidates))],
                                                probe=True)
             except BudgetGuardError:
+                org = None
+            if org is None or int(org[0]) == 2:  # unreachable, or a live reservation of this id: no news
                 org = [0, 0, 0, 0, 0, 0, 0, 0]
             return [0, 0, int(user[2]) | int(org[2]), int(user[3]) | int(org[3]), *user[4:7], *org[4:6],
                     *user[7:10], *org[6:8], *user[10:], *org[8:]]
         if code == 2:  # a live request id: the org part holds the model it chose, if it got that far
             state = _text(user[1]).split("|")
             plan.user_amount = int(state[2])
-            if self.slices is not None:
-                # Held in a slice, this process's or another's (whichever settles the user
-                # part first hands the spend to the org): never reserve the org part again.
-                held = self.slices.held_for(plan.rid)
+            held = self.slices.held_for(plan.rid) if self.slices is not None else None
+            if held is not None:  # held in this process's slice
                 plan.org_local = True
-                return [2, user[1] if held is None else f"L|{held[0]}|{held[1]}|{state[3]}|{state[4]}"]
+                return [2, f"L|{held[0]}|{held[1]}|{state[3]}|{state[4]}"]
+            # Otherwise the org part is asked in Redis: a live org reservation of this id
+            # answers as a repeat; one held in another process's slice is reserved again
+            # (the settle that applies the user part charges the org, once).
             offered = [c.amount_nano <= plan.user_amount for c in plan.candidates]
         else:
             plan.user_amount = plan.candidates[int(user[1]) - 1].amount_nano
@@ -434,11 +437,12 @@ class Engine:
             try:
                 org = yield self._reserve_call(plan, _ORG, offered, user_triggered)
             except BudgetGuardError:
-                yield from self._give_back_user_part(plan)
+                if code == 1:  # a repeat's user part belongs to the call that reserved it
+                    yield from self._give_back_user_part(plan)
                 raise
         if int(org[0]) == 2:
             return org
-        if int(org[0]) == 0:
+        if int(org[0]) == 0 and code == 1:
             yield from self._give_back_user_part(plan)
         spent, reserved = (user[4:7], user[7:10]) if code == 1 else ((0, 0, 0), (0, 0, 0))
         mask = int(org[2]) | (int(user[2]) if code == 1 and int(org[0]) == 1 else 0)
@@ -806,7 +810,15 @@ class Engine:
         org: Any = [0, ""]  # settled before: the org's part went with that settle
         crossings: list[str] = []
         if applied and (t is None or not t.org_local or self.slices is None):
-            org = yield plan.calls[1]
+            try:
+                org = yield plan.calls[1]
+            except BudgetGuardError as exc:
+                # The user part is settled and a new settle would not run again: as if the
+                # process had died between the parts, the org misses this one request.
+                log.error("settling the org part of reservation %s of user %r failed (%s): the user was "
+                          "charged, the org's counters and the usage stream miss this request, and its org "
+                          "reservation lapses after reservation_ttl_s", plan.decision.reservation_id,
+                          plan.decision.user, exc)
         elif applied and self.slices is not None:
             outcome = plan.outcome if live else plan.lapsed_outcome
             line = stream_head(plan.event) + outcome + '"}' if self._stream_maxlen != "0" else ""
@@ -861,7 +873,7 @@ class Engine:
         user_applied, _, user_crossed = self._settled_part(plan, user) if user is not None else (False, False, [])
         if not (applied or user_applied):
             return Settled(False, [], None)
-        crossed = (crossed if applied else []) + (user_crossed if user_applied else []) + list(flushed)
+        crossed = (crossed if applied else []) + (user_crossed if user_applied else [])
         event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome) if applied else None
         d = plan.decision
         policy = self.policies.for_user(d.user)
@@ -874,6 +886,7 @@ class Engine:
                                                  plan.now))
             elif parts[0] == "a":
                 alerts.append(self.anomaly_alert(plan.now, int(parts[2])))
+        alerts += self.slice_alerts(flushed)  # a flush hands in spend on the windows of now
         return Settled(True, alerts, event)
 
     # -- alerts --------------------------------------------------------------------

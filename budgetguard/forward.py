@@ -113,9 +113,11 @@ def _failure(exc: httpx.HTTPError) -> tuple[str, str]:
         return "upstream_timeout", "connecting to the upstream timed out"
     if isinstance(exc, httpx.TimeoutException):
         return "upstream_timeout", "the upstream did not answer in time"
+    # The exception's text is left out: some (a protocol error about a header value) quote
+    # what was sent, and that includes the upstream key.
     if isinstance(exc, httpx.ConnectError):
-        return "upstream_unreachable", f"the upstream could not be reached ({exc or type(exc).__name__})"
-    return "upstream_unreachable", f"the upstream connection failed ({type(exc).__name__}: {exc})"
+        return "upstream_unreachable", f"the upstream could not be reached ({type(exc).__name__})"
+    return "upstream_unreachable", f"the upstream connection failed ({type(exc).__name__})"
 
 
 def _at_event_boundary(tail: bytes) -> bool:

@@ -27,7 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .asgi import DEFAULT_ROUTES, BudgetMiddleware
-from .config import ApiKey, upstream_url
+from .config import ApiKey, credential, upstream_url
 from .errors import ConfigError
 from .forward import SCOPE_KEY, Forwarder, Target, error_body, send_error
 from .forward import Route as Forwarding
@@ -197,6 +197,16 @@ def _scope_tags(request: Request, body: Mapping[str, Any]) -> dict[str, str] | N
     return {"api_key": label} if label else None
 
 
+def _key(name: str, given: str | None, configured: str | None) -> str | None:
+    """An upstream key passed in, checked as the config checks its own (it goes into a header)."""
+    if given is None:
+        return configured
+    try:
+        return credential(given)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
 def _upstream(name: str, value: str) -> str:
     try:
         return upstream_url(value)
@@ -239,9 +249,9 @@ def proxy_app(
     if not keys and not user_header:
         raise ConfigError("api_keys: no keys and no proxy.user_header, so every request would be refused "
                           "(add keys with `budgetguard hash-key`)")
-    openai_target = Target(upstream, upstream_api_key if upstream_api_key is not None else settings.upstream_api_key)
-    anthropic_target = Target(anthropic_upstream, anthropic_api_key if anthropic_api_key is not None
-                              else settings.anthropic_api_key, anthropic=True)
+    openai_target = Target(upstream, _key("upstream_api_key", upstream_api_key, settings.upstream_api_key))
+    anthropic_target = Target(anthropic_upstream, _key("anthropic_api_key", anthropic_api_key,
+                                                       settings.anthropic_api_key), anthropic=True)
     forwarder = Forwarder(timeout_s=timeout if timeout is not None else settings.timeout_s,
                           connect_timeout_s=connect_timeout if connect_timeout is not None
                           else settings.connect_timeout_s,

@@ -195,3 +195,27 @@ async def test_a_failed_give_back_is_a_denial_not_an_exception(cluster_url, cloc
     assert g.check("alice", "gpt-4o", MSG, max_tokens=50).limit == "org.daily"
     d = await asyncio.wait_for(g.acheck("bob", "gpt-4o", MSG, max_tokens=50), 10)
     assert d.limit == "org.daily"
+
+
+
+def test_an_org_settle_failure_keeps_the_users_charge_and_alerts(cluster_url, clock):
+    g = guard(cluster_url, clock, tiers={"default": {"hourly_usd": "0.001", "alert_at": [0.1]}})
+    alerts = []
+    g._on_alert, g._alerting = [alerts.append], True
+    d = g.check("alice", "gpt-4o", MSG, max_tokens=50)
+    _failing(g, "settle", "o")
+    usage = Usage(input_tokens=d.estimated_input_tokens, output_tokens=50)
+    assert g.record(d, usage)  # applied: the user's part is charged
+    g.flush(5)
+    assert [(a.window, a.level) for a in alerts] == [("user.hourly", Decimal("0.1"))]
+    assert g.status("alice").windows["user.hourly"].spent_usd == Decimal(g._engine.cost_nano(d, usage)) / 10**9
+
+
+def test_a_failed_retry_leaves_the_originals_reservation(cluster_url, clock):
+    e = estimate(cluster_url, clock)
+    g = guard(cluster_url, clock, tiers={"default": {"hourly_usd": str(e * Decimal("1.5"))}})
+    first = g.check("alice", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
+    _failing(g, "reserve", "o")
+    retry = g.check("alice", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
+    assert retry.limit == "store.unavailable"
+    assert g.status("alice").windows["user.hourly"].reserved_usd == first.estimated_cost_usd

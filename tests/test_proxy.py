@@ -600,6 +600,10 @@ def test_proxy_app_refuses_bad_setups(env):
     with pytest.raises(ConfigError, match=r"api_keys: no keys and no proxy\.user_header"):
         proxy_app(keyless, upstream="http://127.0.0.1:9")
     proxy_app(keyless, upstream="http://127.0.0.1:9", user_header="X-Budget-User")  # a gateway names users
+    # A key read from a secret file with its newline would go into a header, and into an error.
+    with pytest.raises(ConfigError, match="upstream_api_key: contains whitespace") as info:
+        proxy_app(env.guard, upstream="http://127.0.0.1:9", upstream_api_key="sk-live-SECRET\n")
+    assert "SECRET" not in str(info.value)
     keyless.close()
 
 
@@ -616,6 +620,8 @@ BAD = [
     ({"proxy": {"upstream": "api.openai.com"}}, "proxy.upstream", "http(s) URL"),
     ({"proxy": {"upstream": "https://api.openai.com/v1"}}, "proxy.upstream", "without /v1"),
     ({"proxy": {"anthropic_upstream": "https://x.example/?a=1"}}, "proxy.anthropic_upstream", "query"),
+    ({"proxy": {"upstream": "https://svc:sk-plaintext-key-pasted-by-mistake@gw.example"}}, "proxy.upstream",
+     "must not carry credentials"),
     ({"proxy": {"upstream_api_key": "${OPENAI_API_KEY}"}}, "proxy.upstream_api_key", "is empty"),
     ({"proxy": {"anthropic_api_key": "sk ant"}}, "proxy.anthropic_api_key", "whitespace"),
     ({"proxy": {"user_header": "Authorization"}}, "proxy.user_header", "rewrites itself"),

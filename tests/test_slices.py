@@ -267,7 +267,7 @@ def test_a_request_id_retried_by_another_process_is_charged_once(real_redis, rea
     a, b = guard(real_redis_url, clock, org=org), guard(real_redis_url, clock, org=org)
     d1 = a.check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
     d2 = b.check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
-    assert "repeat" in d2.reason
+    assert d2.allowed  # checked against the org in Redis: the original's hold is in a's memory
     assert [a.record(d1, _full(d1)), b.record(d2, _full(d2))] == [True, False]
     a.close()
     b.close()
@@ -401,3 +401,37 @@ def test_asyncio_run_without_aclose_leaves_the_flush_working(real_redis, real_re
     want = nano_to_usd(g._engine.cost_nano(first, _full(first)) + g._engine.cost_nano(d, _full(d)))
     assert _poll(lambda: _org(g)[0].spent_usd == want)
     g.close()
+
+
+
+def test_a_retried_request_id_is_checked_against_the_org(real_redis, real_redis_url, clock):
+    """The original died between its parts; with the org cap spent, its retry is denied."""
+    e = estimate(real_redis_url, clock)
+    g = guard(real_redis_url, clock, org={"daily_usd": str(e * 2), "slice_usd": str(e)})
+    plan = g._engine.plan_check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
+    g._sync.run(next(g._engine.check_steps(plan)))  # the user part, then the process "dies"
+    for i in range(2):
+        d = g.check(f"u{i}", "gpt-4o", MSG, max_tokens=50)
+        g.record(d, _full(d))
+    retry = g.check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
+    g.close()
+    assert (retry.allowed, retry.limit) == (False, "org.daily")
+    assert _org(g)[0].spent_usd == e * 2
+
+
+def test_a_block_resolved_by_a_records_flush_is_announced(real_redis, real_redis_url, clock):
+    """The first slice call of the new day is a record's flush: its resolve is still an alert."""
+    e = estimate(real_redis_url, clock)
+    g = guard(real_redis_url, clock, org={"daily_usd": str(e * 2), "slice_usd": str(e), "slice_flush_s": 1})
+    alerts = []
+    g._on_alert, g._alerting = [alerts.append], True
+    late = g.check("u0", "gpt-4o", MSG, max_tokens=50)  # held in the slice over midnight
+    g.record(g.check("u1", "gpt-4o", MSG, max_tokens=50), Usage(input_tokens=1, output_tokens=1))
+    assert not g.check("u2", "gpt-4o", MSG, max_tokens=50).allowed  # blocked: alert
+    clock.advance(days=1)
+    g.record(late, _full(late))  # hands the spend in on the new day: resolves the block
+    g.flush(5)
+    kinds = [(a.kind, a.window, a.window_key) for a in alerts]
+    g.close()
+    yesterday = g._engine.windows_now(clock() - timedelta(days=1)).d.stamp
+    assert ("blocked", "org.daily", yesterday) in kinds and ("resolved", "org.daily", yesterday) in kinds
