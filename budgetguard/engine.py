@@ -392,13 +392,18 @@ class Engine:
         the user part could hold (no dearer than what it holds), so its choice is what one
         script would choose, and a denial there gives the user part back before returning.
         A denial by the user part still probes the org part, so that the denial names the
-        window that resets last and claims the org's first-denial alert, as one script would.
+        window that resets last and claims the org's first-denial alert, as one script would
+        (not with org slices, which make the org's windows look full).
         """
         assert plan.call is not None
         if not self.split:
             return (yield plan.call)
         user = yield plan.call
         code = int(user[0])
+        if code == 0 and self.slices is not None:
+            # The org's windows hold every process's slice in full: probing them would name
+            # (and alert on) an org cap that other calls may still have room under.
+            return [*user[:4], *user[4:7], 0, 0, *user[7:10], 0, 0, *user[10:]]
         if code == 0:
             cheapest = min(range(len(plan.candidates)), key=lambda i: plan.candidates[i].amount_nano)
             try:

@@ -435,3 +435,19 @@ def test_a_block_resolved_by_a_records_flush_is_announced(real_redis, real_redis
     g.close()
     yesterday = g._engine.windows_now(clock() - timedelta(days=1)).d.stamp
     assert ("blocked", "org.daily", yesterday) in kinds and ("resolved", "org.daily", yesterday) in kinds
+
+
+
+def test_a_user_denial_does_not_blame_the_org_for_the_slices_it_holds(real_redis, real_redis_url, clock):
+    """The slice holds the org's remaining room; a user over their own cap is told so."""
+    e = estimate(real_redis_url, clock)
+    g = guard(real_redis_url, clock, tiers={"default": {"hourly_usd": str(e)}},
+              org={"daily_usd": str(e * 3), "alert_at": [], "slice_usd": str(e * 10)})
+    alerts = []
+    g._on_alert, g._alerting = [alerts.append], True
+    assert g.check("alice", "gpt-4o", MSG, max_tokens=50).allowed  # the slice takes all the org's room
+    d = g.check("alice", "gpt-4o", MSG, max_tokens=50)
+    g.flush(5)
+    g.close()
+    assert (d.allowed, d.limit) == (False, "user.hourly")
+    assert [a.window for a in alerts if a.kind == "blocked"] == []
