@@ -304,7 +304,7 @@ def _flag_url(flag: str, value: str | None) -> str | None:
     try:
         return upstream_url(value)
     except ValueError as exc:
-        raise BudgetGuardError(f"{flag} {value!r}: {exc}") from None
+        raise BudgetGuardError(f"{flag}: {exc}") from None  # the URL itself may carry a token
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:

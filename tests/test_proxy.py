@@ -696,7 +696,8 @@ def test_hash_key_prints_the_entry():
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--upstream", "api.openai.com"], "--upstream 'api.openai.com': must be an http(s) URL"),
+    (["--upstream", "api.openai.com"], "--upstream: must be an http(s) URL"),
+    (["--upstream", "https://svc:gw-token-123@gw.example"], "--upstream: must not carry credentials"),
     (["--upstream", "https://api.openai.com/v1"], "without /v1"),
     (["--upstream", "http://127.0.0.1:9", "--config", "no-such-limits.yaml"], "cannot read no-such-limits.yaml"),
     (["--upstream", "http://127.0.0.1:9", "--port", "70000"], "--port 70000"),
@@ -706,6 +707,7 @@ def test_proxy_command_bad_flags_exit_2_with_one_line(args, needle):
     out = cli("proxy", *args)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
+    assert "gw-token-123" not in out.stderr  # a URL's credentials are never repeated
 
 
 def test_check_config_summarises_the_proxy(tmp_path):
