@@ -478,22 +478,25 @@ class BudgetGuard:
     def _give_back_slices(self, sync: bool) -> Steps:
         crossings = yield from self._engine.flush_steps(final=True)
         self._submit_alerts(self._engine.slice_alerts(crossings), sync)
+        slices = self._engine.slices
+        if slices is not None and slices.holding:
+            log.error("org budget slices not handed back (the store did not answer): their unhanded spend is "
+                      "lost to the org's counters, and they lapse after reservation_ttl_s")
 
     def _close_slices(self) -> None:
         """Stop the periodic flush, then hand in the last spend and give the slices back."""
         if self._slices_lane is None:
             return
         self._slices_lane.close(self.config.alerts.flush_timeout_s)
-        try:
-            self._sync.drive(self._give_back_slices(sync=True))
-        except StoreUnavailable as exc:
-            log.error("org budget slices not handed back (%s): their spend is lost to the org's counters "
-                      "and they lapse after reservation_ttl_s", exc)
+        self._sync.drive(self._give_back_slices(sync=True))
 
     def close(self) -> None:
         """Flush queued alerts and events (within ``alerts.flush_timeout_s``), then disconnect."""
         self._close_slices()
         self._close_lanes()
+        self._disconnect()
+
+    def _disconnect(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._owns_sync:
@@ -506,23 +509,14 @@ class BudgetGuard:
             await asyncio.gather(*list(self._orphans), return_exceptions=True)
         if self._slices_lane is not None:
             await self._slices_lane.aclose(self.config.alerts.flush_timeout_s)
-            try:
-                await self._async_store().drive(self._give_back_slices(sync=False))
-            except StoreUnavailable as exc:
-                log.error("org budget slices not handed back (%s): their spend is lost to the org's counters "
-                          "and they lapse after reservation_ttl_s", exc)
+            await self._async_store().drive(self._give_back_slices(sync=False))
         started = time.monotonic()
         await self._events_lane.aclose()
         await self._dispatcher.aclose(max(0.0, self.config.alerts.flush_timeout_s - (time.monotonic() - started)))
         store = self._async_stores.pop(asyncio.get_running_loop(), None)
         if store is not None and self._owns_async and store.client is not None:
             await store.client.aclose()
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._owns_sync:
-            self._sync.client.close()
-        if self._cluster_threads is not None:
-            self._cluster_threads.shutdown(wait=False)
+        self._disconnect()
 
     def __enter__(self) -> BudgetGuard:
         return self

@@ -451,3 +451,22 @@ def test_a_user_denial_does_not_blame_the_org_for_the_slices_it_holds(real_redis
     g.close()
     assert (d.allowed, d.limit) == (False, "user.hourly")
     assert [a.window for a in alerts if a.kind == "blocked"] == []
+
+
+def test_close_says_when_the_slices_could_not_be_handed_back(real_redis, real_redis_url, clock, caplog):
+    from budgetguard.store import StoreUnavailable
+
+    g = guard(real_redis_url, clock, org={"daily_usd": "100", "slice_usd": "1"})
+    d = g.check("alice", "gpt-4o", MSG, max_tokens=50)
+    g.record(d, _full(d))
+    run = g._sync.run
+
+    def down(call):
+        if call.script == "slice":
+            raise StoreUnavailable("budget store unavailable: injected")
+        return run(call)
+
+    g._sync.run = down
+    g.close()
+    assert any("org budget slices not handed back" in r.getMessage() for r in caplog.records
+               if r.levelname == "ERROR")
