@@ -387,11 +387,27 @@ class BudgetGuard:
         return self._after_settle(self._engine.read_settle(plan, replies), sync=True)
 
     async def _asettled(self, decision: Decision, plan: SettlePlan) -> bool:
+        # Shielded and tracked: a settle runs to its end even if the caller is cancelled,
+        # so that a cluster's or a slice's second part is never cut from the first.
+        running = asyncio.ensure_future(self._async_store().drive(self._engine.settle_steps(plan)))
+        self._track(running)
         try:
-            replies = await self._async_store().drive(self._engine.settle_steps(plan))
+            replies = await asyncio.shield(running)
         except StoreUnavailable:
             return self._unsettled(decision)
+        except asyncio.CancelledError:
+            running.add_done_callback(functools.partial(self._settled_late, decision, plan))
+            raise
         return self._after_settle(self._engine.read_settle(plan, replies), sync=False)
+
+    def _settled_late(self, decision: Decision, plan: SettlePlan, running: asyncio.Future[Any]) -> None:
+        """The end of a settle whose caller was cancelled: its alerts and events still go out."""
+        if running.cancelled():
+            return
+        if running.exception() is not None:
+            self._unsettled(decision)
+            return
+        self._after_settle(self._engine.read_settle(plan, running.result()), sync=False)
 
     @staticmethod
     def _unsettled(decision: Decision) -> bool:
