@@ -28,6 +28,7 @@ class Ticket:
     # reserved before the org's routing picks a cheaper model. None: the same amount.
     user_amount_nano: int | None = None
     org_local: bool = False  # the org's part was held in this process's slice (org.slice_usd)
+    org_own: bool = False  # a repeat holding an org reservation of its own (see Engine.check_steps)
 
     def members(self, rid: str) -> tuple[str, str]:
         w = self.windows

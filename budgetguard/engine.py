@@ -8,6 +8,7 @@ answer into a :class:`Decision`) lives here once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -115,6 +116,7 @@ class CheckPlan:
     decision: Decision | None = None
     user_amount: int | None = None  # on a cluster: what the user part holds
     org_local: bool = False  # the org's part came from this process's slice
+    org_own: bool = False  # a repeat whose user part is the original's but whose org reservation is its own
 
 
 def _ranked(name: str) -> str:
@@ -447,6 +449,15 @@ class Engine:
                 raise
         if int(org[0]) == 2:
             return org
+        if code == 2 and int(org[0]) == 1:
+            # A repeat whose org part was held elsewhere (another process's slice, or a
+            # process that died between the parts): it stands as a repeat, with an org
+            # reservation of its own that its settle gives back if the user part was
+            # settled by the original call.
+            plan.org_own = True
+            state = _text(user[1]).split("|")
+            chosen = int(org[1])
+            return [2, f"L|{chosen}|{plan.candidates[chosen - 1].amount_nano}|{state[3]}|{state[4]}"]
         if int(org[0]) == 0 and code == 1:
             yield from self._give_back_user_part(plan)
         spent, reserved = (user[4:7], user[7:10]) if code == 1 else ((0, 0, 0), (0, 0, 0))
@@ -613,6 +624,7 @@ class Engine:
             candidate=(plan.candidates.index(candidate) + 1) if candidate in plan.candidates else 0,
             user_amount_nano=plan.user_amount,
             org_local=plan.org_local,
+            org_own=plan.org_own,
         )
         return Decision(
             allowed=allowed,
@@ -814,7 +826,15 @@ class Engine:
         applied, live, _ = self._settled_part(plan, user)
         org: Any = [0, ""]  # settled before: the org's part went with that settle
         crossings: list[str] = []
-        if applied and (t is None or not t.org_local or self.slices is None):
+        if not applied and t is not None and t.org_own:
+            # The original call settled the user part (and charged the org): give back
+            # the org reservation this repeat took for itself.
+            org_release = plan.calls[1]
+            args = list(org_release.args)
+            args[7], args[16] = "", ""  # no cost, no event
+            with contextlib.suppress(BudgetGuardError):  # else it lapses with its lease
+                yield dataclasses.replace(org_release, args=tuple(args))
+        elif applied and (t is None or not t.org_local or self.slices is None):
             try:
                 org = yield plan.calls[1]
             except BudgetGuardError as exc:

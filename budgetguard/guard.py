@@ -25,7 +25,7 @@ from .alerts.jobs import Invoke, Job, RetryPolicy, Sleep, alert_job, baseline_jo
 from .alerts.model import Alert
 from .config import Config, load_config
 from .decision import Decision, Status
-from .engine import CheckPlan, Engine, Settled, SettlePlan, Steps
+from .engine import CheckPlan, Engine, Settled, SettlePlan
 from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
 from .events import Event, JsonlSink, to_json
 from .metrics import Metrics
@@ -491,11 +491,11 @@ class BudgetGuard:
         self._events_lane.close()
         self._dispatcher.close(max(0.0, self.config.alerts.flush_timeout_s - (time.monotonic() - started)))
 
-    def _give_back_slices(self, sync: bool) -> Steps:
-        crossings = yield from self._engine.flush_steps(final=True)
+    def _slices_given_back(self, crossings: list[str], sync: bool) -> None:
+        # In the caller's thread (an async store may have run the steps in another).
         self._submit_alerts(self._engine.slice_alerts(crossings), sync)
         slices = self._engine.slices
-        if slices is not None and slices.holding:
+        if slices is not None and slices.unreturned:
             log.error("org budget slices not handed back (the store did not answer): their unhanded spend is "
                       "lost to the org's counters, and they lapse after reservation_ttl_s")
 
@@ -504,7 +504,7 @@ class BudgetGuard:
         if self._slices_lane is None:
             return
         self._slices_lane.close(self.config.alerts.flush_timeout_s)
-        self._sync.drive(self._give_back_slices(sync=True))
+        self._slices_given_back(self._sync.drive(self._engine.flush_steps(final=True)), sync=True)
 
     def close(self) -> None:
         """Flush queued alerts and events (within ``alerts.flush_timeout_s``), then disconnect."""
@@ -521,11 +521,14 @@ class BudgetGuard:
             self._cluster_threads.shutdown(wait=False)
 
     async def aclose(self) -> None:
-        while self._orphans:  # cancelled checks still in flight, then their releases
-            await asyncio.gather(*list(self._orphans), return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        # This loop's settles and cancelled checks still in flight (other loops' are theirs).
+        while mine := [f for f in list(self._orphans) if f.get_loop() is loop]:
+            await asyncio.gather(*mine, return_exceptions=True)
         if self._slices_lane is not None:
             await self._slices_lane.aclose(self.config.alerts.flush_timeout_s)
-            await self._async_store().drive(self._give_back_slices(sync=False))
+            self._slices_given_back(await self._async_store().drive(self._engine.flush_steps(final=True)),
+                                    sync=False)
         started = time.monotonic()
         await self._events_lane.aclose()
         await self._dispatcher.aclose(max(0.0, self.config.alerts.flush_timeout_s - (time.monotonic() - started)))

@@ -196,6 +196,12 @@ class OrgSlices:
             self.in_doubt = refill
 
     @property
+    def unreturned(self) -> bool:
+        """Slices still reserved in Redis, or a refill whose outcome is unknown."""
+        with self._lock:
+            return bool(self.members or self.in_doubt)
+
+    @property
     def holding(self) -> bool:
         with self._lock:
             return bool(self.members or self.held or self.pending or self.in_doubt)

@@ -267,11 +267,13 @@ def test_a_request_id_retried_by_another_process_is_charged_once(real_redis, rea
     a, b = guard(real_redis_url, clock, org=org), guard(real_redis_url, clock, org=org)
     d1 = a.check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
     d2 = b.check("dora", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
-    assert d2.allowed  # checked against the org in Redis: the original's hold is in a's memory
+    # A repeat; its org part is checked in Redis (the original's hold is in a's memory).
+    assert d2.allowed and "repeat" in d2.reason
     assert [a.record(d1, _full(d1)), b.record(d2, _full(d2))] == [True, False]
     a.close()
     b.close()
     assert _org(a)[0].spent_usd == a.status("dora").windows["user.daily"].spent_usd == e
+    assert _org(a)[0].reserved_usd == 0  # the repeat gave its own org reservation back
 
 
 def test_a_second_record_reports_false_even_when_a_flush_runs(real_redis, real_redis_url, clock):
@@ -470,3 +472,12 @@ def test_close_says_when_the_slices_could_not_be_handed_back(real_redis, real_re
     g.close()
     assert any("org budget slices not handed back" in r.getMessage() for r in caplog.records
                if r.levelname == "ERROR")
+
+
+
+def test_closing_with_a_call_in_flight_is_not_an_error(real_redis, real_redis_url, clock, caplog):
+    g = guard(real_redis_url, clock, org={"daily_usd": "100", "slice_usd": "1"})
+    g.check("alice", "gpt-4o", MSG, max_tokens=50)  # still in flight at close
+    g.close()
+    assert _org(g)[0].reserved_usd == 0  # the slice went back
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
