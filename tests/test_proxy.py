@@ -771,3 +771,26 @@ def test_proxy_command_serves_a_guarded_call(env, tmp_path):
     with BudgetGuard(parse_config({"models": MODELS}, env={}), redis_url=env.redis_url) as reader:
         st = reader.status("bob").windows["user.monthly"]
     assert (st.spent_usd, st.reserved_usd) == (chat_cost(env.up), 0)
+
+
+# ----------------------------------------------------------------------------- on a Redis Cluster
+
+
+@pytest.mark.parametrize("slices", [False, True], ids=["cluster", "cluster-slices"])
+def test_the_proxy_on_a_redis_cluster(upstream_server, cluster_url, clock, slices):
+    """JSON and streaming through the proxy with the budget store on a real cluster (and org slices)."""
+    e = Env(upstream_server, cluster_url, clock)
+    org = {"daily_usd": "100", **({"slice_usd": "1"} if slices else {})}
+    try:
+        e.start(guard_overrides={"org": org})
+        assert e.openai().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=300)
+        chunks = list(e.openai().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=300,
+                                                         stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(TEXT)
+        assert e.settled() == 2 * chat_cost(e.up)  # the user's windows
+    finally:
+        e.close()  # the proxy's shutdown closes its guard: slices hand their spend in
+    g = BudgetGuard(parse_config({"models": MODELS}, env={}), redis_url=cluster_url, clock=clock)
+    org_day = g.status("alice").windows["org.daily"]
+    assert (org_day.spent_usd, org_day.reserved_usd) == (2 * chat_cost(e.up), 0)
+    g.close()
