@@ -483,31 +483,35 @@ class Engine:
                                                       self.policies.org.triggers, strict=True), start=3):
                 if trigger is not None and used >= trigger:
                     triggered |= 1 << bit
-            order = self._try_order(plan, offered, user_triggered, triggered != 0)
-            if not order:
+            first = self._first_choice(plan, offered, user_triggered, triggered != 0)
+            if first is None:
                 break
-            if slices.take(plan.rid, stamps, order[0], now_ms, now_ms + self._lease_ms):
+            if slices.take(plan.rid, stamps, first, now_ms, now_ms + self._lease_ms):
                 plan.org_local = True
-                return [1, order[0][0], 0, triggered, *slices.figures], crossings
-            refill = slices.begin(stamps, now_ms, extra=order[0][1]) if attempt == 0 else None
+                return [1, first[0], 0, triggered, *slices.figures], crossings
+            refill = slices.begin(stamps, now_ms, extra=first[1]) if attempt == 0 else None
             if refill is None:
                 break
             crossings = yield from self._refill(refill)
         return None, crossings
 
     @staticmethod
-    def _try_order(plan: CheckPlan, offered: Sequence[bool], user_triggered: bool,
-                   org_triggered: bool) -> list[tuple[int, int]]:
-        """Candidates (1-based index, amount) in reserve.lua's order: triggered routes, requested, others."""
-        def by_trigger(c: Candidate) -> bool:
-            return ((c.route in (_USER_ROUTE, _BOTH_ROUTES) and user_triggered)
-                    or (c.route in (_ORG_ROUTE, _BOTH_ROUTES) and org_triggered))
+    def _first_choice(plan: CheckPlan, offered: Sequence[bool], user_triggered: bool,
+                      org_triggered: bool) -> tuple[int, int] | None:
+        """The candidate (1-based index, amount) reserve.lua tries first: a triggered route, else
+        the requested model, else another route."""
+        def rank(c: Candidate) -> int:
+            if c.route == _REQUESTED:
+                return 1
+            triggered = ((c.route in (_USER_ROUTE, _BOTH_ROUTES) and user_triggered)
+                         or (c.route in (_ORG_ROUTE, _BOTH_ROUTES) and org_triggered))
+            return 0 if triggered else 2
 
-        indexed = [(i + 1, c) for i, c in enumerate(plan.candidates) if offered[i]]
-        first = [x for x in indexed if x[1].route != _REQUESTED and by_trigger(x[1])]
-        requested = [x for x in indexed if x[1].route == _REQUESTED]
-        rest = [x for x in indexed if x[1].route != _REQUESTED and not by_trigger(x[1])]
-        return [(i, c.amount_nano) for i, c in (*first, *requested, *rest)]
+        offered_ones = [(rank(c), i + 1, c.amount_nano) for i, c in enumerate(plan.candidates) if offered[i]]
+        if not offered_ones:
+            return None
+        _, index, amount = min(offered_ones)  # ties keep reserve.lua's candidate order
+        return index, amount
 
     def _refill(self, refill: Refill) -> Steps:
         """Run one slice call; returns the crossings it reported (none when it failed)."""

@@ -55,7 +55,6 @@ class Refill:
     batch: list[Item]
     need: int  # held by calls in flight: the new slice covers at least this
     want: int
-    sent: Any = None  # the script call, kept so that a failed refill is resent unchanged
     batch_total: int = field(default=0)
 
 
