@@ -23,6 +23,10 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+# httpcore loads here, not lazily in the first httpx.Client on a lane's thread: a fork
+# while that thread is importing it leaves the child a half-initialized module, and the
+# child's lanes die on their first job.
+import httpcore  # noqa: F401
 import httpx
 
 from ..store import StoreUnavailable
