@@ -21,7 +21,7 @@ import redis as redis_sync
 import redis.asyncio as redis_async
 
 from .alerts.dispatch import Describe, Dispatcher
-from .alerts.jobs import Invoke, Job, RetryPolicy, Sleep, alert_job, baseline_job, forecast_job
+from .alerts.jobs import Invoke, Job, RetryPolicy, Sleep, alert_job, baseline_job, forecast_job, steps_job
 from .alerts.model import Alert
 from .config import Config, load_config
 from .decision import Decision, Status
@@ -281,17 +281,8 @@ class BudgetGuard:
         assert slices is not None
         try:
             yield Sleep(self.config.org.slice_flush_s)
-            # A lane job is answered with a failure instead of having it raised: raise it
-            # into the steps, which keep a failed refill to resend.
-            steps = self._engine.flush_steps()
-            reply: Any = None
-            while True:
-                try:
-                    call = steps.throw(reply) if isinstance(reply, BaseException) else steps.send(reply)
-                except StopIteration as done:
-                    self._submit_alerts(self._engine.slice_alerts(done.value or []), sync)
-                    break
-                reply = yield call
+            crossings = yield from steps_job(self._engine.flush_steps())
+            self._submit_alerts(self._engine.slice_alerts(crossings), sync)
         finally:
             self._slice_flushes.pop(driver, None)
         if slices.holding:

@@ -27,7 +27,8 @@ from .model import Alert
 if TYPE_CHECKING:
     from ..engine import Engine
 
-__all__ = ["Invoke", "RetryPolicy", "Send", "Sent", "Sleep", "alert_job", "baseline_job", "forecast_job"]
+__all__ = ["Invoke", "RetryPolicy", "Send", "Sent", "Sleep", "alert_job", "baseline_job", "forecast_job",
+           "steps_job"]
 
 log = logging.getLogger("budgetguard.alerts")
 
@@ -60,6 +61,18 @@ class Invoke:
 
 
 Job = Generator[Any, Any, None]
+
+
+def steps_job(steps: Generator[ScriptCall, Any, Any]) -> Generator[Any, Any, Any]:
+    """An engine operation (which has failures raised into it) as part of a job (which is
+    answered them as values); returns the operation's result."""
+    reply: Any = None
+    while True:
+        try:
+            call = steps.throw(reply) if isinstance(reply, BaseException) else steps.send(reply)
+        except StopIteration as done:
+            return done.value
+        reply = yield call
 
 
 class RetryPolicy:
