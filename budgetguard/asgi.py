@@ -24,9 +24,10 @@ import asyncio
 import inspect
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
@@ -35,6 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .decision import Decision
 from .errors import InvalidArgument, InvalidArgumentType
 from .guard import BudgetGuard
+from .redact import printable
+from .routes import DEFAULT_ROUTES, ENDPOINTS, BadRoute, Endpoint, lenient_key, normal_path, route_key
 from .streams import SSEParser, StreamUsage, usage_from_body
 from .usage import Usage
 
@@ -42,20 +45,11 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_ROUTES", "BudgetMiddleware", "Endp
 
 log = logging.getLogger("budgetguard")
 
-Endpoint = Literal["chat", "completions", "responses", "embeddings", "messages"]
-
-#: The routes guarded by default: path -> the API it speaks.
-DEFAULT_ROUTES: Mapping[str, Endpoint] = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/responses": "responses",
-    "/v1/embeddings": "embeddings",
-    "/v1/messages": "messages",
-}
-_ENDPOINTS = frozenset(DEFAULT_ROUTES.values())
-
 #: Request bodies above this are refused with a 400 before any JSON is parsed.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+#: A cap denial whose Retry-After is longer than this tells SDKs not to retry (x-should-retry).
+CLIENT_RETRY_MAX_S = 60
 
 # A JSON answer is copied (not held back) up to this size to read its usage.
 _MAX_JSON_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -130,7 +124,16 @@ def _list(body: Mapping[str, Any], name: str, *, required: bool) -> list[Any] | 
     return value
 
 
-def _texts(body: Mapping[str, Any], name: str, *, required: bool) -> str | list[str] | None:
+# Token ids index a vocabulary; none has 2**32 entries.
+_MAX_TOKEN_ID = 2**32
+
+
+def _token_ids(value: list[Any]) -> bool:
+    return all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < _MAX_TOKEN_ID for i in value)
+
+
+def _texts(body: Mapping[str, Any], name: str, *, required: bool) -> Any:
+    """A prompt: a string, strings, token ids (LangChain sends them) or lists of token ids."""
     value = body.get(name)
     if value is None:
         if required:
@@ -140,15 +143,27 @@ def _texts(body: Mapping[str, Any], name: str, *, required: bool) -> str | list[
         return value
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return value
-    if isinstance(value, list) and all(isinstance(item, (int, list)) for item in value):
-        raise _BadRequest(f"{name} as token ids is not supported by the budget check; send text", name)
-    raise _BadRequest(f"{name} must be a string or an array of strings, got {_type_name(value)}", name)
+    if isinstance(value, list) and (_token_ids(value) or all(isinstance(item, list) and item and _token_ids(item)
+                                                             for item in value)):
+        return value  # counted as the tokens they are
+    raise _BadRequest(f"{name} must be a string, an array of strings, an array of token ids or an array of "
+                      f"arrays of token ids, got {_type_name(value)}", name)
+
+
+# OpenAI's reasoning models refuse max_tokens; they are bounded by max_completion_tokens.
+_COMPLETION_TOKENS_MODELS = re.compile(r"(?:.*/)?(?:o\d|gpt-5)", re.IGNORECASE)
 
 
 class _Call:
-    """What one request asks for, as ``guard.check`` wants it."""
+    """What one request asks for, as ``guard.check`` wants it, and what bounds its output.
 
-    __slots__ = ("max_tokens", "messages", "model", "prompt", "stream", "system", "tools")
+    ``max_tokens`` is the whole output the request may produce (its cap times the
+    choices it asks for), or None when it sets no cap; ``choices`` is that multiplier and
+    ``cap_fields`` the body fields that cap one choice's output.
+    """
+
+    __slots__ = ("cap_fields", "choices", "max_tokens", "messages", "model", "prompt", "stream", "system",
+                 "tools")
 
     def __init__(self, endpoint: Endpoint, body: dict[str, Any]) -> None:
         model = body.get("model")
@@ -166,6 +181,8 @@ class _Call:
         self.system: Any = None
         self.tools: list[Any] | None = None
         self.max_tokens: int | None = None
+        self.choices = 1
+        self.cap_fields: tuple[str, ...] = ()
         getattr(self, f"_{endpoint}")(body)
 
     def _chat(self, body: dict[str, Any]) -> None:
@@ -176,19 +193,23 @@ class _Call:
         caps = [c for c in (_positive_int(body, "max_completion_tokens"), _positive_int(body, "max_tokens")) if c]
         # Both given: the worst case is the larger one.
         self.max_tokens = max(caps) if caps else None
+        self.cap_fields = ("max_completion_tokens", "max_tokens")
         self._times(body, "n")
 
     def _completions(self, body: dict[str, Any]) -> None:
         self.prompt = _texts(body, "prompt", required=True)
         self.max_tokens = _positive_int(body, "max_tokens")
+        self.cap_fields = ("max_tokens",)
         self._times(body, "n")
         self._times(body, "best_of")
 
     def _times(self, body: dict[str, Any], name: str) -> None:
         # n choices (or best_of candidates) each produce up to max_tokens of output.
         n = _positive_int(body, name)
-        if n is not None and n > 1 and self.max_tokens is not None:
-            self.max_tokens *= n
+        if n is not None and n > 1:
+            self.choices *= n
+            if self.max_tokens is not None:
+                self.max_tokens *= n
 
     def _responses(self, body: dict[str, Any]) -> None:
         value = body.get("input")
@@ -204,11 +225,39 @@ class _Call:
         self.system = instructions
         self.tools = _list(body, "tools", required=False)
         self.max_tokens = _positive_int(body, "max_output_tokens")
+        self.cap_fields = ("max_output_tokens",)
 
     def _embeddings(self, body: dict[str, Any]) -> None:
         self.prompt = _texts(body, "input", required=True)
         # No output: the engine wants at least one output token, which embedding models price at zero.
         self.max_tokens = 1
+
+    def bound_output(self, body: dict[str, Any], model: str, reserved: int) -> bool:
+        """Make ``body`` cap its output at what was reserved; whether it changed.
+
+        The reservation was priced on ``reserved`` output tokens over all choices: a request
+        that sets no cap (or, through a routed model, a larger one) would let the upstream
+        spend past it. :class:`_BadRequest` when a choice cannot get even one token.
+        """
+        if not self.cap_fields:
+            return False  # embeddings produce no output
+        per_choice = reserved // self.choices
+        if per_choice < 1:
+            raise _BadRequest(f"the {self.choices} choices asked for cannot share the {reserved} output tokens this "
+                              f"request may use; ask for fewer or set {self.cap_fields[0]}", self.cap_fields[0])
+        given = [f for f in self.cap_fields if body.get(f) is not None]
+        if not given:
+            field = self.cap_fields[0]
+            if field == "max_completion_tokens" and not _COMPLETION_TOKENS_MODELS.match(model):
+                field = "max_tokens"  # what every OpenAI-compatible server knows
+            body[field] = per_choice
+            return True
+        changed = False
+        for f in given:
+            if body[f] > per_choice:
+                body[f] = per_choice
+                changed = True
+        return changed
 
     def _messages(self, body: dict[str, Any]) -> None:
         self.messages = _list(body, "messages", required=True)
@@ -218,6 +267,7 @@ class _Call:
         self.system = system
         self.tools = _list(body, "tools", required=False)
         self.max_tokens = _positive_int(body, "max_tokens")
+        self.cap_fields = ("max_tokens",)
 
 
 def _status_for(limit: str | None) -> int:
@@ -262,9 +312,16 @@ class BudgetMiddleware:
         if not callable(identify):
             raise InvalidArgumentType("identify must be a callable taking a starlette Request")
         routes = dict(DEFAULT_ROUTES if routes is None else routes)
+        # Matched on the normal form of the path (see budgetguard.routes); each keeps its spelling.
+        self._routes: dict[str, tuple[str, Endpoint]] = {}
         for path, endpoint in routes.items():
-            if endpoint not in _ENDPOINTS:
-                raise InvalidArgument(f"routes[{path!r}] = {endpoint!r}; expected one of {sorted(_ENDPOINTS)}")
+            if endpoint not in ENDPOINTS:
+                raise InvalidArgument(f"routes[{path!r}] = {endpoint!r}; expected one of {sorted(ENDPOINTS)}")
+            try:
+                normal = normal_path(path)
+            except BadRoute as exc:
+                raise InvalidArgument(f"routes[{path!r}]: {exc}") from None
+            self._routes[route_key(normal)] = (normal, endpoint)
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
             raise InvalidArgument(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
         if default_user is not None and (not isinstance(default_user, str) or not default_user.strip()):
@@ -278,13 +335,27 @@ class BudgetMiddleware:
         self.tags = tags
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        # Any spelling of POST and of a guarded path is guarded (budgetguard.routes).
+        if scope["type"] != "http" or str(scope.get("method", "")).upper() != "POST":
             await self.app(scope, receive, send)
             return
-        endpoint = self.routes.get(scope["path"])
-        if endpoint is None:
+        path: str = scope["path"]
+        try:
+            route = self._routes.get(route_key(normal_path(path, scope.get("raw_path"))))
+        except BadRoute as exc:
+            near = self._routes.get(lenient_key(path))
+            if near is not None:
+                # It would likely reach a guarded route unbudgeted: refuse rather than guess.
+                await _Exchange(self, near[1], scope, receive, send).error(
+                    400, "invalid_request_error", f"invalid path: {exc}", "invalid_path")
+                return
+            route = None
+        if route is None:
             await self.app(scope, receive, send)
             return
+        normal, endpoint = route
+        # Downstream sees the route as it was budgeted.
+        scope = {**scope, "method": "POST", "path": normal, "raw_path": normal.encode()}
         await _Exchange(self, endpoint, scope, receive, send).run()
 
 
@@ -343,9 +414,14 @@ class _Exchange:
         if not decision.allowed:
             await self.deny(decision)
             return
-        self.decision = decision
         try:
             self.body = self.downstream_body(body, parsed, call, decision)
+        except _BadRequest as exc:
+            await self.mw.guard.arelease(decision, error=exc.message)
+            await self.error(400, "invalid_request_error", exc.message, exc.code, param=exc.param)
+            return
+        self.decision = decision
+        try:
             await self.mw.app(self.downstream_scope(), self.replay, self.send_wrapper)
         finally:
             if not self.settled:
@@ -379,7 +455,7 @@ class _Exchange:
                          "request_too_large")
 
     def downstream_body(self, body: bytes, parsed: dict[str, Any], call: _Call, decision: Decision) -> bytes:
-        changed = False
+        changed = call.bound_output(parsed, decision.model, decision.max_output_tokens)
         if decision.model != call.model:
             parsed["model"] = decision.model
             changed = True
@@ -444,7 +520,7 @@ class _Exchange:
         if self.status < 400:
             if headers.get("content-encoding", "identity") != "identity":
                 log.warning("%s answered with content-encoding %s: its usage cannot be read; put BudgetMiddleware "
-                            "inside compression", self.scope["path"], headers.get("content-encoding"))
+                            "inside compression", self.scope["path"], printable(headers.get("content-encoding")))
             elif headers.get("content-type", "").partition(";")[0].strip().lower() == "text/event-stream":
                 assert self.decision is not None
                 self.sse = SSEParser()
@@ -463,8 +539,17 @@ class _Exchange:
         kept: list[bytes] = []
         for event in events:
             obj = self.tracker.feed_sse(event)
-            if isinstance(obj, dict) and obj.get("choices") == [] and obj.get("usage") is not None:
-                continue  # the usage chunk this middleware asked for on the client's behalf
+            if isinstance(obj, dict) and "usage" in obj:
+                if obj.get("choices") == [] and obj["usage"] is not None:
+                    continue  # the usage chunk this middleware asked for on the client's behalf
+                if obj["usage"] is None:
+                    # include_usage adds "usage": null to every other chunk: the client gets the
+                    # stream it asked for, without it.
+                    del obj["usage"]
+                    name = f"event: {event.event}\n".encode() if event.event else b""
+                    data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+                    kept.append(name + b"data: " + data + b"\n\n")
+                    continue
             kept.append(event.raw)
         if not more:
             kept.append(self.sse.pending())
@@ -496,8 +581,8 @@ class _Exchange:
         if self.tracker is not None:
             if self.tracker.usage is not None:
                 return self.tracker.usage, False, None
-            log.warning("stream for user %r (%s) ended without usage (%s after %d events); charging the estimated "
-                        "input plus the streamed output", d.user, d.model,
+            log.warning("stream for user %s (%s) ended without usage (%s after %d events); charging the estimated "
+                        "input plus the streamed output", printable(d.user), printable(d.model),
                         "complete" if self.finished else "cut short", self.tracker.events)
             return self.tracker.fallback(d.estimated_input_tokens), True, None
         if self.json_body is not None and self.finished:
@@ -507,8 +592,8 @@ class _Exchange:
                 reason = str(exc)
         else:
             reason = "the answer was cut short" if not self.finished else "the answer could not be read"
-        log.warning("no usage in the answer to user %r (%s): %s; charging the reserved worst case", d.user,
-                    d.model, reason)
+        log.warning("no usage in the answer to user %s (%s): %s; charging the reserved worst case", printable(d.user),
+                    printable(d.model), printable(reason))
         return Usage(d.estimated_input_tokens, d.max_output_tokens), not self.finished, None
 
     async def settle(self) -> None:
@@ -529,12 +614,13 @@ class _Exchange:
             try:
                 await guard.arecord(decision, usage, incomplete=incomplete)
             except (InvalidArgument, InvalidArgumentType) as exc:
-                log.warning("usage %s of user %r is not recordable (%s); charging the reserved worst case", usage,
-                            decision.user, exc)
+                log.warning("usage %s of user %s is not recordable (%s); charging the reserved worst case", usage,
+                            printable(decision.user), printable(exc))
                 await guard.arecord(decision, Usage(decision.estimated_input_tokens, decision.max_output_tokens),
                                     incomplete=incomplete)
         except Exception:
-            log.exception("settling reservation %s of user %r failed", decision.reservation_id, decision.user)
+            log.exception("settling reservation %s of user %s failed", decision.reservation_id,
+                          printable(decision.user))
 
     # -- errors ------------------------------------------------------------------------
 
@@ -546,6 +632,10 @@ class _Exchange:
             headers["Retry-After"] = str(decision.retry_after)
         elif status == 503:
             headers["Retry-After"] = "1"
+        if status == 429 and (decision.retry_after is None or decision.retry_after > CLIENT_RETRY_MAX_S):
+            # The OpenAI and Anthropic SDKs retry a 429 after sleeping its Retry-After, however
+            # long (a month's reset overflows some); this tells them not to.
+            headers["x-should-retry"] = "false"
         await self.error(status, "budget_exceeded", decision.reason, decision.limit, headers=headers)
 
     async def error(self, status: int, kind: str, message: str, code: str | None, *, param: str | None = None,

@@ -432,6 +432,9 @@ class BudgetGuard:
         downgraded model is swapped in, and the usage of the returned response is recorded.
         A returned stream (``stream=True``: any iterator or async iterator of events) is
         wrapped instead and settled when it ends, fails or is closed (see ``streams``).
+        The ``max_tokens`` argument the function receives is at most what was reserved:
+        left out (None), it is the tier's output cap, so the call cannot spend past its
+        reservation. A function without that parameter (nor ``**kwargs``) is refused.
         """
 
         def decorate(fn: F) -> F:
@@ -439,13 +442,27 @@ class BudgetGuard:
             for name in (model, messages):
                 if name not in signature.parameters:
                     raise InvalidArgumentType(f"@limit: {fn.__qualname__} has no parameter {name!r}")
+            var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+            if max_tokens not in signature.parameters and var_kw is None:
+                raise InvalidArgumentType(f"@limit: {fn.__qualname__} has no parameter {max_tokens!r}, so the output "
+                                          "of its calls could not be bounded by what is reserved for them")
+
+            def bound_output(bound: inspect.BoundArguments, d: Decision) -> None:
+                # What was reserved bounds what the call may produce (None would be unbounded).
+                args = bound.arguments
+                target = args if max_tokens in signature.parameters else args.setdefault(var_kw, {})
+                given = target.get(max_tokens)
+                if given is None or (isinstance(given, int) and given > d.max_output_tokens):
+                    target[max_tokens] = d.max_output_tokens
 
             def open_reservation(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[inspect.BoundArguments,
                                                                                           Reservation]:
                 bound = signature.bind(*args, **kwargs)
                 bound.apply_defaults()
                 a = bound.arguments
-                reservation = self.reserve(user(a), a[model], a.get(messages), max_tokens=a.get(max_tokens),
+                given = a.get(max_tokens) if max_tokens in signature.parameters else a.get(var_kw or "", {}).get(
+                    max_tokens)
+                reservation = self.reserve(user(a), a[model], a.get(messages), max_tokens=given,
                                            tags=tags(a) if tags else None)
                 return bound, reservation
 
@@ -455,6 +472,7 @@ class BudgetGuard:
                     bound, reservation = open_reservation(args, kwargs)
                     async with reservation as d:
                         bound.arguments[model] = d.model
+                        bound_output(bound, d)
                         # Returned straight away, never held in a local: a frame kept alive
                         # elsewhere must not keep a stream from being finalized (and settled).
                         return reservation.note_result(await fn(*bound.args, **bound.kwargs))
@@ -466,6 +484,7 @@ class BudgetGuard:
                 bound, reservation = open_reservation(args, kwargs)
                 with reservation as d:
                     bound.arguments[model] = d.model
+                    bound_output(bound, d)
                     return reservation.note_result(fn(*bound.args, **bound.kwargs))
 
             return wrapper  # type: ignore[return-value]

@@ -26,13 +26,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .asgi import DEFAULT_ROUTES, BudgetMiddleware
+from .asgi import BudgetMiddleware
 from .config import ApiKey, credential, upstream_url
 from .errors import ConfigError
 from .forward import SCOPE_KEY, Forwarder, Target, error_body, send_error
 from .forward import Route as Forwarding
 from .guard import BudgetGuard
 from .metrics import metrics_app
+from .redact import printable
+from .routes import DEFAULT_ROUTES, BadRoute, normal_method, normal_path, route_key
 from .stats import aorg_status
 from .store import StoreUnavailable
 
@@ -42,6 +44,12 @@ log = logging.getLogger("budgetguard.proxy")
 
 Passthrough = Literal["models", "read", "all", "none"]
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Free requests (token counts) that pass wherever unbudgeted requests may pass at all.
+_FREE_ROUTES = frozenset({"/v1/messages/count_tokens", "/v1/responses/input_tokens"})
+# Requests that start LLM work no reservation can bound (a batch runs many calls later,
+# images and audio are priced per image or second): never forwarded, whatever passthrough says.
+_UNBUDGETABLE = ("/v1/messages/batches", "/v1/batches", "/v1/images", "/v1/audio", "/v1/realtime",
+                 "/v1/fine_tuning", "/v1/videos", "/v1/threads")
 _USER_KEY = "budgetguard.user"
 _LABEL_KEY = "budgetguard.key_label"
 
@@ -63,6 +71,10 @@ def _caller_key(headers: Headers) -> str | None:
         return value.strip()
     key = headers.get("x-api-key", "").strip()
     return key or None
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
 def _is_anthropic(path: str, headers: Headers) -> bool:
@@ -90,9 +102,20 @@ class _Gate:
                 await send({"type": "websocket.close", "code": 1008})  # not proxied (e.g. the Realtime API)
             return
         scope = _api_scope(scope)
-        path: str = scope["path"]
-        method: str = scope["method"]
-        endpoint = DEFAULT_ROUTES.get(path) if method == "POST" else None
+        # One normal form of the method and path, matched and forwarded (budgetguard.routes).
+        try:
+            method = normal_method(scope["method"])
+            path = normal_path(scope["path"], scope.get("raw_path"))
+        except BadRoute as exc:
+            self.metrics.observe_proxy("other", 400)
+            await send_error(send, 400, error_body("invalid_path", f"invalid request line: {exc}",
+                                                   kind="invalid_request_error", anthropic=False))
+            return
+        key = route_key(path)
+        endpoint = DEFAULT_ROUTES.get(key) if method == "POST" else None
+        if endpoint is not None:
+            path = key  # the route's own spelling
+        scope = {**scope, "method": method, "path": path, "raw_path": path.encode()}
         status = 0
 
         async def counted(message: Message) -> None:
@@ -112,16 +135,17 @@ class _Gate:
     async def handle(self, scope: Scope, receive: Receive, send: Send, path: str, method: str,
                      guarded: bool) -> None:
         headers = Headers(scope=scope)
-        anthropic = _is_anthropic(path, headers)
-        if any(part in (".", "..") for part in path.split("/")):
-            await send_error(send, 400, error_body("invalid_path", "dot segments are not allowed in the path",
-                                                   kind="invalid_request_error", anthropic=anthropic))
-            return
+        anthropic = _is_anthropic(route_key(path), headers)
         user, label = self.identify(headers, method, path)
         if user is None:
             await send_error(send, 401, error_body(
                 "invalid_api_key", "the API key is missing or not known to the budget proxy",
                 kind="authentication_error", anthropic=anthropic))
+            return
+        if not guarded and method not in _READ_METHODS and _under(route_key(path), _UNBUDGETABLE):
+            await send_error(send, 403, error_body(
+                "route_not_budgetable", f"{method} {path} starts LLM work that the budget proxy cannot budget "
+                "before it runs; it is never forwarded", kind="permission_error", anthropic=anthropic))
             return
         if not guarded and not self.passes(method, path):
             await send_error(send, 403, error_body(
@@ -142,13 +166,13 @@ class _Gate:
                 return user, None
         key = _caller_key(headers)
         if key is None:
-            log.info("%s %s: no API key; refused with 401", method, path)
+            log.info("%s %s: no API key; refused with 401", method, printable(path))
             return None, None
         digest = hash_key(key)
         entry = self.keys.get(digest)
         if entry is None:
             # The fingerprint only: the key itself never reaches a log.
-            log.warning("%s %s: unknown API key (fingerprint %s); refused with 401", method, path,
+            log.warning("%s %s: unknown API key (fingerprint %s); refused with 401", method, printable(path),
                         fingerprint(digest))
             return None, None
         return entry.user, entry.name or fingerprint(digest)
@@ -162,9 +186,14 @@ class _Gate:
         """
         if self.passthrough == "all":
             return True
-        if self.passthrough == "none" or method not in _READ_METHODS:
+        if self.passthrough == "none":
             return False
-        return self.passthrough == "read" or path == "/v1/models" or path.startswith("/v1/models/")
+        key = route_key(path)
+        if method == "POST" and key in _FREE_ROUTES:
+            return True
+        if method not in _READ_METHODS:
+            return False
+        return self.passthrough == "read" or key == "/v1/models" or key.startswith("/v1/models/")
 
 
 def _api_scope(scope: Scope) -> Scope:
