@@ -29,6 +29,12 @@ class Ticket:
     user_amount_nano: int | None = None
     org_local: bool = False  # the org's part was held in this process's slice (org.slice_usd)
     org_own: bool = False  # a repeat holding an org reservation of its own (see Engine.check_steps)
+    # The engine that took the decision: only it may settle it (its prices, its store).
+    owner: object = None
+    attempt: str = ""  # this check's attempt id, by which a reserve in doubt is voided
+    # The reserve was sent but its reply never came (fail_mode applied): it may run later,
+    # so settling voids it (see settle.lua).
+    in_doubt: bool = False
 
     def members(self, rid: str) -> tuple[str, str]:
         w = self.windows

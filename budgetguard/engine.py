@@ -47,6 +47,9 @@ _REQUESTED, _USER_ROUTE, _ORG_ROUTE, _BOTH_ROUTES = 0, 1, 2, 3
 _ORG_WINDOWS_MASK = 0b11000  # org.daily and org.monthly: their first denial always alerts
 _USER_WINDOWS_MASK = 0b00111
 _DAY_MS = 86_400_000
+# A void marker outlives the lease its reserve would take by this much (a reserve that runs
+# later still would take a lease that has lapsed by then).
+_VOID_MARGIN_MS = 60_000
 # Long ids stay out of the per-user spend rankings' members (they are hashed instead).
 _MAX_SPENDER = 200
 # The scripts' parts: a hash slot's worth of windows (see reserve.lua).
@@ -117,6 +120,8 @@ class CheckPlan:
     user_amount: int | None = None  # on a cluster: what the user part holds
     org_local: bool = False  # the org's part came from this process's slice
     org_own: bool = False  # a repeat whose user part is the original's but whose org reservation is its own
+    # Names this attempt's void marker: a caller that gave up on the reply voids the reserve.
+    attempt: str = field(default_factory=lambda: os.urandom(8).hex())
 
 
 def _ranked(name: str) -> str:
@@ -168,6 +173,24 @@ def _validate_text(name: str, value: Any, *, max_len: int | None = None) -> str:
     if max_len is not None and len(value) > max_len:
         raise InvalidArgument(f"{name} is {len(value)} characters long; at most {max_len} are allowed")
     return value
+
+
+def _token_ids(prompt: Any) -> int | None:
+    """How many token ids ``prompt`` holds (a list of ints, or of lists of ints); None for text."""
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    if all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        ids = prompt
+        count = len(prompt)
+    elif all(isinstance(p, list) for p in prompt):
+        ids = [i for p in prompt for i in p]
+        count = len(ids)
+    else:
+        return None
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise InvalidArgumentType(f"prompt token ids must be non-negative integers, got {i!r:.40}")
+    return count
 
 
 def _validate_tags(tags: Any) -> Mapping[str, str]:
@@ -342,6 +365,10 @@ class Engine:
         return plan
 
     def _estimate(self, model: str, messages: Any, tools: Any, prompt: Any, system: Any) -> int:
+        ids = _token_ids(prompt)
+        if ids is not None:  # a prompt already in tokens counts as the tokens it is
+            return ids + estimate_input_tokens(model, messages, tools=tools, system=system,
+                                               encoding=self._encodings.get(model))
         return estimate_input_tokens(model, messages, tools=tools, prompt=prompt, system=system,
                                      encoding=self._encodings.get(model))
 
@@ -372,11 +399,11 @@ class Engine:
                       user_triggered: bool = False, probe: bool = False) -> ScriptCall:
         prefix, w = plan.user_prefix, plan.windows
         now_ms = _epoch_ms(plan.now)
-        state = (self._org_prefix if parts == _ORG else prefix) + "rq:" + plan.rid
+        slot = self._org_prefix if parts == _ORG else prefix
         blocked = () if parts == _USER else (self._org_prefix + "blocked",)
         return ScriptCall(
             "reserve",
-            (state, *self._part_keys(prefix, w, parts), *blocked),
+            (slot + "rq:" + plan.rid, slot + "rv:" + plan.attempt, *self._part_keys(prefix, w, parts), *blocked),
             (now_ms, now_ms + self._lease_ms, self._state_ms, self._grace_ms, prefix, self._org_prefix,
              f"|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", f"|{w.d.stamp}|{w.m.stamp}", plan.rid,
              self._window_spec(plan.policy, w),
@@ -384,7 +411,7 @@ class Engine:
                       for i, c in enumerate(plan.candidates)),
              # A tier opts its users into alerts with alert_at; the org's blocks always alert.
              _ORG_WINDOWS_MASK | (_USER_WINDOWS_MASK if plan.policy.alert_at else 0),
-             parts, "1" if user_triggered else "0", "1" if probe else "0"),
+             parts, "1" if user_triggered else "0", "1" if probe else "0", plan.attempt),
         )
 
     def check_steps(self, plan: CheckPlan) -> Steps:
@@ -402,6 +429,8 @@ class Engine:
             return (yield plan.call)
         user = yield plan.call
         code = int(user[0])
+        if code == 3:
+            return user
         if code == 0 and self.slices is not None:
             # The org's windows hold every process's slice in full: probing them would name
             # (and alert on) an org cap that other calls may still have room under.
@@ -447,6 +476,10 @@ class Engine:
                 if code == 1:  # a repeat's user part belongs to the call that reserved it
                     yield from self._give_back_user_part(plan)
                 raise
+        if int(org[0]) == 3:
+            if code == 1:
+                yield from self._give_back_user_part(plan)
+            return org
         if int(org[0]) == 2:
             return org
         if code == 2 and int(org[0]) == 1:
@@ -601,11 +634,12 @@ class Engine:
         member = f"{plan.rid}|{plan.user_amount}|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}"
         call = ScriptCall(
             "settle",
-            (f"{plan.user_prefix}rq:{plan.rid}", *self._part_keys(plan.user_prefix, w, _USER)),
+            (f"{plan.user_prefix}rq:{plan.rid}", f"{plan.user_prefix}rv:{plan.attempt}",
+             *self._part_keys(plan.user_prefix, w, _USER)),
             (_epoch_ms(self.now()), self._state_ms, self._grace_ms, plan.user_prefix, self._org_prefix, member,
              "", "", ",".join(map(str, self._ends_ms(w))), _GIVEN_BACK + os.urandom(4).hex(), "", "",
              self._history_ms,
-             "", "", "", "", "released", "released", self._stream_maxlen, _USER),
+             "", "", "", "", "released", "released", self._stream_maxlen, _USER, "", ""),
         )
         try:
             yield call
@@ -615,7 +649,7 @@ class Engine:
 
     def _decision(self, plan: CheckPlan, candidate: Candidate | None, *, allowed: bool, reason: str,
                   limit: str | None, retry_after: int | None = None, amount: int | None = None,
-                  input_tokens: int | None = None, enforced: bool = True,
+                  input_tokens: int | None = None, enforced: bool = True, in_doubt: bool = False,
                   remaining: int | None = None, windows: WindowSet | None = None) -> Decision:
         if amount is None:
             amount = candidate.amount_nano if candidate else 0
@@ -629,6 +663,9 @@ class Engine:
             user_amount_nano=plan.user_amount,
             org_local=plan.org_local,
             org_own=plan.org_own,
+            owner=self,
+            attempt=plan.attempt,
+            in_doubt=in_doubt,
         )
         return Decision(
             allowed=allowed,
@@ -659,6 +696,9 @@ class Engine:
         code = int(reply[0])
         if code == 2:
             return self._repeat(plan, reply[1])
+        if code == 3:  # only a reserve that ran after its caller gave up on it (and voided it) reads this
+            return self._decision(plan, None, allowed=False, limit="store.unavailable",
+                                  reason="denied: this check was voided after the budget store answered too late")
         mask, triggered = int(reply[2]), int(reply[3])
         spent = [int(v) for v in reply[4:9]]
         reserved = [int(v) for v in reply[9:14]]
@@ -710,7 +750,7 @@ class Engine:
 
     def _repeat(self, plan: CheckPlan, state: Any) -> Decision:
         """A retried check: rebuild the original reservation from its stored state."""
-        _, index, amount, reserved_ms, _ = _text(state).split("|")
+        _, index, amount, reserved_ms = _text(state).split("|")[:4]
         i = int(index) - 1
         if not (0 <= i < len(plan.candidates) and plan.candidates[i].amount_nano == int(amount)):
             raise InvalidArgument("request_id is already in use by a live reservation for a different request "
@@ -729,11 +769,13 @@ class Engine:
     def unavailable(self, plan: CheckPlan, error: BaseException) -> Decision:
         """The decision when Redis cannot answer, per ``fail_mode``."""
         candidate = plan.candidates[0]
+        # The reserve may still run once Redis catches up: settling the decision voids it.
         if self.config.fail_mode == "open":
             return self._decision(plan, candidate, allowed=True, enforced=False, limit="store.unavailable",
+                                  in_doubt=True,
                                   reason=f"allowed unenforced: budget store unavailable ({type(error).__name__}); "
                                          "fail_mode is open")
-        return self._decision(plan, candidate, allowed=False, limit="store.unavailable",
+        return self._decision(plan, candidate, allowed=False, limit="store.unavailable", in_doubt=True,
                               reason=f"denied: budget store unavailable ({type(error).__name__}); "
                                      "fail_mode is closed")
 
@@ -757,12 +799,28 @@ class Engine:
             found = self._snapshots[model] = (price.snapshot(), price.provider)
         return found
 
-    def settle_call(self, decision: Decision, usage: Usage | None, *, outcome: str | None = None,
-                    error: str | None = None, latency_ms: int | None = None) -> SettlePlan:
-        """Record ``usage`` against a decision's reservation, or release it (``usage`` None)."""
+    def ticket(self, decision: Any) -> Ticket:
+        """The ticket of a decision this engine took; InvalidArgument(Type) for anything else."""
         if not isinstance(decision, Decision) or decision._ticket is None:
             raise InvalidArgumentType(f"expected a Decision from check(), got {type(decision).__name__}")
         t = decision._ticket
+        if t.owner is not self:
+            # Another guard's decision would be charged at this guard's prices on this guard's
+            # ledger, and its own reservation left to lapse.
+            raise InvalidArgument(f"this decision (reservation {decision.reservation_id}) was taken by another "
+                                  f"BudgetGuard (key prefix {t.user_prefix.split(':', 1)[0]!r}); settle it with "
+                                  "the guard that took it")
+        return t
+
+    def settle_call(self, decision: Decision, usage: Usage | None, *, outcome: str | None = None,
+                    error: str | None = None, latency_ms: int | None = None, logged: bool = True) -> SettlePlan:
+        """Record ``usage`` against a decision's reservation, or release it (``usage`` None).
+
+        A decision whose reserve is in doubt (sent, never answered) is voided as it settles.
+        ``logged=False`` writes no usage event (a void nobody asked for).
+        """
+        t = self.ticket(decision)
+        void = (str(self._lease_ms + _VOID_MARGIN_MS), t.attempt) if t.in_doubt else ("", "")
         cost, input_cost = None, 0
         if usage is not None:
             price = self._price(decision.model)
@@ -790,7 +848,7 @@ class Engine:
         lapsed = "expired" if decision.enforced and outcome in ("ok", "released") else outcome
         org_keys = (f"{org}hist:{hour[:8]}", f"{org}top:u:h:{hour}", f"{org}top:u:{charge.d.stamp}",
                     f"{org}top:u:{charge.m.stamp}", f"{org}top:f:h:{hour}", org + "events")
-        head = stream_head(event) if self._stream_maxlen != "0" else ""
+        head = stream_head(event) if self._stream_maxlen != "0" and logged else ""
         args = (now_ms, self._state_ms, self._grace_ms, t.user_prefix, org, user_member, org_member,
                 "" if cost is None else cost, ",".join(map(str, self._ends_ms(charge))),
                 state, self._alert_thresholds(policy), hour[8:], self._history_ms,
@@ -798,24 +856,33 @@ class Engine:
                 "" if baseline is None else baseline.threshold_nano)
         tail = (outcome, lapsed, self._stream_maxlen)
         ranks = (spender, args[14])
-        user_call = ScriptCall("settle", (t.request_key, *self._part_keys(t.user_prefix, charge, _USER)),
-                               (*args, "", *tail, _USER))
+        user_void, org_void = f"{t.user_prefix}rv:{t.attempt}", f"{org}rv:{t.attempt}"
+        user_call = ScriptCall("settle", (t.request_key, user_void, *self._part_keys(t.user_prefix, charge, _USER)),
+                               (*args, "", *tail, _USER, *void))
         if t.org_local:  # the org's part is settled in memory, after the user's
             return SettlePlan((user_call,), decision, event, state, outcome, lapsed, charge, now, cost, ranks)
         if not self.split:
             calls: tuple[ScriptCall, ...] = (ScriptCall(
-                "settle", (t.request_key, *self._part_keys(t.user_prefix, charge, _BOTH), *org_keys),
-                (*args, head, *tail, _BOTH)),)
+                "settle", (t.request_key, user_void, *self._part_keys(t.user_prefix, charge, _BOTH), *org_keys),
+                (*args, head, *tail, _BOTH, *void)),)
         else:
             # The user's part first: its request state decides whether this settle applies,
             # so the org (and the usage event with it) is charged once, by whoever got there.
             calls = (
                 user_call,
-                ScriptCall("settle", (f"{org}rq:{decision.reservation_id}",
+                ScriptCall("settle", (f"{org}rq:{decision.reservation_id}", org_void,
                                       *self._part_keys(t.user_prefix, charge, _ORG), *org_keys),
-                           (*args, head, *tail, _ORG)),
+                           (*args, head, *tail, _ORG, *void)),
             )
         return SettlePlan(calls, decision, event, state, outcome, lapsed, charge, now, cost, ranks)
+
+    @staticmethod
+    def void_steps(plan: SettlePlan) -> Steps:
+        """Void an in-doubt decision: every part of its release, each whatever the others
+        answered, so that each hash slot its reserve could reach holds the void marker.
+        A failure is raised; running the whole again is safe (each part applies once)."""
+        for call in plan.calls:
+            yield call
 
     def settle_steps(self, plan: SettlePlan) -> Steps:
         """The settle calls of ``plan``; returns (the event-carrying part's reply, the user part's

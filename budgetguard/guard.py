@@ -29,6 +29,7 @@ from .engine import CheckPlan, Engine, Settled, SettlePlan
 from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
 from .events import Event, JsonlSink, to_json
 from .metrics import Metrics
+from .redact import printable
 from .store import (
     AsyncStore,
     Health,
@@ -241,6 +242,10 @@ class BudgetGuard:
             self._schedule_slice_flush(sync)
         if reply is not None and not isinstance(reply, StoreUnavailable):
             self._submit_alerts(self._engine.check_alerts(plan, reply), sync)
+        if isinstance(reply, StoreUnavailable) and not decision.allowed:
+            # Refused, but the reserve was sent and may still run when Redis catches up:
+            # void it now rather than let it hold budget until its lease lapses.
+            self._void(decision, sync)
         if not decision.allowed and decision.limit != "store.unavailable":
             event = self._engine.denial_event(decision)
             self.metrics.observe_event(event)
@@ -343,7 +348,8 @@ class BudgetGuard:
     def _release_plan(self, decision: Decision, error: BaseException | str | None) -> SettlePlan | None:
         # A denial reserved nothing, except a fail-closed one: its script may have run
         # after the deadline, and releasing is harmless when it did not.
-        if isinstance(decision, Decision) and not decision.allowed and decision.limit != "store.unavailable":
+        self._engine.ticket(decision)  # refuses another guard's decision, even a denial
+        if not decision.allowed and decision.limit != "store.unavailable":
             return None
         text = None if error is None else (error if isinstance(error, str) else f"{type(error).__name__}: {error}")
         return self._engine.settle_call(decision, None, error=text, latency_ms=_latency_ms(decision))
@@ -374,7 +380,7 @@ class BudgetGuard:
         try:
             replies = self._sync.drive(self._engine.settle_steps(plan))
         except StoreUnavailable:
-            return self._unsettled(decision)
+            return self._unsettled(decision, sync=True)
         return self._after_settle(self._engine.read_settle(plan, replies), sync=True)
 
     async def _asettled(self, decision: Decision, plan: SettlePlan) -> bool:
@@ -389,7 +395,7 @@ class BudgetGuard:
         try:
             replies = await settling
         except StoreUnavailable:
-            return self._unsettled(decision)
+            return self._unsettled(decision, sync=False)
         except asyncio.CancelledError:
             if self._engine.split:
                 running.add_done_callback(functools.partial(self._settled_late, decision, plan))
@@ -401,16 +407,38 @@ class BudgetGuard:
         if running.cancelled():
             return
         if running.exception() is not None:
-            self._unsettled(decision)
+            self._unsettled(decision, sync=False)
             return
         self._after_settle(self._engine.read_settle(plan, running.result()), sync=False)
 
-    @staticmethod
-    def _unsettled(decision: Decision) -> bool:
-        log.error("budget store unavailable: settling reservation %s of user %r failed; its spend is not "
+    def _unsettled(self, decision: Decision, sync: bool) -> bool:
+        log.error("budget store unavailable: settling reservation %s of user %s failed; its spend is not "
                   "counted and the reservation lapses after reservation_ttl_s", decision.reservation_id,
-                  decision.user)
+                  printable(decision.user))
+        if decision._ticket is not None and decision._ticket.in_doubt:
+            self._void(decision, sync)
         return False
+
+    def _void(self, decision: Decision, sync: bool) -> None:
+        """Void an in-doubt check in the background, retrying until its lease would have lapsed."""
+        plan = self._engine.settle_call(decision, None, logged=False)
+        self._submit(self._events_lane, sync, functools.partial(self._void_job, plan),
+                     f"voiding reservation {decision.reservation_id}")
+
+    def _void_job(self, plan: SettlePlan) -> Job:
+        until = time.monotonic() + self.config.reservation_ttl_s
+        delay = 0.05
+        while True:
+            try:
+                yield from steps_job(self._engine.void_steps(plan))
+                return
+            except StoreUnavailable:
+                if time.monotonic() + delay > until:
+                    log.error("could not void reservation %s (the budget store did not answer); if its reserve "
+                              "ran, it lapses after reservation_ttl_s", plan.decision.reservation_id)
+                    return
+            yield Sleep(delay)
+            delay = min(2 * delay, 5.0)
 
     # -- reserve / limit ---------------------------------------------------------------
 

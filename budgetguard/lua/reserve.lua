@@ -4,7 +4,8 @@
 -- (day, month). On a single Redis one call takes both parts; on a Redis Cluster the guard
 -- runs the user part, then the org part, and gives the first back if the second denies.
 --
--- KEYS[1] request state; then the lease set of each part given (user, org); then the
+-- KEYS[1] request state   KEYS[2] this attempt's void marker (see settle.lua)
+-- then the lease set of each part given (user, org); then the
 -- window counters of those parts, in order (user hour, day, month; org day, month); then,
 -- with the org part, the org's open "blocked" alerts (field: window, value: its key suffix)
 -- ARGV[1] now ms   ARGV[2] lease deadline ms   ARGV[3] request-state ttl ms   ARGV[4] key grace ms
@@ -19,24 +20,30 @@
 -- ARGV[14] "1" when an earlier part (the user's) reached its routing threshold, else "0"
 -- ARGV[15] "1": only probe (after the user part denied): report the blocking windows and
 --          claim their first-denial alerts, but reserve nothing
+-- ARGV[16] this attempt's id (a check whose caller gave up on it can be voided by it)
 --
 -- Returns {1, chosen, requested_blockers, triggered, spent..., reserved...} when reserved,
 --         {0, 0, blockers of the cheapest candidate, triggered, spent..., reserved...} when denied,
 --         {2, state} when the request id holds a live reservation (a retry); the state is
---         "L|<candidate>|<amount>|<reserved at ms>|<deadline ms>".
+--         "L|<candidate>|<amount>|<reserved at ms>|<deadline ms>|<attempt>",
+--         {3} when this attempt was voided before it ran (its caller had given up on it).
 -- Spent and reserved are given for the windows of the parts called, in the order above.
 -- Bit w-1 of a blockers / triggered mask stands for window w (1-5, as above).
 -- Reserved and denied replies end with alerts: "b|<window>" the window's first denial,
 -- "r|<window>|<suffix>" an org window blocked earlier whose successor has now opened.
 
 local now = tonumber(ARGV[1])
-local p = part_keys(ARGV[13], 2)
+local p = part_keys(ARGV[13], 3)
 local with_user, with_org, user_leases, org_leases = p.user, p.org, p.user_leases, p.org_leases
 local present, key = p.windows, p.key
 local blocked = KEYS[p.next]
 
 if with_user then sweep(user_leases, ARGV[5], now) end
 if with_org then sweep(org_leases, ARGV[6], now) end
+
+-- The caller gave up on this attempt (Redis answered too late) and voided it: reserving now
+-- would hold budget nobody will settle.
+if redis.call('EXISTS', KEYS[2]) == 1 then return {3} end
 
 -- Only a live reservation is a repeat: a settled or lapsed request id reserves afresh.
 local prior = redis.call('GET', KEYS[1])
@@ -152,5 +159,6 @@ if with_org then
   redis.call('ZADD', org_leases, deadline, ARGV[9] .. '|' .. amount .. ARGV[8])
   redis.call('PEXPIRE', org_leases, ends[5] + grace - now)
 end
-redis.call('SET', KEYS[1], 'L|' .. chosen .. '|' .. amount .. '|' .. ARGV[1] .. '|' .. deadline, 'PX', ARGV[3])
+redis.call('SET', KEYS[1], 'L|' .. chosen .. '|' .. amount .. '|' .. ARGV[1] .. '|' .. deadline .. '|' .. ARGV[16],
+           'PX', ARGV[3])
 return reply

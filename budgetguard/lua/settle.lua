@@ -5,7 +5,8 @@
 -- Like reserve.lua it takes the user's part, the org's part, or both (one per hash slot);
 -- the spend history, rankings and usage event go with the org's part.
 --
--- KEYS[1] request state; then the lease set of each part given (user, org); then the window
+-- KEYS[1] request state   KEYS[2] the void marker of the decision's attempt (see ARGV[22])
+-- then the lease set of each part given (user, org); then the window
 -- counters to charge of those parts, in order (user hour, day, month; org day, month); then,
 -- with the org part: KEYS[+1] org spend history of the UTC day (field: hour)
 -- KEYS[+2] org spend by user, this hour   KEYS[+3] org spend by user, today
@@ -23,6 +24,10 @@
 -- ARGV[17] usage event JSON up to its closing outcome ('' no event)
 -- ARGV[18] outcome   ARGV[19] outcome when the lease had lapsed   ARGV[20] stream max length
 -- ARGV[21] the parts: "uo", "u" or "o"
+-- ARGV[22] '' or, to void an attempt whose reserve may not have run yet (the caller gave up
+--          waiting for it), the void marker's ttl ms: the marker makes that reserve, should it
+--          run later, reserve nothing; a live reservation of this attempt is settled as usual
+-- ARGV[23] the decision's attempt id (with ARGV[22])
 --
 -- Returns {1, lease_was_live, crossing...} when applied, {0, state} when already settled;
 -- the state is ARGV[10] .. "|<lease_was_live>|<crossings joined by ';'>".
@@ -30,7 +35,7 @@
 -- each is claimed by a marker field so that it is reported once, whoever crosses it.
 
 local now = tonumber(ARGV[1])
-local p = part_keys(ARGV[21], 2)
+local p = part_keys(ARGV[21], 3)
 local with_user, with_org, user_leases, org_leases = p.user, p.org, p.user_leases, p.org_leases
 local present, key, k = p.windows, p.key, p.next
 
@@ -38,6 +43,11 @@ if with_user then sweep(user_leases, ARGV[4], now) end
 if with_org then sweep(org_leases, ARGV[5], now) end
 
 local prior = redis.call('GET', KEYS[1])
+if ARGV[22] ~= '' then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[22])
+  -- A live reservation of another attempt of this request id is not this decision's.
+  if prior and string.sub(prior, 1, 1) == 'L' and split(prior, '|')[6] ~= ARGV[23] then return {0, prior} end
+end
 if prior and string.sub(prior, 1, 1) == 'S' then return {0, prior} end
 
 -- The lease counts as live if the part that carries the event still held it.
