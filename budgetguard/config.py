@@ -39,6 +39,22 @@ __all__ = [
     "upstream_url",
 ]
 
+# Bounds on what a limits.yaml may hold. A real file stays far below every one; they exist so a
+# hostile or runaway file is refused with a ConfigError instead of hanging the loader, exhausting
+# the stack or slowing every check. 10,000 users plus 10,000 api keys take about 1.5 MB and
+# 130,000 YAML nodes, so that much fits with room to spare.
+MAX_FILE_BYTES = 16 * 1024 * 1024  # checked before parsing, so an oversized file costs no YAML work
+MAX_NODES = 250_000  # YAML nodes (keys, values, list items) counted as often as aliases repeat them
+MAX_DEPTH = 64  # nested mappings and lists; the deepest field, tiers.<name>.downgrade.routes, is at 5
+MAX_ALERT_LEVELS = 16  # alert_at: each level is a threshold that every check and record evaluates
+MAX_MODELS = 1_000  # an allow-list, a downgrade route table, the price overrides under models
+MAX_TIERS = 1_000
+MAX_USERS = 10_000  # users without overrides need no entry: unlisted users get default_tier
+MAX_API_KEYS = 10_000
+MAX_HEADERS = 64  # alerts.webhook.headers
+_MAX_PROBLEMS = 20  # a ConfigError lists this many problems and counts the rest
+
+
 # Caps stay below 2**53 nano-USD, the range where the Lua scripts compare exactly.
 def _not_bool(value: Any) -> Any:
     # YAML's `true` would otherwise pass as the integer 1.
@@ -52,6 +68,8 @@ Threshold = Annotated[Decimal, Field(gt=0, le=1), BeforeValidator(_not_bool)]
 TokenCount = Annotated[int, Field(gt=0, le=100_000_000), BeforeValidator(_not_bool)]
 Count = Annotated[int, BeforeValidator(_not_bool)]
 PerMTok = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=9), BeforeValidator(_not_bool)]
+AlertLevels = Annotated[list[Threshold], Field(max_length=MAX_ALERT_LEVELS)]
+ModelList = Annotated[list[str], Field(max_length=MAX_MODELS)]
 
 
 class _Strict(BaseModel):
@@ -66,7 +84,7 @@ class PerRequest(_Strict):
 
 class Downgrade(_Strict):
     at: Threshold = Decimal(1)
-    routes: dict[str, str] = Field(default_factory=dict)
+    routes: dict[str, str] = Field(default_factory=dict, max_length=MAX_MODELS)  # at most 1,000 routes
 
 
 class _TierFields(_Strict):
@@ -74,9 +92,9 @@ class _TierFields(_Strict):
     hourly_usd: Usd | None = None
     daily_usd: Usd | None = None
     monthly_usd: Usd | None = None
-    models: list[str] | None = None
+    models: ModelList | None = None  # allow-list, at most 1,000 models
     downgrade: Downgrade | None = None
-    alert_at: list[Threshold] | None = None
+    alert_at: AlertLevels | None = None  # at most 16 levels
 
 
 class TierConfig(_TierFields):
@@ -92,7 +110,7 @@ class UserConfig(_TierFields):
 class OrgConfig(_Strict):
     daily_usd: Usd | None = None
     monthly_usd: Usd | None = None
-    alert_at: list[Threshold] = Field(default_factory=list)
+    alert_at: AlertLevels = Field(default_factory=list)  # at most 16 levels
     downgrade: Downgrade | None = None
     forecast: bool = False  # alert once a month when the spend rate would exhaust monthly_usd early
     # Opt-in: each process serves the org's part of checks from a slice of this size
@@ -128,7 +146,8 @@ Scope = Literal["org", "user"]
 class _Sink(_Strict):
     # Which alerts a sink receives: at or above min_level, for these scopes.
     min_level: Threshold | None = None
-    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org", "user"]), min_length=1)
+    # Two scopes exist, so a longer list only repeats them.
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org", "user"]), min_length=1, max_length=2)
 
 
 class SlackConfig(_Sink):
@@ -140,7 +159,7 @@ class PagerDutyConfig(_Sink):
     routing_key: str = ""
     min_level: Threshold | None = Decimal("0.9")
     # Paging on every user that reaches its own cap would drown on-call: org only by default.
-    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org"]), min_length=1)
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org"]), min_length=1, max_length=2)
     url: str = "https://events.pagerduty.com/v2/enqueue"
     source: str = "budgetguard"
     _url = field_validator("url")(_check_url)
@@ -148,7 +167,7 @@ class PagerDutyConfig(_Sink):
 
 class WebhookConfig(_Sink):
     url: str = ""
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, max_length=MAX_HEADERS)  # at most 64
     _url = field_validator("url")(_check_url)
 
 
@@ -297,16 +316,16 @@ class Config(_Strict):
     reservation_ttl_s: Count = Field(default=600, gt=0, le=7 * 86_400)
     default_max_output_tokens: TokenCount = 4096
     unknown_model: str = "deny"
-    models: dict[str, ModelOverride] = Field(default_factory=dict)
+    models: dict[str, ModelOverride] = Field(default_factory=dict, max_length=MAX_MODELS)  # at most 1,000
     default_tier: str = "default"
-    tiers: dict[str, TierConfig] = Field(default_factory=dict)
-    users: dict[str, UserConfig] = Field(default_factory=dict)
+    tiers: dict[str, TierConfig] = Field(default_factory=dict, max_length=MAX_TIERS)  # at most 1,000
+    users: dict[str, UserConfig] = Field(default_factory=dict, max_length=MAX_USERS)  # at most 10,000
     org: OrgConfig = Field(default_factory=OrgConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
-    api_keys: list[ApiKey] = Field(default_factory=list)
+    api_keys: list[ApiKey] = Field(default_factory=list, max_length=MAX_API_KEYS)  # at most 10,000
 
     @field_validator("redis_url")
     @classmethod
@@ -338,19 +357,83 @@ class Config(_Strict):
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand(node: Any, env: Mapping[str, str]) -> Any:
-    """Expand ``${VAR}`` / ``${VAR:-default}`` in every string, as a shell would."""
-    if isinstance(node, str):
-        return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), node)
-    if isinstance(node, dict):
-        return {key: _expand(value, env) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_expand(value, env) for value in node]
-    return node
+def _expand(data: Any, env: Mapping[str, str]) -> Any:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` in every string, as a shell would.
+
+    :func:`parse_config` also takes data that never went through the YAML checks, so the walk
+    bounds itself: nesting deeper than MAX_DEPTH (a structure that contains itself included) or
+    more than MAX_NODES values is a ConfigError, never a RecursionError or an endless walk over
+    shared references.
+    """
+    seen = 0
+
+    def expand(node: Any, loc: tuple[str, ...]) -> Any:
+        nonlocal seen
+        seen += 1
+        if seen > MAX_NODES:
+            raise ConfigError(f"<root>: holds more than {MAX_NODES:,} values, the most a config may have")
+        if isinstance(node, str):
+            return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), node)
+        if isinstance(node, dict | list) and len(loc) >= MAX_DEPTH:
+            raise ConfigError(f"{_path(loc)}: nests deeper than {MAX_DEPTH} levels of mappings and lists")
+        if isinstance(node, dict):
+            return {key: expand(value, (*loc, str(key))) for key, value in node.items()}
+        if isinstance(node, list):
+            return [expand(value, (*loc, str(i))) for i, value in enumerate(node)]
+        return node
+
+    return expand(data, ())
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate keys instead of keeping the last one."""
+    """A SafeLoader that refuses duplicate keys instead of keeping the last one, and bounds the document.
+
+    Composing counts nodes and nesting as it goes, so a huge or deep file stops early and the
+    composer's recursion stays shallow; :func:`_check_expansion` then bounds what aliases make
+    of the composed graph before anything is constructed.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._nodes += 1  # an alias counts once here; _check_expansion counts what it repeats
+        if self._nodes > MAX_NODES:
+            raise ConfigError(f"line {self._line()}: the file has more than {MAX_NODES:,} nodes "
+                              "(keys, values and list items), the most a limits.yaml may have")
+        return super().compose_node(parent, index)
+
+    def compose_sequence_node(self, anchor: Any) -> yaml.SequenceNode:
+        self._descend()
+        try:
+            return super().compose_sequence_node(anchor)
+        finally:
+            self._depth -= 1
+
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        self._descend()
+        try:
+            return super().compose_mapping_node(anchor)
+        finally:
+            self._depth -= 1
+
+    def _descend(self) -> None:
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise ConfigError(f"line {self._line()}: nests deeper than {MAX_DEPTH} levels of mappings and lists")
+
+    def _line(self) -> int:
+        return int(self.peek_event().start_mark.line) + 1
+
+    def get_single_data(self) -> Any:
+        # yaml.load's entry point: compose, bound the node graph, and only then construct.
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return self.construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -368,6 +451,56 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a composed document that aliases take past MAX_NODES nodes or MAX_DEPTH levels.
+
+    Constructing shares one object per anchor, but ``${VAR}`` expansion and validation walk the
+    expanded tree, where nine levels of ten aliases (billion laughs) make 10**9 nodes of a
+    1 KB file. Each node's expanded size and height are computed once, so this check is linear
+    in the file however much the aliases multiply, and its recursion stops at MAX_DEPTH.
+    """
+    measured: dict[yaml.Node, tuple[int, int]] = {}  # node -> (expanded nodes, levels of mappings/lists)
+    walking: set[yaml.Node] = set()  # collections being measured: meeting one again is a cycle
+
+    def too_deep(node: yaml.Node) -> ConfigError:
+        return ConfigError(f"line {node.start_mark.line + 1}: nests deeper than {MAX_DEPTH} levels of mappings "
+                           "and lists once aliases are expanded")
+
+    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:
+        # depth: how many mappings and lists enclose this node once aliases are expanded.
+        known = measured.get(node)
+        if known is None:
+            if isinstance(node, yaml.ScalarNode):
+                known = (1, 0)
+            else:
+                line = node.start_mark.line + 1
+                if node in walking:
+                    # PyYAML lets an alias name an enclosing anchor; expanded, it never ends.
+                    raise ConfigError(f"line {line}: an alias refers to a mapping or list that contains it")
+                if depth >= MAX_DEPTH:
+                    raise too_deep(node)
+                walking.add(node)
+                children = node.value if isinstance(node, yaml.SequenceNode) else \
+                    [part for pair in node.value for part in pair]
+                size, height = 1, 0
+                for child in children:
+                    child_size, child_height = measure(child, depth + 1)
+                    size += child_size
+                    height = max(height, child_height)
+                    if size > MAX_NODES:
+                        # Composing already refused more nodes than this, so aliases did it.
+                        raise ConfigError(f"line {line}: the file expands to more than {MAX_NODES:,} nodes "
+                                          "through aliases (each *name repeats everything under &name)")
+                walking.discard(node)
+                known = (size, height + 1)
+            measured[node] = known
+        if depth + known[1] > MAX_DEPTH:
+            raise too_deep(node)
+        return known
+
+    measure(root, 0)
+
+
 def _path(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "<root>"
 
@@ -378,28 +511,45 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"<root>: must be a mapping, got {type(data).__name__}")
-    data = _expand(data, os.environ if env is None else env)
     try:
+        data = _expand(data, os.environ if env is None else env)
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems = [f"{_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        errors = exc.errors()
+        # Thousands of bad entries would make a message nobody reads: name the first ones, count the rest.
+        problems = [f"{_path(err['loc'])}: {err['msg']}" for err in errors[:_MAX_PROBLEMS]]
+        if len(errors) > _MAX_PROBLEMS:
+            problems.append(f"and {len(errors) - _MAX_PROBLEMS:,} more problems")
         raise ConfigError("; ".join(problems)) from None
+    except RecursionError:
+        # _expand keeps the data within MAX_DEPTH; this only fires when called from a deep stack.
+        raise ConfigError(f"<root>: nests too deeply to validate (at most {MAX_DEPTH} levels)") from None
     _check_references(config)
     return config
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read and validate limits.yaml; raise :class:`ConfigError` naming the bad field."""
+    where = os.fspath(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as file:
+            # One byte past the bound tells an oversized file (or an endless device) apart.
+            raw = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"cannot read {os.fspath(path)}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read {where}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_FILE_BYTES >> 20} MiB, the most a limits.yaml may be")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{os.fspath(path)} is not UTF-8 text (byte {exc.start})") from None
+        raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{os.fspath(path)} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+    except RecursionError:
+        # The loader's bounds keep its recursion shallow; this only fires when called from a deep stack.
+        raise ConfigError(f"{where} nests too deeply to load (at most {MAX_DEPTH} levels)") from None
     return parse_config(data, env)
 
 

@@ -113,8 +113,12 @@ def _memory_server(url: str) -> Any:
         return server
 
 
-def _pool_options(config: Config, retry: Any) -> dict[str, Any]:
+def _pool_options(config: Config, retry: Any, *, loop_bound: bool = False) -> dict[str, Any]:
     timeout = config.redis_timeout_ms / 1000
+    if loop_bound:
+        # The asyncio store bounds each call itself, sparing the loop's own lateness
+        # (_Deadline); the client's timeouts are timers too, so they only back that up.
+        timeout *= _MAX_EXTENSIONS + 2
     return {
         "max_connections": config.redis_max_connections,
         # Callers past the pool size wait for a connection (up to the timeout) instead
@@ -221,7 +225,8 @@ def connect_async(config: Config, url: str) -> redis.asyncio.Redis:
     from redis.asyncio.retry import Retry
 
     try:
-        pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_pool_options(config, _retry(Retry)))
+        pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_pool_options(config, _retry(Retry),
+                                                                                  loop_bound=True))
     except ValueError as exc:
         raise ConfigError(f"redis_url: {exc}") from None
     return redis.asyncio.Redis.from_pool(pool)
@@ -292,6 +297,62 @@ class SyncStore(_Outcomes):
                 raise
 
 
+# How late a deadline timer may fire before the lateness is put down to the event loop
+# (busy with other work) rather than to Redis: at least this, or a quarter of the timeout.
+_LOOP_LAG_S = 0.02
+# A loop that stays that late extends a wait at most this many timeouts, then it fails.
+_MAX_EXTENSIONS = 20
+
+
+class _Deadline:
+    """``asyncio.timeout`` for a Redis call that blames Redis only for Redis' lateness.
+
+    A plain timer fires when the loop next gets to it: after a stretch of CPU-bound work
+    on the loop (a large request being tokenized, say), it fires late, while Redis' answer
+    sits unread in the socket, and a healthy Redis would be taken for a failed one (and
+    under ``fail_mode: open``, calls let through unenforced). So a timer that fires more
+    than a little late starts the wait again (up to ``_MAX_EXTENSIONS`` times), and one that
+    fires on time lets the loop read what has arrived (two more passes) before it cancels.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout = timeout_s
+        self._tolerance = max(_LOOP_LAG_S, timeout_s / 4)
+        self._extensions = 0
+        self._cm = asyncio.timeout(None)
+        self._loop = asyncio.get_running_loop()
+        self._when = 0.0
+        self._handle: asyncio.Handle | None = None
+
+    async def __aenter__(self) -> None:
+        await self._cm.__aenter__()
+        self._arm(self._loop.time() + self._timeout)
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        if self._handle is not None:
+            self._handle.cancel()
+        return await self._cm.__aexit__(*exc)
+
+    def _arm(self, when: float) -> None:
+        self._when = when
+        self._handle = self._loop.call_at(when, self._fired)
+
+    def _fired(self) -> None:
+        now = self._loop.time()
+        if now - self._when > self._tolerance and self._extensions < _MAX_EXTENSIONS:
+            self._extensions += 1
+            self._arm(now + self._timeout)
+            return
+        self._handle = self._loop.call_soon(self._grace, 2)
+
+    def _grace(self, passes: int) -> None:
+        if passes:
+            # Each pass lets the loop poll its sockets once: a reply that arrived is read.
+            self._handle = self._loop.call_soon(self._grace, passes - 1)
+            return
+        self._cm.reschedule(self._loop.time())  # expire now: the task is cancelled, TimeoutError raised
+
+
 class AsyncStore(_Outcomes):
     def __init__(self, client: redis.asyncio.Redis, health: Health, timeout_s: float | None,
                  observe: Observer = _ignore) -> None:
@@ -305,8 +366,11 @@ class AsyncStore(_Outcomes):
         started = time.perf_counter()
         try:
             # One deadline over pool wait, connect and reply together.
-            async with asyncio.timeout(self._timeout):
+            if self._timeout is None:
                 reply = await self._scripts[call.script](keys=call.keys, args=call.args)
+            else:
+                async with _Deadline(self._timeout):
+                    reply = await self._scripts[call.script](keys=call.keys, args=call.args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise self._failure(call, started, exc) from exc
         self._success(call, started)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from budgetguard import ConfigError, load_config
-from budgetguard.config import parse_config
+from budgetguard.config import UserConfig, parse_config
 from budgetguard.policy import Policies
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,3 +118,131 @@ def test_yaml_errors(tmp_path):
     latin.write_bytes("timezone: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(latin)
+
+
+# Hostile files: each is refused with a ConfigError before it can hang the loader, exhaust the
+# stack or make every check slow.
+
+
+def test_billion_laughs_is_refused(tmp_path):
+    # Nine levels of ten aliases: a 1 KB file that expands to 10**9 strings.
+    lines = ['l0: &l0 ["lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)]
+    lines.append("tiers: {t: {models: *l9}}")
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"expands to more than [\d,]+ nodes through aliases"):
+        load_config(laughs, env={})
+
+
+@pytest.mark.parametrize(("opening", "closing"), [("[", "]"), ("{a: ", "}")], ids=["lists", "mappings"])
+def test_deep_nesting_is_a_config_error_not_a_recursion_error(tmp_path, opening, closing):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("tiers: " + opening * 5000 + "1" * (opening == "{a: ") + closing * 5000 + "\n")
+    with pytest.raises(ConfigError, match="line 1: nests deeper than 64 levels"):
+        load_config(deep, env={})
+
+
+def test_aliases_cannot_nest_past_the_depth_bound(tmp_path):
+    # Every line is shallow, but each anchor wraps the one before: 2,000 levels once expanded.
+    lines = ["l0: &l0 [1]"] + [f"l{i}: &l{i} [*l{i - 1}]" for i in range(1, 2000)]
+    chain = tmp_path / "chain.yaml"
+    chain.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="nests deeper than 64 levels of mappings and lists once aliases"):
+        load_config(chain, env={})
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path):
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("tiers: &t {pro: *t}\n")
+    with pytest.raises(ConfigError, match="line 1: an alias refers to a mapping or list that contains it"):
+        load_config(loop, env={})
+
+
+def test_parse_config_refuses_deep_or_self_containing_data():
+    deep: dict[str, object] = {}
+    inner = deep
+    for _ in range(5000):
+        inner["a"] = inner = {}
+    with pytest.raises(ConfigError, match=r"^a\.a\.a.*: nests deeper than 64 levels"):
+        parse_config(deep, env={})
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(ConfigError, match=r"^tiers\.0\.0.*: nests deeper than 64 levels"):
+        parse_config({"tiers": loop}, env={})
+
+
+def test_a_long_alert_at_list_is_refused(tmp_path):
+    long_list = tmp_path / "alerts.yaml"
+    long_list.write_text("org: {alert_at: [" + ", ".join(["0.5"] * 10_000) + "]}\n")
+    with pytest.raises(ConfigError, match=r"^org\.alert_at: List should have at most 16 items"):
+        load_config(long_list, env={})
+
+
+def test_an_oversized_file_is_refused_before_parsing(tmp_path):
+    # Valid YAML (one long comment), so only the size bound can refuse it.
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (16 * 1024 * 1024) + "\ntiers: {}\n")
+    with pytest.raises(ConfigError, match=r"big\.yaml is larger than 16 MiB"):
+        load_config(big, env={})
+
+
+def _api_keys(n: int) -> list[dict[str, str]]:
+    return [{"sha256": f"{i:064x}", "user": f"u{i}"} for i in range(n)]
+
+
+OVERSIZED = [
+    ({"org": {"alert_at": [0.5] * 17}}, "org.alert_at", 16),
+    ({"tiers": {"t": {"alert_at": [0.5] * 17}}}, "tiers.t.alert_at", 16),
+    ({"users": {"u": {"alert_at": [0.5] * 17}}}, "users.u.alert_at", 16),
+    ({"tiers": {"t": {"models": ["gpt-4o-mini"] * 1001}}}, "tiers.t.models", 1000),
+    ({"users": {"u": {"models": ["gpt-4o-mini"] * 1001}}}, "users.u.models", 1000),
+    ({"org": {"downgrade": {"routes": {f"m{i}": "gpt-4o-mini" for i in range(1001)}}}},
+     "org.downgrade.routes", 1000),
+    ({"models": {f"m{i}": {"input_per_mtok": 1, "output_per_mtok": 1} for i in range(1001)}}, "models", 1000),
+    ({"tiers": {f"t{i}": {} for i in range(1001)}}, "tiers", 1000),
+    ({"users": {f"u{i}": {} for i in range(10_001)}}, "users", 10_000),
+    ({"api_keys": _api_keys(10_001)}, "api_keys", 10_000),
+    ({"alerts": {"webhook": {"url": "https://hooks.example/x", "headers": {f"X-H{i}": "v" for i in range(65)}}}},
+     "alerts.webhook.headers", 64),
+    ({"alerts": {"slack": {"scopes": ["org", "user", "org"]}}}, "alerts.slack.scopes", 2),
+]
+
+
+@pytest.mark.parametrize(("data", "path", "bound"), OVERSIZED, ids=[path for _, path, _ in OVERSIZED])
+def test_oversized_collections_name_the_field_and_the_bound(data, path, bound):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, env={})
+    assert str(info.value).startswith(f"{path}: ")
+    assert f"at most {bound} items" in str(info.value)
+
+
+def test_thousands_of_problems_make_a_short_message():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"users": {f"u{i}": {"daily_usd": -1} for i in range(5000)}}, env={})
+    message = str(info.value)
+    assert message.startswith("users.u0.daily_usd: Input should be greater than or equal to 0; ")
+    assert message.endswith("; and 4,980 more problems")
+    assert message.count("users.u") == 20
+
+
+def test_a_tier_shared_through_an_anchor_still_loads(tmp_path):
+    # Anchors and aliases in ordinary use stay well inside the bounds.
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(
+        "tiers:\n"
+        "  pro: &pro\n"
+        "    daily_usd: 10\n"
+        "    models: &allowed [gpt-4o, gpt-4o-mini]\n"
+        "    alert_at: &levels [0.5, 0.9]\n"
+        "  team: {daily_usd: 50, models: *allowed, alert_at: *levels}\n"
+        "users:\n"
+        "  alice: *pro\n"
+        "  bob: {tier: team, models: *allowed}\n"
+    )
+    c = load_config(shared, env={})
+    assert c.tiers["team"].daily_usd == Decimal(50)
+    assert c.tiers["team"].models == c.tiers["pro"].models == ["gpt-4o", "gpt-4o-mini"]
+    assert c.tiers["team"].alert_at == c.tiers["pro"].alert_at == [Decimal("0.5"), Decimal("0.9")]
+    assert c.users["alice"] == UserConfig(**c.tiers["pro"].model_dump())
+    assert c.users["bob"].models == ["gpt-4o", "gpt-4o-mini"]

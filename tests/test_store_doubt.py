@@ -1,0 +1,136 @@
+"""Checks whose outcome Redis leaves in doubt, and decisions settled by the wrong guard.
+
+- A stalled event loop is not a failed Redis: a timer that fires late because the loop
+  was busy must not turn a healthy Redis into ``store.unavailable`` (and, under
+  ``fail_mode: open``, into unenforced calls).
+- A check answered ``store.unavailable`` while Redis was paused must not leave a
+  reservation behind when Redis resumes and runs the reserve script it had queued.
+- A decision can only be settled by the guard that took it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from budgetguard import InvalidArgument, Usage
+
+from .conftest import start_redis_server
+from .helpers import MSG, guard
+
+
+@pytest.fixture
+def private_redis() -> Iterator[tuple[int, str]]:
+    """A redis-server of this test's own, which it may pause (SIGSTOP) and resume."""
+    try:
+        proc, url = start_redis_server()
+    except FileNotFoundError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but redis-server is not on PATH")
+        pytest.skip("redis-server is not on PATH")
+    try:
+        yield proc.pid, url
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(10)
+
+
+def _busy(url: str, started: threading.Event, ms: int) -> None:
+    """Keep a Redis busy for ``ms`` in one script: commands sent meanwhile wait for it."""
+    client = redis.Redis.from_url(url)
+    started.set()
+    try:
+        assert client.eval("local t = redis.call('TIME'); local stop = t[1] * 1e6 + t[2] + ARGV[1] * 1000 "
+                           "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop return 1", 0, ms) == 1
+    finally:
+        client.close()
+
+
+async def test_a_stalled_loop_is_not_a_failed_redis(private_redis, clock):
+    # Redis is slow for 300 ms, but answers well before the check's deadline would pass on
+    # an idle loop... except that the loop is busy (for 600 ms, as when a large request is
+    # tokenized on it) from before the deadline until after the answer has arrived.
+    _, url = private_redis
+    g = guard(url, clock, fail_mode="open", redis_timeout_ms=100, tiers={"default": {"hourly_usd": 1}})
+    await g.arelease(await g.acheck("warm", "gpt-4o", MSG, max_tokens=10))  # connection open, scripts loaded
+    loop = asyncio.get_running_loop()
+    outcomes = []
+    for _ in range(3):
+        started = threading.Event()
+        busy = threading.Thread(target=_busy, args=(url, started, 300))
+        busy.start()
+        started.wait()
+        await asyncio.sleep(0.02)  # the busy script has reached Redis
+        check = asyncio.ensure_future(g.acheck("alice", "gpt-4o", MSG, max_tokens=10))
+        # 50 ms on: the check's command is sent and its answer cannot have come (Redis is busy).
+        loop.call_later(0.05, time.sleep, 0.6)
+        d = await check
+        await asyncio.to_thread(busy.join)
+        outcomes.append((d.enforced, d.limit))
+        await g.arelease(d)
+    assert outcomes == [(True, None)] * 3
+    assert g.healthy
+    await g.aclose()
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+async def test_fail_closed_checks_leave_no_reservation_after_redis_resumes(private_redis, clock, side):
+    pid, url = private_redis
+    g = guard(url, clock, fail_mode="closed", redis_timeout_ms=100, reservation_ttl_s=600,
+              tiers={"default": {"hourly_usd": "0.05"}})
+    one = g.check("alice", "gpt-4o", MSG, max_tokens=100)
+    g.release(one)  # warm: connections open, scripts loaded
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        if side == "sync":
+            denied = [g.check("alice", "gpt-4o", MSG, max_tokens=100) for _ in range(6)]
+        else:
+            denied = await asyncio.gather(*(g.acheck("alice", "gpt-4o", MSG, max_tokens=100) for _ in range(6)))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert {(d.allowed, d.limit) for d in denied} == {(False, "store.unavailable")}
+    # Redis runs the reserve scripts it had queued; the voids, retried in the background
+    # until Redis answers, make them take nothing or give back what they took.
+    g.flush(timeout=30)
+    if side == "async":
+        await g.aclose()
+        g = guard(url, clock, fail_mode="closed", redis_timeout_ms=1000, reservation_ttl_s=600,
+                  tiers={"default": {"hourly_usd": "0.05"}})
+    w = g.status("alice").windows["user.hourly"]
+    assert (w.spent_usd, w.reserved_usd) == (0, 0)
+    # The user has her whole cap: 0.05 / the estimate of one call, all allowed.
+    allowed = 0
+    while (d := g.check("alice", "gpt-4o", MSG, max_tokens=100)).allowed:
+        allowed += 1
+    assert allowed == int(w.limit_usd / d.estimated_cost_usd)
+    g.close()
+
+
+def test_a_decision_settles_only_with_the_guard_that_took_it(real_redis, real_redis_url, clock):
+    mine = guard(real_redis_url, clock, key_prefix="bg-a")
+    other = guard(real_redis_url, clock, key_prefix="bg-b", models={
+        "gpt-4o": {"input_per_mtok": "250", "output_per_mtok": "1000"}})
+    d = mine.check("alice", "gpt-4o", MSG, max_tokens=50)
+    denied = mine.check("alice", "not-a-priced-model", MSG, max_tokens=50)
+    assert d.allowed and not denied.allowed
+    for settle in (lambda: other.record(d, Usage(100, 10)), lambda: other.release(d),
+                   lambda: other.release(denied)):
+        with pytest.raises(InvalidArgument, match="another BudgetGuard"):
+            settle()
+    for g in (mine, other):
+        w = g.status("alice").windows["user.daily"]
+        assert w.spent_usd == 0
+    assert mine.status("alice").windows["user.daily"].reserved_usd == d.estimated_cost_usd
+    assert other.status("alice").windows["user.daily"].reserved_usd == 0
+    assert mine.record(d, Usage(100, 10))
+    assert mine.status("alice").windows["user.daily"].reserved_usd == 0
+    mine.close()
+    other.close()
