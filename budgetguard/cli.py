@@ -7,6 +7,7 @@ import argparse
 import getpass
 import json
 import logging
+import math
 import os
 import secrets
 import sys
@@ -26,7 +27,17 @@ from .errors import BudgetGuardError
 from .eventlog import EventLogError, follow_jsonl, follow_stream, read_jsonl, read_stream, stream_key
 from .guard import BudgetGuard
 from .pricing import Pricebook
+from .redact import redact_url
 from .report import FORMATS, GROUP_BY, ReportError, build_report, event_line, parse_duration, render
+from .serving import (
+    DEFAULT_BODY_IDLE_TIMEOUT,
+    DEFAULT_BODY_TOTAL_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEP_ALIVE_TIMEOUT,
+    ReadTimeouts,
+    ServingConfig,
+    raise_open_file_limit,
+)
 from .stats import org_status
 from .store import is_memory
 from .tokens import count_text_tokens
@@ -47,7 +58,7 @@ def summarize(config: Config) -> str:
     """One screen describing what a config enforces."""
     url = config.redis_url or os.environ.get("REDIS_URL") or "memory://"
     lines = [
-        f"store      {url}  (timeout {config.redis_timeout_ms} ms, fail_mode {config.fail_mode})",
+        f"store      {redact_url(url)}  (timeout {config.redis_timeout_ms} ms, fail_mode {config.fail_mode})",
         f"windows    calendar hour/day/month in {config.timezone}; reservations lapse after "
         f"{config.reservation_ttl_s} s",
         f"unknown    models without a price: {config.unknown_model}",
@@ -168,8 +179,8 @@ def _load(args: argparse.Namespace) -> Config:
 def _stream_client(config: Config) -> redis.Redis:
     url = config.redis_url or os.environ.get("REDIS_URL") or "memory://"
     if is_memory(url):
-        raise EventLogError(f"the store is {url} (embedded in one process), so there is no usage stream to read: "
-                            "set REDIS_URL or redis_url, or read a JSON Lines file with --file")
+        raise EventLogError(f"the store is {redact_url(url)} (embedded in one process), so there is no usage "
+                            "stream to read: set REDIS_URL or redis_url, or read a JSON Lines file with --file")
     try:
         # Reads of a long stream and blocking XREADs outlast the guard's per-call deadline.
         return redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=5)
@@ -262,7 +273,8 @@ def _document(model: str, tokens: int) -> list[dict[str, str]]:
 def cmd_demo(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     guard = BudgetGuard(config, redis_url=args.redis_url or "memory://demo")
-    print(f"budgetguard demo: {args.config}, store {args.redis_url or 'memory:// (embedded)'}")
+    store = redact_url(args.redis_url) if args.redis_url else "memory:// (embedded)"
+    print(f"budgetguard demo: {args.config}, store {store}")
     print(f"{'user':<6} {'asked':<12} {'outcome':<8} {'model':<12} {'reserved':>9} {'charged':>9}  reason")
 
     def call(user: str, model: str, input_tokens: int, max_tokens: int, quiet: bool = False) -> bool:
@@ -307,6 +319,13 @@ def _flag_url(flag: str, value: str | None) -> str | None:
         raise BudgetGuardError(f"{flag}: {exc}") from None  # the URL itself may carry a token
 
 
+def _seconds(flag: str, value: float) -> float:
+    # float() also parses "nan" and "inf", which would disable a deadline without saying so.
+    if not math.isfinite(value) or value <= 0:
+        raise BudgetGuardError(f"{flag} {value:g}: must be a number of seconds above 0")
+    return value
+
+
 def cmd_proxy(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -317,6 +336,13 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     anthropic_upstream = _flag_url("--anthropic-upstream", args.anthropic_upstream)
     if not 0 < args.port < 65536:
         raise BudgetGuardError(f"--port {args.port}: must be between 1 and 65535")
+    timeouts = ReadTimeouts(header=_seconds("--header-timeout", args.header_timeout),
+                            body_idle=_seconds("--body-timeout", args.body_timeout),
+                            body_total=_seconds("--body-deadline", args.body_deadline))
+    if timeouts.body_total < timeouts.body_idle:
+        raise BudgetGuardError(f"--body-deadline {timeouts.body_total:g}: must not be shorter than "
+                               f"--body-timeout ({timeouts.body_idle:g})")
+    keep_alive = _seconds("--keep-alive-timeout", args.keep_alive_timeout)
     path = _config_path(args, required=True)
     assert path is not None  # required
     config = load_config(path)
@@ -327,12 +353,21 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     except BudgetGuardError:
         guard.close()
         raise
-    print(f"budgetguard proxy on http://{args.host}:{args.port} -> {upstream or config.proxy.upstream} "
+    target = upstream or config.proxy.upstream
+    print(f"budgetguard proxy on http://{args.host}:{args.port} -> {redact_url(target) if target else '-'} "
           f"(budget store {'memory:// (embedded, this process only)' if is_memory(url) else 'Redis'}, "
           f"{len(config.api_keys)} api keys)", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=args.host, port=args.port, lifespan="on", log_config=None, access_log=not args.no_access_log,
-        server_header=False, date_header=False, timeout_graceful_shutdown=args.shutdown_timeout))
+    # Each connection holds a file descriptor: at the usual soft limit of 1,024 a thousand slow
+    # clients would stall accept() for everyone.
+    raise_open_file_limit()
+    # No limit_concurrency: uvicorn counts every open connection against it, slow ones
+    # included, so it would turn a slow-client flood into 503s for every caller; the read
+    # deadlines bound how long such connections last instead. The listen backlog stays
+    # uvicorn's (2048).
+    server = uvicorn.Server(ServingConfig(
+        app, timeouts=timeouts, timeout_keep_alive=keep_alive, host=args.host, port=args.port, lifespan="on",
+        log_config=None, access_log=not args.no_access_log, server_header=False, date_header=False,
+        timeout_graceful_shutdown=args.shutdown_timeout))
     try:
         server.run()
     except SystemExit:
@@ -435,6 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     p.add_argument("--shutdown-timeout", default=30.0, type=float,
                    help="seconds open requests get to finish on SIGTERM/SIGINT (default 30)")
+    p.add_argument("--header-timeout", default=DEFAULT_HEADER_TIMEOUT, type=float,
+                   help="seconds a client has to send a request's headers, from connecting or from the "
+                        f"request's first byte (default {DEFAULT_HEADER_TIMEOUT:g})")
+    p.add_argument("--body-timeout", default=DEFAULT_BODY_IDLE_TIMEOUT, type=float,
+                   help="seconds a request body may stall between two reads "
+                        f"(default {DEFAULT_BODY_IDLE_TIMEOUT:g})")
+    p.add_argument("--body-deadline", default=DEFAULT_BODY_TOTAL_TIMEOUT, type=float,
+                   help="seconds a whole request body may take, after its headers "
+                        f"(default {DEFAULT_BODY_TOTAL_TIMEOUT:g})")
+    p.add_argument("--keep-alive-timeout", default=DEFAULT_KEEP_ALIVE_TIMEOUT, type=float,
+                   help="seconds an idle connection is kept open between requests "
+                        f"(default {DEFAULT_KEEP_ALIVE_TIMEOUT:g})")
     p.set_defaults(func=cmd_proxy, server=True)
 
     p = sub.add_parser("hash-key", help="print the api_keys entry of an API key (read from stdin)",

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -63,3 +64,92 @@ def test_examples_run(example):
                          env={**os.environ, "REDIS_URL": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+
+
+# -- secrets in URLs -----------------------------------------------------------------------
+
+PASSWORD = "hunter2-store-secret"
+SLACK_PATH = "slack-path-secret"
+QUERY_TOKEN = "query-token-secret"
+
+
+def _secret_free(out: subprocess.CompletedProcess[str], *secrets: str) -> None:
+    for secret in secrets:
+        assert secret not in out.stdout and secret not in out.stderr, secret
+
+
+def test_check_config_never_prints_the_store_password_or_a_webhook_secret(tmp_path):
+    config = tmp_path / "limits.yaml"
+    config.write_text(f'redis_url: "redis://default:{PASSWORD}@127.0.0.1:1/0"\n'
+                      "alerts:\n"
+                      f'  slack: {{webhook_url: "https://hooks.slack.com/services/T0/B0/{SLACK_PATH}"}}\n'
+                      f'  webhook: {{url: "https://alerts.example.com/hook?token={QUERY_TOKEN}"}}\n')
+    out = run("check-config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert "store      redis://default:***@127.0.0.1:1/0  (timeout" in out.stdout
+    assert "alerts     slack: configured" in out.stdout and "alerts     webhook: configured" in out.stdout
+    _secret_free(out, PASSWORD, SLACK_PATH, QUERY_TOKEN)
+    # The store named by $REDIS_URL instead.
+    config.write_text("fail_mode: closed\n")
+    out = run("check-config", str(config), env={"REDIS_URL": f"redis://:{PASSWORD}@127.0.0.1:1/0"})
+    assert out.returncode == 0, out.stderr
+    assert "store      redis://:***@127.0.0.1:1/0  (timeout" in out.stdout
+    _secret_free(out, PASSWORD)
+
+
+@pytest.mark.parametrize("command", [["status", "alice"], ["report"], ["tail", "--timeout", "1"]],
+                         ids=lambda c: c[0])
+def test_store_errors_never_print_the_store_password(tmp_path, command):
+    config = tmp_path / "limits.yaml"
+    config.write_text(f'redis_url: "redis://default:{PASSWORD}@127.0.0.1:1/0"\n')  # nothing listens on port 1
+    out = run(*command, "--config", str(config))
+    assert out.returncode in (1, 2) and "127.0.0.1:1" in out.stderr, out.stderr
+    _secret_free(out, PASSWORD)
+
+
+def test_the_no_stream_error_never_prints_the_store_urls_query():
+    # An embedded store has no usage stream: the error names the URL, without its query's values.
+    out = run("report", env={"REDIS_URL": f"memory://shared?password={QUERY_TOKEN}"})
+    assert out.returncode == 2 and "the store is memory://shared?password=*** (embedded" in out.stderr, out.stderr
+    _secret_free(out, QUERY_TOKEN)
+
+
+def test_demo_banner_never_prints_the_store_password(real_redis, real_redis_url):
+    parts = urlsplit(real_redis_url)
+    if parts.password:
+        secret, url = parts.password, real_redis_url  # the test Redis has a password of its own
+    else:
+        # Redis accepts any password for its default user when that user has none.
+        secret = PASSWORD
+        url = urlunsplit(parts._replace(netloc=f"default:{secret}@{parts.netloc}"))
+    out = run("demo", "--redis-url", url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("budgetguard demo: limits.yaml, store ")
+    assert ":***@" in out.stdout.splitlines()[0]
+    _secret_free(out, secret)
+
+
+# -- the proxy's read deadlines ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--header-timeout", "0"], "--header-timeout 0: must be a number of seconds above 0"),
+    (["--body-timeout", "-1"], "--body-timeout -1: must be a number of seconds above 0"),
+    (["--body-deadline", "nan"], "--body-deadline nan: must be a number of seconds above 0"),
+    (["--keep-alive-timeout", "inf"], "--keep-alive-timeout inf: must be a number of seconds above 0"),
+    (["--body-timeout", "400"], "--body-deadline 300: must not be shorter than --body-timeout (400)"),
+    (["--header-timeout", "soon"], "argument --header-timeout: invalid float value: 'soon'"),
+])
+def test_proxy_timeout_flags_are_checked_before_the_config_is_read(flags, needle):
+    out = run("proxy", "--upstream", "http://127.0.0.1:9", "--config", "no-such-limits.yaml", *flags)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
+
+
+def test_proxy_help_shows_the_timeout_defaults():
+    out = run("proxy", "--help")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    for flag, default in (("--header-timeout", 10), ("--body-timeout", 30), ("--body-deadline", 300),
+                          ("--keep-alive-timeout", 5)):
+        assert re.search(rf"{flag} \S+ .*?\(default {default}\)", text), flag
