@@ -28,6 +28,7 @@ from .errors import BudgetGuardError, InvalidArgument, InvalidArgumentType
 from .events import Event, denial_event, stream_head, usage_event
 from .policy import Policies, UserPolicy
 from .pricing import ModelPrice, nano_to_usd, usd_to_nano
+from .redact import printable
 from .slices import Item, OrgSlices, Refill
 from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for
 from .usage import Usage, check_token_count
@@ -644,8 +645,8 @@ class Engine:
         try:
             yield call
         except BudgetGuardError as exc:
-            log.error("could not give back the user part of reservation %s of user %r (%s); it lapses after "
-                      "reservation_ttl_s", plan.rid, plan.user, exc)
+            log.error("could not give back the user part of reservation %s of user %s (%s); it lapses after "
+                      "reservation_ttl_s", plan.rid, printable(plan.user), exc)
 
     def _decision(self, plan: CheckPlan, candidate: Candidate | None, *, allowed: bool, reason: str,
                   limit: str | None, retry_after: int | None = None, amount: int | None = None,
@@ -718,6 +719,12 @@ class Engine:
             reason = (f"denied: {spec.name} cap {_fmt(cap)} would be exceeded "
                       f"(spent {_fmt(spent[w])} + reserved {_fmt(reserved[w])} + this request "
                       f"{_fmt(cheapest.amount_nano)})")
+            blocking = [i for i in range(len(WINDOWS)) if mask >> i & 1]
+            if retry is not None and all(spent[i] + cheapest.amount_nano <= (caps[i] or 0) for i in blocking):
+                # Only calls in flight stand in the way: they settle when they end, and their
+                # leases lapse within reservation_ttl_s at the latest; the reset is no wait to name.
+                retry = min(retry, self.config.reservation_ttl_s)
+                reason += "; calls in flight hold the rest and settle when they end"
             return self._decision(plan, None, allowed=False, reason=reason, limit=spec.name,
                                   retry_after=retry, amount=cheapest.amount_nano,
                                   input_tokens=cheapest.input_tokens)
@@ -911,10 +918,10 @@ class Engine:
             except BudgetGuardError as exc:
                 # The user part is settled and a new settle would not run again: as if the
                 # process had died between the parts, the org misses this one request.
-                log.error("settling the org part of reservation %s of user %r failed (%s): the user was "
+                log.error("settling the org part of reservation %s of user %s failed (%s): the user was "
                           "charged, the org's counters and the usage stream miss this request, and its org "
                           "reservation lapses after reservation_ttl_s", plan.decision.reservation_id,
-                          plan.decision.user, exc)
+                          printable(plan.decision.user), exc)
         elif applied and self.slices is not None:
             outcome = plan.outcome if live else plan.lapsed_outcome
             line = stream_head(plan.event) + outcome + '"}' if self._stream_maxlen != "0" else ""

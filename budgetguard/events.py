@@ -5,10 +5,20 @@ how much (tokens, exact decimal costs, the prices used) and how it went (outcome
 latency, estimate). It never carries prompt or completion text. The Redis Stream copy
 is written by the settle script itself, so an event exists exactly when its spend was
 counted; the JSON Lines file and callbacks receive the same object in the background.
+
+Ids and tags come from callers and are kept in every event (up to ``stream_maxlen``
+times in Redis, for good in the JSON Lines file), so their size is bounded: a user id,
+request id or model name longer than :data:`MAX_ID` characters, a tag key longer than
+:data:`MAX_TAG_KEY` and a tag value longer than :data:`MAX_TAG_VALUE` are replaced by
+:func:`shorten`: their first characters, ``…#`` and the first 16 hex digits of the
+SHA-256 of the whole text (UTF-8), exactly the bound long. The same text always gives
+the same value, so reports still group one long id's events together, and distinct long
+ids stay distinct. Text within its bound is kept as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,12 +33,21 @@ if TYPE_CHECKING:
     from .decision import Decision
     from .usage import Usage
 
-__all__ = ["EVENT_VERSION", "MAX_TEXT", "JsonlSink", "denial_event", "stream_head", "to_json", "usage_event"]
+__all__ = ["EVENT_VERSION", "MAX_ID", "MAX_TAG_KEY", "MAX_TAG_VALUE", "MAX_TEXT", "JsonlSink", "denial_event",
+           "shorten", "stream_head", "to_json", "usage_event"]
 
 log = logging.getLogger("budgetguard.events")
 
 EVENT_VERSION = 1
 MAX_TEXT = 500  # reasons and error messages are cut to this many characters
+MAX_ID = 256  # user ids, request ids and model names longer than this are shortened
+MAX_TAG_KEY = 64
+MAX_TAG_VALUE = 256
+
+# What replaces the cut part: a marker, then the whole text's hash (64 bits: distinct
+# ids that collide are vanishingly rare even among billions).
+_MARK = "\u2026#"
+_HASH_HEX = 16
 
 Event = dict[str, Any]
 
@@ -41,6 +60,27 @@ def _cut(text: str | None) -> str | None:
     return None if text is None else text[:MAX_TEXT]
 
 
+def shorten(text: str, limit: int) -> str:
+    """``text`` if it has at most ``limit`` characters, else its first characters, ``…#``
+    and 16 hex digits of its SHA-256, ``limit`` characters in all (so shortening twice
+    changes nothing)."""
+    if len(text) <= limit:
+        return text
+    if limit < len(_MARK) + _HASH_HEX:
+        raise ValueError(f"limit must be at least {len(_MARK) + _HASH_HEX}")
+    # surrogatepass: a lone surrogate (allowed in ids) still hashes, and distinctly.
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_HEX]
+    return text[:limit - len(_MARK) - _HASH_HEX] + _MARK + digest
+
+
+def _id(text: str | None) -> str | None:
+    return None if text is None else shorten(text, MAX_ID)
+
+
+def _tags(tags: Mapping[str, str]) -> dict[str, str]:
+    return {shorten(k, MAX_TAG_KEY): shorten(v, MAX_TAG_VALUE) for k, v in tags.items()}
+
+
 def _usd(nano: int) -> str:
     return f"{nano_to_usd(nano).normalize():f}"
 
@@ -50,13 +90,13 @@ def _base(decision: Decision, now: datetime, kind: str, provider: str | None) ->
         "v": EVENT_VERSION,
         "ts": _ts(now),
         "kind": kind,
-        "request_id": decision.reservation_id,
-        "user": decision.user,
+        "request_id": _id(decision.reservation_id),
+        "user": _id(decision.user),
         "tier": decision.tier,
-        "tags": dict(decision.tags),
+        "tags": _tags(decision.tags),
         "provider": provider,
-        "requested_model": decision.requested_model,
-        "model": decision.model,
+        "requested_model": _id(decision.requested_model),
+        "model": _id(decision.model),
         "routed": decision.downgraded,
         "limit": decision.limit,
         "reason": _cut(decision.reason),

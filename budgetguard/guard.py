@@ -28,7 +28,7 @@ from .decision import Decision, Status
 from .engine import CheckPlan, Engine, Settled, SettlePlan
 from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
 from .events import Event, JsonlSink, to_json
-from .metrics import Metrics
+from .metrics import Metrics, config_models
 from .redact import printable
 from .store import (
     AsyncStore,
@@ -89,6 +89,7 @@ class BudgetGuard:
         if metrics is not None and not isinstance(metrics, Metrics):
             raise InvalidArgumentType(f"metrics must be a budgetguard.metrics.Metrics, got {type(metrics).__name__}")
         self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.know_models(config_models(config))  # the config's models get labels of their own
         self._owns_sync = redis is None
         self._sync = SyncStore(redis if redis is not None else connect(config, self._url), self._health,
                                self.metrics.observe_redis)
@@ -217,13 +218,14 @@ class BudgetGuard:
         self.metrics.observe_decision(decision)
         level = logging.DEBUG if decision.allowed and not decision.downgraded else logging.INFO
         if log.isEnabledFor(level):
-            log.log(level, "user=%r model=%s %s", decision.user, decision.model, decision.reason)
+            log.log(level, "user=%s model=%s %s", printable(decision.user), printable(decision.model),
+                    printable(decision.reason, 1000))
         return decision
 
     # -- background work -----------------------------------------------------------------
 
     def _submit(self, lane: Dispatcher, sync: bool, job: Callable[[], Job], what: Describe) -> bool:
-        return lane.submit(lane.thread(self._sync) if sync else lane.task(self._async_store()), job, what)
+        return lane.submit(lane.thread(self._sync) if sync else lane.task(self._async_store(), self._sync), job, what)
 
     def _alert_job(self, alert: Alert) -> Job:
         return alert_job(alert, self._engine, self._dispatcher.policy, self._on_alert, self.metrics.observe_alert)
@@ -671,7 +673,8 @@ class Reservation:
         d = self.decision
         assert d is not None
         if d._usage is None and exc_type is None:
-            log.warning("reserve block for user %r ended without d.record(); reservation released", d.user)
+            log.warning("reserve block for user %s ended without d.record(); reservation released",
+                        printable(d.user))
         return d._usage
 
     def __enter__(self) -> Decision:

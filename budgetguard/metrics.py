@@ -3,14 +3,23 @@
 Each :class:`Metrics` owns its registry, so several guards in one process (or one test
 run) never collide. The guard calls the ``observe_*`` hooks; a failing hook is its
 caller's to contain, so they only do arithmetic and never touch I/O.
+
+Every label takes its values from a bounded set, since each distinct value is a series
+kept in memory and on every scrape for the life of the process. Model names come from
+callers, so a model has a label value of its own only when it is known: named in the
+configuration (see :meth:`Metrics.know_models` and :func:`config_models`) or listed by
+name in the pricing library. Every other name is counted under ``model="other"``. The
+other labels (outcome, limit, script, sink, endpoint, error code, tier, provider) come
+from budgetguard itself, the configuration or the price book; an HTTP status outside
+100-599 is counted as ``status="other"``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -18,18 +27,40 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from .decision import Decision
+from .pricing import library_model_names
 from .stats import ASGIApp, GetApp, stats_app
 
-__all__ = ["Metrics", "metrics_app", "stats_app"]
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = ["OTHER", "Metrics", "config_models", "metrics_app", "stats_app"]
 
 _TOKEN_KINDS = (("input_tokens", "input"), ("cached_input_tokens", "cached_input"),
                 ("cache_write_tokens", "cache_write"), ("output_tokens", "output"),
                 ("reasoning_tokens", "reasoning"))
 _NONE = "none"
+#: The label value of every model name that is neither configured nor in the library.
+OTHER = "other"
 
 
 def _label(value: Any) -> str:
     return value if isinstance(value, str) and value else _NONE
+
+
+def config_models(config: Config) -> frozenset[str]:
+    """Every model name a configuration mentions: ``models:``, ``unknown_model``, the
+    tiers', users' and org's allowed models and their downgrade routes."""
+    names = set(config.models)
+    if config.unknown_model != "deny":
+        names.add(config.unknown_model)
+    scopes: list[Any] = [*config.tiers.values(), *config.users.values(), config.org]
+    for scope in scopes:
+        names.update(getattr(scope, "models", None) or ())
+        downgrade = getattr(scope, "downgrade", None)
+        if downgrade is not None:
+            names.update(downgrade.routes)
+            names.update(downgrade.routes.values())
+    return frozenset(names)
 
 
 class _SpendCollector(Collector):
@@ -57,8 +88,11 @@ class _SpendCollector(Collector):
 class Metrics:
     """The guard's metrics. Pass one to the guard; mount :func:`metrics_app` to expose it."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, models: Iterable[str] = ()) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        # Configured model names: labelled as they are. Replaced whole (never mutated) so
+        # that observers read it without a lock.
+        self._models: frozenset[str] = frozenset(models)
         self.decisions = Counter("budgetguard_decisions", "Budget decisions by outcome and the limit involved.",
                                  ("outcome", "limit"), registry=self.registry)
         self.events = Counter("budgetguard_events", "Usage events by outcome.", ("outcome",),
@@ -81,6 +115,22 @@ class Metrics:
         self._spend = _SpendCollector()
         self.registry.register(self._spend)
 
+    def know_models(self, names: Iterable[str]) -> None:
+        """Give these model names (a configuration's, see :func:`config_models`) labels of
+        their own. Only ever pass names from configuration, never from callers."""
+        self._models = self._models | frozenset(names)
+
+    def model_label(self, model: Any) -> str:
+        """The label value for a model name: the name itself when configured, its lowercase
+        form when the pricing library lists it (the library ignores case, and keeping the
+        caller's spelling would make one series per spelling), else :data:`OTHER`."""
+        if not isinstance(model, str) or not model:
+            return _NONE
+        if model in self._models:
+            return model
+        lowered = model.lower()
+        return lowered if lowered in library_model_names() else OTHER
+
     def observe_decision(self, decision: Decision) -> None:
         if not decision.enforced and decision.allowed:
             outcome = "unenforced"
@@ -94,7 +144,7 @@ class Metrics:
 
     def observe_event(self, event: Mapping[str, Any]) -> None:
         self.events.labels(_label(event.get("outcome"))).inc()
-        model = _label(event.get("model"))
+        model = self.model_label(event.get("model"))
         for key, kind in _TOKEN_KINDS:
             count = event.get(key)
             if isinstance(count, int) and not isinstance(count, bool) and count > 0:
@@ -115,7 +165,9 @@ class Metrics:
         self.alerts.labels(sink, outcome).inc()
 
     def observe_proxy(self, endpoint: str, status: int) -> None:
-        self.proxy_requests.labels(endpoint, str(status)).inc()
+        # The status may be the upstream's, which can send any number.
+        code = str(status) if isinstance(status, int) and 100 <= status <= 599 else OTHER
+        self.proxy_requests.labels(endpoint, code).inc()
 
     def observe_upstream_error(self, code: str) -> None:
         self.proxy_upstream_errors.labels(code).inc()

@@ -2,31 +2,45 @@
 
 Default prices come from the ``genai-prices`` package (a maintained, dated price
 database shipped with its data); ``models:`` in limits.yaml overrides or adds on top.
-Each model resolves once per process into a :class:`ModelPrice` whose rates are
-integer nano-USD per million tokens, so pricing a call is integer arithmetic only.
+Each model resolves into a :class:`ModelPrice` whose rates are integer nano-USD per
+million tokens, so pricing a call is integer arithmetic only.
+
+Model names come from callers, so nothing keyed by a name grows without bound: the
+models named in limits.yaml are kept for good, every other name (known to the library
+or not) in a least-recently-used cache of :data:`PRICE_CACHE_SIZE` entries, and the
+library is searched without its own per-name caches.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .usage import Usage
 
 if TYPE_CHECKING:
+    from genai_prices.types import ModelInfo, Provider
+
     from .config import ModelOverride
 
-__all__ = ["NANO_PER_USD", "ModelPrice", "Pricebook", "Rate", "nano_to_usd", "usd_to_nano"]
+__all__ = ["NANO_PER_USD", "PRICE_CACHE_SIZE", "CacheInfo", "ModelPrice", "Pricebook", "Rate",
+           "library_model_names", "nano_to_usd", "usd_to_nano"]
 
 log = logging.getLogger("budgetguard.pricing")
 
 NANO_PER_USD = 1_000_000_000
 _MTOK = 1_000_000
+
+#: How many names outside limits.yaml a :class:`Pricebook` remembers (hits and misses
+#: alike). A deployment calls a few dozen models; the bound only matters when callers
+#: send many distinct names, and then each costs one library search (about 0.1 ms).
+PRICE_CACHE_SIZE = 4096
 
 
 def usd_to_nano(usd: Decimal | int | str) -> int:
@@ -114,13 +128,27 @@ def _rate(value: Any) -> Rate | None:
     return Rate(usd_to_nano(value.base), tuple((t.start, usd_to_nano(t.price)) for t in tiers))
 
 
+def _find_library_model(providers: list[Provider], ref: str) -> tuple[Provider, ModelInfo] | None:
+    """What ``DataSnapshot.find_provider_model(ref, None, None, None)`` finds, without its caches.
+
+    The snapshot memoizes every name it is asked about (hits and misses) in dicts that
+    never shrink, so asking it about caller-given names would grow memory without bound.
+    """
+    ref = ref.lower()
+    provider = next((p for p in providers if p.model_match is not None and p.model_match.is_match(ref)), None)
+    if provider is None:
+        return None
+    model = provider.find_model(ref, all_providers=providers)
+    return None if model is None else (provider, model)
+
+
 def _library_prices(model: str) -> tuple[str, dict[str, Rate | None]] | None:
     from genai_prices import data_snapshot
 
-    try:
-        provider, info = data_snapshot.get_snapshot().find_provider_model(model, None, None, None)
-    except LookupError:
+    found = _find_library_model(data_snapshot.get_snapshot().providers, model)
+    if found is None:
         return None
+    provider, info = found
     prices = info.get_prices(datetime.now(UTC))
     return f"genai-prices:{provider.id}/{info.id}", {
         "input": _rate(prices.input_mtok),
@@ -130,26 +158,96 @@ def _library_prices(model: str) -> tuple[str, dict[str, Rate | None]] | None:
     }
 
 
-class Pricebook:
-    """Resolves a model name to a :class:`ModelPrice` once, then serves it from memory."""
+def _literals(clause: Any) -> Iterator[str]:
+    """The exact names a library match clause accepts on its own. Patterns (starts_with,
+    contains, regex) accept infinitely many names and contribute none; neither does an
+    "and" clause, whose equals parts are narrowed by the others."""
+    from genai_prices.types import ClauseEquals, ClauseOr
 
-    def __init__(self, overrides: Mapping[str, ModelOverride] | None = None) -> None:
+    if isinstance(clause, ClauseEquals):
+        yield clause.equals
+    elif isinstance(clause, ClauseOr):
+        for child in clause.or_:
+            yield from _literals(child)
+
+
+# (the snapshot, its names). Two threads may compute it at once; both get the same set.
+_names: tuple[object, frozenset[str]] | None = None
+
+
+def library_model_names() -> frozenset[str]:
+    """Every model name the pricing library lists by name, lowercased: model ids and the
+    exact names their match rules accept. A finite set (a few thousand), computed once
+    per price snapshot."""
+    global _names
+    from genai_prices import data_snapshot
+
+    snapshot = data_snapshot.get_snapshot()
+    known = _names
+    if known is not None and known[0] is snapshot:
+        return known[1]
+    names = frozenset(
+        name.lower()
+        for provider in snapshot.providers
+        for info in provider.models
+        for name in (info.id, *_literals(info.match))
+    )
+    _names = (snapshot, names)
+    return names
+
+
+class CacheInfo(NamedTuple):
+    """The size of a :class:`Pricebook`'s cache of names outside limits.yaml."""
+
+    maxsize: int
+    currsize: int
+
+
+class Pricebook:
+    """Resolves a model name to a :class:`ModelPrice`, then serves it from memory.
+
+    Names in limits.yaml (a finite set) are kept for good; any other name, which may come
+    from a caller, lives in an LRU cache of ``cache_size`` entries, so that a stream of
+    distinct names costs a bounded amount of memory.
+    """
+
+    def __init__(self, overrides: Mapping[str, ModelOverride] | None = None, *,
+                 cache_size: int = PRICE_CACHE_SIZE) -> None:
+        if cache_size < 1:
+            raise ValueError("cache_size must be at least 1")
         self._overrides = dict(overrides or {})
-        self._cache: dict[str, ModelPrice | None] = {}
+        self._configured: dict[str, ModelPrice | None] = {}
+        self._cache: OrderedDict[str, ModelPrice | None] = OrderedDict()
+        self._cache_size = cache_size
         self._lock = threading.Lock()
 
     def resolve(self, model: str) -> ModelPrice | None:
         """The model's price, or None when neither limits.yaml nor the library knows it."""
         try:
-            return self._cache[model]
+            return self._configured[model]  # read without the lock: entries are only ever added
         except KeyError:
             pass
-        price = self._build(model)
-        # Model names can come from clients: remember misses only up to a bound.
-        if price is not None or len(self._cache) < 10_000:
+        if model in self._overrides:
+            price = self._build(model)
             with self._lock:
-                self._cache[model] = price
+                return self._configured.setdefault(model, price)
+        with self._lock:
+            if model in self._cache:
+                self._cache.move_to_end(model)
+                return self._cache[model]
+        price = self._build(model)  # outside the lock: a library search takes a while
+        with self._lock:
+            # Another thread may have resolved it meanwhile: keep one object per name.
+            price = self._cache.setdefault(model, price)
+            self._cache.move_to_end(model)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return price
+
+    def cache_info(self) -> CacheInfo:
+        """The bound and the current size of the cache of names outside limits.yaml."""
+        with self._lock:
+            return CacheInfo(self._cache_size, len(self._cache))
 
     def _build(self, model: str) -> ModelPrice | None:
         found = _library_prices(model)

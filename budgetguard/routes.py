@@ -80,10 +80,17 @@ def route_key(normal: str) -> str:
 def lenient_key(path: str) -> str:
     """The route a path that :func:`normal_path` refuses would most likely reach.
 
-    Cut at the first character a normal path may not hold, with empty segments dropped:
+    Cut at the first character a normal path may not hold, with empty and dot segments resolved:
     ``/v1/chat/completions;x`` and ``/V1//chat/completions%00`` give
     ``/v1/chat/completions``. Used to refuse such a path where it would reach a budgeted
     route, rather than let it by unbudgeted.
     """
     end = next((i for i, ch in enumerate(path) if not "!" <= ch <= "~" or ch in _FORBIDDEN), len(path))
-    return route_key("/" + "/".join(s for s in path[:end].split("/") if s))
+    segments: list[str] = []
+    for s in path[:end].split("/"):
+        if s == "..":  # as a server resolving dot segments would
+            if segments:
+                segments.pop()
+        elif s and s != ".":
+            segments.append(s)
+    return route_key("/" + "/".join(segments))

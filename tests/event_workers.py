@@ -17,7 +17,10 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).parent / "data" /
 # Every process prices and windows its calls at this moment, so the test process reads
 # the same windows whatever the wall clock does.
 MOMENT = datetime(2026, 3, 14, 15, 9, 26, tzinfo=UTC)
-BLOB = 100_000  # characters of a tag on every JSON Lines event
+# Tags on every JSON Lines event: as many and as long as an event keeps (32 tags, values
+# of 256 characters), about 9 kB a line, well past the 4 kB a pipe writes atomically.
+BLOB = 256
+BLOB_TAGS = 31  # with "feature", 32
 
 
 def _guard(url: str, **overrides: Any) -> Any:
@@ -32,12 +35,12 @@ def jsonl_writer(url: str, path: str, worker: int, count: int, start: Any) -> No
     from tests.helpers import MSG
 
     g = _guard(url, events={"jsonl_path": path})
-    # A big tag makes each line 100 kB, so a line written in pieces would show.
-    blob = chr(ord("a") + worker) * BLOB
+    # Big tags make each line about 9 kB, so a line written in pieces would show.
+    blobs = {f"blob{j:02d}": chr(ord("a") + worker) * BLOB for j in range(BLOB_TAGS)}
     g.check(f"writer-{worker}", "gpt-4o", MSG, max_tokens=10)  # warm up: load the tokenizer
     start.wait(60)
     for i in range(count):
-        d = g.check(f"writer-{worker}", "gpt-4o", MSG, max_tokens=10, tags={"feature": "jsonl", "blob": blob})
+        d = g.check(f"writer-{worker}", "gpt-4o", MSG, max_tokens=10, tags={"feature": "jsonl", **blobs})
         assert d.allowed, d.reason
         assert g.record(d, Usage(input_tokens=i + 1, output_tokens=1))
     g.close()

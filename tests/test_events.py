@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from budgetguard import Usage
+from budgetguard.events import MAX_ID, MAX_TAG_KEY, MAX_TAG_VALUE, shorten, to_json
 from budgetguard.guard import BudgetGuard
 from budgetguard.store import StoreUnavailable, connect
 from budgetguard.windows import user_tag
@@ -324,7 +325,10 @@ def test_jsonl_appends_from_several_processes(real_redis, real_redis_url, tmp_pa
     for w in range(workers):
         mine = [e for e in events if e["user"] == f"writer-{w}"]
         assert sorted(e["input_tokens"] for e in mine) == list(range(1, per_worker + 1))
-        assert all(e["tags"]["blob"] == chr(ord("a") + w) * event_workers.BLOB for e in mine)
+        blob = chr(ord("a") + w) * event_workers.BLOB
+        assert all(e["tags"] == {"feature": "jsonl", **{f"blob{j:02d}": blob for j in range(event_workers.BLOB_TAGS)}}
+                   for e in mine)
+    assert min(len(line) for line in lines) > 8192
     # The file and the stream hold the same events.
     entries = real_redis.xrange(STREAM)
     assert sorted(rids) == sorted(json.loads(f[b"e"])["request_id"] for _, f in entries)
@@ -542,3 +546,78 @@ def _snapshot(client: Any, users: list[str]) -> tuple[list[dict[str, Any]], dict
     entries, *counters = pipe.execute()
     usd = [Decimal(int(c or 0)) / 10**9 for c in counters]
     return [json.loads(f[b"e"]) for _, f in entries], dict(zip(users, usd[:-1], strict=True)), usd[-1]
+
+
+# -- bounded ids and tags --------------------------------------------------------------------
+
+
+def test_shorten_keeps_short_text_and_fingerprints_long_text():
+    assert shorten("alice", MAX_ID) == "alice"
+    exact = "x" * MAX_ID
+    assert shorten(exact, MAX_ID) is exact
+    long_a, long_b = "a" * 10_000, "a" * 9_999 + "b"  # the same first characters
+    a, b = shorten(long_a, MAX_ID), shorten(long_b, MAX_ID)
+    assert len(a) == len(b) == MAX_ID and a != b
+    assert a == shorten("a" * 10_000, MAX_ID) and shorten(a, MAX_ID) == a  # stable, and idempotent
+    assert re.fullmatch("a{238}\u2026#[0-9a-f]{16}", a)
+    assert shorten("\ud800" * 300, MAX_ID) != shorten("\ud801" * 300, MAX_ID)  # lone surrogates hash too
+
+
+def test_long_ids_and_tags_are_shortened_in_every_copy(backend_url, clock, tmp_path):
+    from budgetguard.report import build_report
+
+    received: list[dict[str, Any]] = []
+    path = tmp_path / "events.jsonl"
+    g = BudgetGuard(config(events={"jsonl_path": str(path)}, tiers={"default": {"hourly_usd": "0.01"}}),
+                    redis_url=backend_url, clock=clock, on_event=received.append)
+    long_a = "a" * 10_000_000
+    long_b = "a" * 9_999_999 + "b"
+    mb = 1_000_000
+    tags = {"feature": "f" * mb, "tenant": "acme", "k" * mb: "v" * mb}
+    for user in (long_a, long_a, long_b, "alice"):
+        d = g.check(user, "gpt-4o", MSG, max_tokens=50, tags=tags if user != "alice" else {"feature": "chat"})
+        assert g.record(d, USAGE) is True
+    assert not g.check(long_a, "gpt-4o", MSG, max_tokens=2000, tags=tags).allowed  # $0.02 worst case
+    g.flush()
+
+    raw = raw_stream(g)
+    lines = path.read_text().splitlines()
+    assert len(raw) == len(lines) == 5
+    for text in raw + lines:
+        assert len(text) < 4096, len(text)
+    events = stream(g)
+    assert received == events == [json.loads(line) for line in lines]
+
+    users = [e["user"] for e in events]
+    assert users[0] == users[1] == users[4] == shorten(long_a, MAX_ID) != users[2] == shorten(long_b, MAX_ID)
+    assert users[3] == "alice" and events[3]["tags"] == {"feature": "chat"}
+    assert len(users[0]) == MAX_ID and users[0].startswith("a" * 200)
+    for e in (events[0], events[2], events[4]):
+        assert e["tags"]["tenant"] == "acme"
+        assert e["tags"]["feature"] == shorten("f" * mb, MAX_TAG_VALUE)
+        assert e["tags"][shorten("k" * mb, MAX_TAG_KEY)] == shorten("v" * mb, MAX_TAG_VALUE)
+        assert all(len(k) <= MAX_TAG_KEY and len(v) <= MAX_TAG_VALUE for k, v in e["tags"].items())
+
+    # Reports group by the shortened ids: one row per long user, never one per event.
+    report = build_report(events, by="user")
+    groups = dict(report.groups)
+    assert set(groups) == {users[0], users[2], "alice"}
+    assert (groups[users[0]].requests, groups[users[0]].denials) == (2, 1)
+    assert groups[users[2]].requests == 1
+    g.close()
+
+
+def test_event_size_does_not_depend_on_the_size_of_ids_and_tags(clock):
+    """The worst case: 32 tags (the most a check takes) of non-ASCII text, which JSON
+    escapes to 6 or 12 bytes a character. Bounded, and the same for 100 KB as for 200 KB."""
+    received: list[dict[str, Any]] = []
+    g = BudgetGuard(config(), redis_url="memory://", clock=clock, on_event=received.append)
+    for size in (100_000, 200_000):
+        tags = {f"{i:02d}" + "\u00e9" * size: "\U0001f600" * size for i in range(32)}
+        g.record(g.check("\U0001f600" * size, "gpt-4o", MSG, max_tokens=10, tags=tags), USAGE)
+    g.flush()
+    sizes = [len(to_json(e)) for e in received]
+    assert sizes[0] == sizes[1] < 3 * MAX_ID * 12 + 32 * (MAX_TAG_KEY * 6 + MAX_TAG_VALUE * 12) + 2048
+    assert len({json.dumps(sorted(e["tags"])) for e in received}) == 2  # distinct keys stayed distinct
+    assert all(len(e["tags"]) == 32 for e in received)
+    g.close()

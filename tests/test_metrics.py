@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import re
+import string
 from datetime import timedelta
 from decimal import Decimal
 
@@ -13,10 +15,10 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
 from budgetguard import Usage
-from budgetguard.metrics import Metrics, metrics_app, stats_app
+from budgetguard.metrics import Metrics, config_models, metrics_app, stats_app
 
 from .eventgen import expected, make_event, nano, write_stream
-from .helpers import MSG, guard
+from .helpers import MSG, PRICES, config, guard
 from .reportcheck import cli
 
 
@@ -203,3 +205,75 @@ def test_the_guard_feeds_its_metrics(backend_url, clock):
     assert registry.get_sample_value("budgetguard_redis_script_seconds_count", {"script": "reserve"}) == 2
     assert registry.get_sample_value("budgetguard_redis_script_seconds_count", {"script": "settle"}) == 1
     g.close()
+
+
+# -- bounded label sets ----------------------------------------------------------------------
+
+
+def series(metrics: Metrics) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    return {key for key in samples(metrics) if not key[0].endswith("_created")}
+
+
+def model_labels(metrics: Metrics) -> set[str]:
+    return {dict(labels)["model"] for _, labels in series(metrics) if "model" in dict(labels)}
+
+
+def test_random_model_names_share_one_label(clock):
+    m = Metrics()
+    known = make_event(ts=clock(), model="gpt-4o-mini", input_tokens=100, output_tokens=10)
+    m.observe_event(known)
+    before = series(m)
+    rng = random.Random(7)
+    for _ in range(3000):
+        name = "model-" + "".join(rng.choices(string.ascii_lowercase + string.digits, k=40))
+        m.observe_event({**known, "model": name, "requested_model": name})
+    m.observe_event({**known, "model": "GPT-4o-Mini"})  # the library ignores case; so does the label
+    body, _ = m.render()
+    # Every unknown name is one "other" series per metric: a handful of new series, not 3,000 x 3.
+    assert len(series(m) - before) <= 3
+    assert model_labels(m) == {"gpt-4o-mini", "other"}
+    assert len(body) < 8_000
+    s = samples(m)
+    assert s[("budgetguard_tokens_total", (("kind", "input"), ("model", "other")))] == 3000 * 100
+    assert s[("budgetguard_tokens_total", (("kind", "input"), ("model", "gpt-4o-mini")))] == 2 * 100
+
+
+def test_configured_models_keep_their_own_label(clock):
+    cfg = config(models={**PRICES, "house-model": {"input_per_mtok": 1, "output_per_mtok": 2}},
+                 tiers={"pro": {"models": ["house-model", "gpt-4o", "gpt-4o-mini"],
+                                "downgrade": {"at": "0.5", "routes": {"gpt-4o": "gpt-4o-mini"}}}},
+                 unknown_model="gpt-4o-mini")
+    assert config_models(cfg) == {"gpt-4o", "gpt-4o-mini", "house-model"}
+    event = make_event(ts=clock(), model="gpt-4o", input_tokens=100, output_tokens=10)
+    m = Metrics()
+    m.observe_event({**event, "model": "house-model"})
+    assert model_labels(m) == {"other"}  # not in the library, and not told
+    m.know_models(config_models(cfg))
+    m.observe_event({**event, "model": "house-model"})
+    assert model_labels(m) == {"other", "house-model"}
+    assert Metrics(models=["house-model"]).model_label("house-model") == "house-model"
+    assert m.model_label("HOUSE-MODEL") == "other"  # configured names are matched exactly
+
+
+def test_a_guard_pricing_unknown_models_keeps_labels_bounded(clock):
+    g = guard("memory://", clock, unknown_model="gpt-4o-mini", tiers={"default": {"hourly_usd": 1000}})
+    rng = random.Random(11)
+    for i in range(300):
+        name = "x-" + "".join(rng.choices(string.ascii_lowercase, k=30))
+        d = g.check(f"u{i % 7}", name, MSG, max_tokens=10)
+        assert d.allowed and d.model == name  # priced as gpt-4o-mini and allowed
+        g.record(d, Usage(input_tokens=10, output_tokens=5))
+    d = g.check("u1", "gpt-4o", MSG, max_tokens=10)
+    g.record(d, Usage(input_tokens=10, output_tokens=5))
+    g.close()
+    assert model_labels(g.metrics) == {"gpt-4o", "other"}
+    assert g.metrics.registry.get_sample_value("budgetguard_tokens_total", {"model": "other", "kind": "output"}) \
+        == 300 * 5
+
+
+def test_odd_http_statuses_share_one_label():
+    m = Metrics()
+    for status in (200, 599, 600, 1234, 99, -1):
+        m.observe_proxy("chat", status)
+    statuses = {dict(labels)["status"] for name, labels in series(m) if name == "budgetguard_proxy_requests_total"}
+    assert statuses == {"200", "599", "other"}

@@ -204,7 +204,13 @@ def create_upstream(up: Upstream) -> Starlette:
         up.record(request, body)
         return JSONResponse({"echo": body.decode()}, headers={"x-echo-query": request.url.query})
 
+    async def count_tokens(request: Request) -> Response:
+        body = await request.body()
+        up.record(request, body)
+        return JSONResponse({"input_tokens": up.prompt_tokens})
+
     return Starlette(routes=[
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),

@@ -1,0 +1,263 @@
+"""Ways past a cap over HTTP, through the budget proxy and the middleware (uvicorn on
+127.0.0.1, the fake upstream of tests/upstream.py, a real Redis, the real SDKs).
+
+- What was reserved bounds what can be spent: a request without an output cap reaches
+  the upstream with the one its reservation was priced on.
+- Spelled-differently methods and paths are budgeted or refused, never forwarded unbudgeted.
+- Clients that nobody here wrote: token-id inputs, Anthropic's free token count, SDKs that
+  would sleep a month-long Retry-After, streams that gain ``"usage": null``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from decimal import Decimal
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import anthropic
+import httpx
+import openai
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from budgetguard import BudgetGuard
+from budgetguard.asgi import BudgetMiddleware
+
+from .helpers import config
+from .test_proxy import ALICE_KEY, Env
+from .upstream import MESSAGES, MODELS, Server, Switch, cost
+
+TIER = {"per_request": {"max_output_tokens": 1024, "max_cost_usd": "0.02"}, "hourly_usd": "0.05"}
+
+
+@pytest.fixture
+def env(upstream_server: tuple[Server, Switch], real_redis: Any, real_redis_url: str, clock: Any) -> Iterator[Env]:
+    e = Env(upstream_server, real_redis_url, clock)
+    yield e
+    e.close()
+
+
+def raw(url: str, method: str, target: str, body: dict[str, Any] | None = None,
+        key: str = ALICE_KEY) -> tuple[int, dict[str, str], bytes]:
+    """One request sent as given (http.client keeps the method's case and the target's bytes)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+        conn.request(method, target, body=data, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------------- output bound
+
+
+@pytest.mark.parametrize(("path", "body", "field", "expected"), [
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": MESSAGES, "n": 8}, "max_tokens", 128),
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": MESSAGES}, "max_tokens", 1024),
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": MESSAGES, "n": 2, "max_completion_tokens": 100},
+     "max_completion_tokens", 100),
+    ("/v1/completions", {"model": "gpt-4o", "prompt": "Say hi", "n": 4}, "max_tokens", 256),
+    ("/v1/responses", {"model": "gpt-4o", "input": "Say hi"}, "max_output_tokens", 1024),
+    ("/v1/messages", {"model": "claude-sonnet-4-5", "messages": MESSAGES}, "max_tokens", 1024),
+])
+def test_a_request_without_an_output_cap_gets_the_one_it_was_reserved_on(env, path, body, field, expected):
+    env.start(guard_overrides={"tiers": {"default": TIER}})
+    status, _, _ = raw(env.url, "POST", path, body)
+    assert status == 200
+    sent = json.loads(env.up.received[-1][1])
+    assert sent[field] == expected
+    assert env.settled() > 0
+
+
+def test_choices_that_cannot_share_the_reserved_output_are_refused(env):
+    env.start(guard_overrides={"tiers": {"default": TIER}})
+    status, _, answer = raw(env.url, "POST", "/v1/chat/completions",
+                            {"model": "gpt-4o", "messages": MESSAGES, "n": 2000})
+    assert status == 400
+    assert json.loads(answer)["error"]["param"] == "max_completion_tokens"
+    assert env.up.received == []
+    assert env.window() == (0, 0)
+
+
+# ------------------------------------------------------------------------- routes
+
+
+BUDGETED = [
+    ("post", "/v1/chat/completions"),
+    ("PoSt", "/v1/chat/completions"),
+    ("POST", "/v1//chat/completions"),
+    ("POST", "/v1/chat/completions/"),
+    ("POST", "/v1/CHAT/Completions"),
+    ("POST", "/v1/chat//completions//"),
+]
+REFUSED = [
+    ("POST", "/v1/chat/completions;x", 400),
+    ("POST", "/v1/chat/completions%00", 400),
+    ("POST", "/v1/chat/completions%20", 400),
+    ("POST", "/v1/chat%2Fcompletions", 400),
+    ("POST", "/v1/chat/completions%2500", 400),
+    ("POST", "/v1/./chat/completions", 400),
+    ("BREW", "/v1/chat/completions", 400),
+    ("POST", "/v1/messages/batches", 403),
+    ("post", "/v1/Messages/Batches/", 403),
+    ("POST", "/v1/batches", 403),
+    ("POST", "/v1/images/generations", 403),
+]
+
+
+@pytest.mark.parametrize(("method", "target"), BUDGETED)
+def test_spellings_of_a_budgeted_route_are_budgeted(env, method, target):
+    env.start(passthrough="all")
+    status, headers, _ = raw(env.url, method, target, {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20})
+    assert status == 200
+    assert headers["x-budget-limit"] == "none"  # the middleware answered it
+    assert [r[0] for r in env.up.received] == ["/v1/chat/completions"]
+    assert env.settled() > 0
+
+
+@pytest.mark.parametrize(("method", "target", "status"), REFUSED)
+def test_unbudgetable_spellings_are_refused_and_never_forwarded(env, method, target, status):
+    env.start(passthrough="all")
+    got, _, answer = raw(env.url, method, target, {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20})
+    assert got == status, answer
+    assert env.up.received == []
+    assert env.window() == (0, 0)
+
+
+def _catch_all(seen: list[tuple[str, str]]) -> Any:
+    """An app that answers every request as a chat completion and notes what reached it."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        await request.body()
+        seen.append((scope["method"], scope["path"]))
+        response: Response = JSONResponse({"usage": {"prompt_tokens": 10, "completion_tokens": 5}})
+        await response(scope, receive, send)
+
+    return app
+
+
+@pytest.fixture
+def middleware_app(upstream_server, real_redis, real_redis_url, clock) -> Iterator[tuple[str, list[Any], BudgetGuard]]:
+    srv, switch = upstream_server
+    seen: list[tuple[str, str]] = []
+    g = BudgetGuard(config(models=MODELS), redis_url=real_redis_url, clock=clock)
+    switch.app = BudgetMiddleware(_catch_all(seen), guard=g, identify=lambda r: "alice")
+    yield srv.url, seen, g
+    g.close()
+
+
+@pytest.mark.parametrize(("method", "target"), BUDGETED)
+def test_the_middleware_budgets_every_spelling_of_its_routes(middleware_app, method, target):
+    url, seen, g = middleware_app
+    status, headers, _ = raw(url, method, target, {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20})
+    assert status == 200
+    assert "x-budget-limit" in headers
+    assert seen == [("POST", "/v1/chat/completions")]  # the app sees the route as budgeted
+    assert g.status("alice").windows["user.daily"].spent_usd > 0
+
+
+@pytest.mark.parametrize(("method", "target", "status"), [r for r in REFUSED if r[2] == 400 and r[0] == "POST"])
+def test_the_middleware_refuses_what_would_reach_its_routes_unbudgeted(middleware_app, method, target, status):
+    url, seen, g = middleware_app
+    got, _, _ = raw(url, method, target, {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20})
+    assert got == 400
+    assert seen == []
+    w = g.status("alice").windows["user.daily"]
+    assert (w.spent_usd, w.reserved_usd) == (0, 0)
+
+
+def test_the_middleware_leaves_other_paths_alone(middleware_app):
+    url, seen, g = middleware_app
+    status, _, _ = raw(url, "POST", "/v2/other;x", {"hello": 1})
+    assert status == 200
+    assert seen == [("POST", "/v2/other;x")]
+
+
+# ------------------------------------------------------------------------- real clients
+
+
+def test_token_id_inputs_are_counted_as_tokens(env):
+    # LangChain's OpenAIEmbeddings sends token ids by default.
+    env.start()
+    client = env.openai()
+    client.embeddings.create(model="text-embedding-3-small", input=[[1, 2, 3], [4, 5]])
+    client.embeddings.create(model="text-embedding-3-small", input=[7] * 40)
+    client.completions.create(model="gpt-4o", prompt=[101, 102, 103], max_tokens=5)
+    env.settled()
+    deadline = time.monotonic() + 10
+    while len(env.events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    estimated = [Decimal(e["estimated_cost_usd"]) for e in env.events]
+    assert estimated == [cost("text-embedding-3-small", 5, 1), cost("text-embedding-3-small", 40, 1),
+                         cost("gpt-4o", 3, 5)]
+
+
+def test_anthropic_count_tokens_passes_by_default(env):
+    env.start()
+    count = env.anthropic().messages.count_tokens(model="claude-sonnet-4-5", messages=MESSAGES)
+    assert count.input_tokens == env.up.prompt_tokens
+    assert [r[0] for r in env.up.received] == ["/v1/messages/count_tokens"]
+    assert env.window() == (0, 0)
+
+
+def test_a_long_retry_after_tells_sdks_not_to_retry(env):
+    env.start(guard_overrides={"tiers": {"default": {"hourly_usd": "0.001"}}})
+    # The SDK would sleep the whole Retry-After between tries.
+    client = openai.OpenAI(base_url=f"{env.url}/v1", api_key=ALICE_KEY, max_retries=2)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)  # spends the hour's cap
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+    headers = caught.value.response.headers
+    assert int(headers["retry-after"]) > 60  # the hour's reset
+    assert headers["x-should-retry"] == "false"
+    deadline = time.monotonic() + 10  # the events are written in the background, on the proxy's loop
+    while len(env.events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [e["kind"] for e in env.events] == ["usage", "denied"]  # asked once, not three times
+
+
+def test_a_short_retry_after_lets_sdks_retry(env):
+    # Only another call in flight holds the cap: waiting for it to settle helps.
+    env.start(guard_overrides={"tiers": {"default": {"hourly_usd": "0.004"}}, "reservation_ttl_s": 5})
+    assert env.guard is not None
+    held = env.guard.check("alice", "gpt-4o", MESSAGES, max_tokens=300)
+    assert held.allowed
+    status, headers, _ = raw(env.url, "POST", "/v1/chat/completions",
+                             {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 300})
+    assert status == 429
+    assert int(headers["retry-after"]) <= 5
+    assert "x-should-retry" not in headers
+    env.guard.release(held)
+
+
+def test_a_stream_whose_client_did_not_ask_for_usage_gets_no_usage_field(env):
+    env.start()
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{env.url}/v1/chat/completions",
+                         headers={"authorization": f"Bearer {ALICE_KEY}"},
+                         json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    chunks = [json.loads(line[6:]) for line in lines]
+    assert chunks and all("usage" not in c for c in chunks)
+    assert all(c["choices"] for c in chunks)
+    assert json.loads(env.up.received[-1][1])["stream_options"] == {"include_usage": True}
+    assert env.settled() > 0
+
+
+def test_anthropic_sdk_stream_is_unchanged(env):
+    env.start()
+    with env.anthropic().messages.stream(model="claude-sonnet-4-5", messages=MESSAGES, max_tokens=50) as stream:
+        text = "".join(stream.text_stream)
+    assert text
+    assert env.settled() > 0
