@@ -62,11 +62,16 @@ def test_denial_names_window_and_retry_after(backend_url, clock):
     assert first.allowed
     d = g.check("u1", "gpt-4o", MSG, max_tokens=600)
     assert not d.allowed and d.limit == "user.hourly"
-    # 15:09:26 -> the hour resets at 16:00:00.
-    assert d.retry_after == 50 * 60 + 34
+    # Only the first call, in flight, stands in the way: it settles when it ends, or its lease
+    # lapses within reservation_ttl_s (60 s here); the hour's reset is no wait to name.
+    assert d.retry_after == 60
     assert "user.hourly" in d.reason
     # Nothing was reserved for the denied request.
     assert g.status("u1").windows["user.hourly"].reserved_usd == first.estimated_cost_usd
+    g.record(first, Usage(first.estimated_input_tokens, 600))  # now spent, not in flight
+    d = g.check("u1", "gpt-4o", MSG, max_tokens=600)
+    # 15:09:26 -> the hour resets at 16:00:00.
+    assert d.limit == "user.hourly" and d.retry_after == 50 * 60 + 34
 
 
 def test_retry_after_is_none_when_waiting_cannot_help(backend_url, clock):
@@ -77,7 +82,8 @@ def test_retry_after_is_none_when_waiting_cannot_help(backend_url, clock):
 
 def test_blocking_window_that_resets_last_is_reported(backend_url, clock):
     g = guard(backend_url, clock, tiers={"default": {"hourly_usd": "0.008", "monthly_usd": "0.008"}})
-    assert g.check("u1", "gpt-4o", MSG, max_tokens=600).allowed
+    first = g.check("u1", "gpt-4o", MSG, max_tokens=600)
+    g.record(first, Usage(first.estimated_input_tokens, 600))
     d = g.check("u1", "gpt-4o", MSG, max_tokens=600)
     assert d.limit == "user.monthly"
     assert d.retry_after == math.ceil((datetime(2026, 4, 1, tzinfo=UTC) - clock.now).total_seconds())
@@ -216,7 +222,8 @@ def test_retry_after_in_a_dst_timezone(backend_url):
     clock = FrozenClock(datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=paris))
     g = guard(backend_url, clock, timezone="Europe/Paris",
               tiers={"default": {"hourly_usd": "0.008", "daily_usd": "0.008"}})
-    assert g.check("u1", "gpt-4o", MSG, max_tokens=600).allowed
+    first = g.check("u1", "gpt-4o", MSG, max_tokens=600)
+    g.record(first, Usage(first.estimated_input_tokens, 600))
     d = g.check("u1", "gpt-4o", MSG, max_tokens=600)
     assert d.limit == "user.daily"
     assert d.retry_after == 21 * 3600 + 30 * 60  # until midnight local, 21.5 real hours away
