@@ -600,7 +600,15 @@ class _Exchange:
         if self.settled or self.decision is None:
             return
         self.settled = True
-        task = asyncio.ensure_future(self._settle(self.decision, *self.outcome()))
+        d = self.decision
+        try:
+            usage, incomplete, why = self.outcome()
+        except Exception:
+            # Whatever failed in reading the answer, the reservation must not stay behind.
+            log.exception("reading the usage of the answer to user %s failed; charging the reserved worst case",
+                          printable(d.user))
+            usage, incomplete, why = Usage(d.estimated_input_tokens, d.max_output_tokens), not self.finished, None
+        task = asyncio.ensure_future(self._settle(d, usage, incomplete, why))
         # Shielded and tracked: a cancelled request must not leave its reservation behind.
         self.mw.guard._track(task)
         await asyncio.shield(task)
