@@ -42,9 +42,13 @@ from .store import (
     is_memory,
 )
 from .streams import is_stream, wrap_stream
+from .tokens import input_size
 from .usage import Usage
 
-__all__ = ["BudgetGuard"]
+__all__ = ["OFF_LOOP_CHARS", "BudgetGuard"]
+
+#: An ``acheck`` whose input holds at least this much text estimates it in a worker thread.
+OFF_LOOP_CHARS = 32_768
 
 log = logging.getLogger("budgetguard")
 
@@ -178,8 +182,14 @@ class BudgetGuard:
                      max_tokens: int | None = None, tags: Mapping[str, str] | None = None,
                      request_id: str | None = None, tools: list[Any] | None = None,
                      prompt: str | list[str] | None = None, system: Any = None) -> Decision:
-        plan = self._engine.plan_check(user, model, messages, max_tokens=max_tokens, tags=tags,
-                                       request_id=request_id, tools=tools, prompt=prompt, system=system)
+        plan_check = functools.partial(self._engine.plan_check, user, model, messages, max_tokens=max_tokens,
+                                       tags=tags, request_id=request_id, tools=tools, prompt=prompt, system=system)
+        if input_size(messages, tools, prompt, system, limit=OFF_LOOP_CHARS) >= OFF_LOOP_CHARS:
+            # Counting this much text takes milliseconds to seconds: not on the event loop,
+            # where it would hold up every other request (and their Redis deadlines).
+            plan = await asyncio.to_thread(plan_check)
+        else:
+            plan = plan_check()
         if plan.call is None:
             return self._checked(plan, None, sync=False)
         running = asyncio.ensure_future(self._async_store().drive(self._engine.check_steps(plan)))
@@ -480,7 +490,11 @@ class BudgetGuard:
             def bound_output(bound: inspect.BoundArguments, d: Decision) -> None:
                 # What was reserved bounds what the call may produce (None would be unbounded).
                 args = bound.arguments
-                target = args if max_tokens in signature.parameters else args.setdefault(var_kw, {})
+                if max_tokens in signature.parameters:
+                    target = args
+                else:
+                    assert var_kw is not None  # checked when decorating
+                    target = args.setdefault(var_kw, {})
                 given = target.get(max_tokens)
                 if given is None or (isinstance(given, int) and given > d.max_output_tokens):
                     target[max_tokens] = d.max_output_tokens

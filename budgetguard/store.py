@@ -328,10 +328,10 @@ class _Deadline:
         await self._cm.__aenter__()
         self._arm(self._loop.time() + self._timeout)
 
-    async def __aexit__(self, *exc: Any) -> bool | None:
+    async def __aexit__(self, *exc: Any) -> None:
         if self._handle is not None:
             self._handle.cancel()
-        return await self._cm.__aexit__(*exc)
+        await self._cm.__aexit__(*exc)  # our expiry's CancelledError becomes TimeoutError
 
     def _arm(self, when: float) -> None:
         self._when = when

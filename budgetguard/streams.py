@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidArgument, InvalidArgumentType
+from .redact import printable
 from .tokens import count_text_tokens
 from .usage import Usage
 
@@ -312,8 +313,9 @@ class _Settler:
         """The usage to record and whether the stream was incomplete."""
         if self.tracker.usage is not None:
             return self.tracker.usage, False
-        log.warning("stream of user %r (%s) ended without usage after %d events; charging the estimated input "
-                    "plus the streamed output", self.decision.user, self.decision.model, self.tracker.events)
+        log.warning("stream of user %s (%s) ended without usage after %d events; charging the estimated input "
+                    "plus the streamed output", printable(self.decision.user), printable(self.decision.model),
+                    self.tracker.events)
         return self.tracker.fallback(self.decision.estimated_input_tokens), True
 
     def settle(self) -> None:
@@ -324,7 +326,7 @@ class _Settler:
         try:
             self.guard.record(self.decision, usage, incomplete=incomplete)
         except (InvalidArgument, InvalidArgumentType):
-            log.exception("recording a stream's usage for user %r failed", self.decision.user)
+            log.exception("recording a stream's usage for user %s failed", printable(self.decision.user))
 
     async def asettle(self) -> None:
         if self.settled:
@@ -350,14 +352,14 @@ class _Settler:
             else:
                 self.guard._track(loop.create_task(self.asettle()))
         except Exception:
-            log.exception("settling an abandoned stream of user %r failed", self.decision.user)
+            log.exception("settling an abandoned stream of user %s failed", printable(self.decision.user))
 
 
 async def _arecord(guard: BudgetGuard, decision: Decision, usage: Usage, incomplete: bool) -> None:
     try:
         await guard.arecord(decision, usage, incomplete=incomplete)
     except (InvalidArgument, InvalidArgumentType):
-        log.exception("recording a stream's usage for user %r failed", decision.user)
+        log.exception("recording a stream's usage for user %s failed", printable(decision.user))
 
 
 class GuardedStream:

@@ -42,6 +42,35 @@ estimate falls back to the text's UTF-8 byte length. Every token of a byte-level
 covers at least one byte, so this over-counts but never under-counts; a single warning
 per process says so, and nothing raises.
 
+Long texts
+----------
+tiktoken splits text with a regex before merging bytes. That regex gives up on a run of
+about a million horizontal whitespace characters (``ValueError: Regex error ... Max stack
+size exceeded for backtracking``), and its cost per character grows with the length of a
+run of whitespace or of a word: 0.1-0.25 us at 8k characters, 0.25-0.6 us at 1M (prose
+stays at 0.02-0.04 us whatever its length). A text longer than ``CHUNK_CHARS`` (8192)
+characters is therefore counted in pieces of at most that many characters:
+
+* a piece ends, where its second half offers one, at a *soft* cut: between a
+  non-whitespace character and the horizontal whitespace after it, or between a letter or
+  digit and a line break. The encodings' regexes always end a piece of their own there
+  (see ``_SOFT_CUT``), so the two sides count exactly what the whole text would; each soft
+  cut still adds ``SOFT_CUT_MARGIN`` (1) token, as a spare;
+* otherwise (a long word, a long whitespace run) the piece is cut *hard* after
+  ``CHUNK_CHARS`` characters, splitting one of the regex's pieces, and the cut adds
+  ``HARD_CUT_MARGIN`` (3) tokens: merged separately, the two halves of a split piece never
+  came out more than 2 tokens below the whole piece in measurements.
+
+The count thus does not fall below the whole text's count (exactly so at soft cuts; with
+a token to spare over the worst case measured at hard cuts) and exceeds it by little (the
+margins add at most 1 token per 4096 characters, or 3 per 8192 where the text is cut
+hard), and its cost grows linearly with the text: 0.15-0.35 s for 1 MB of whitespace or
+of one long word, 20-40 ms for 1 MB of prose. That is still too long for an event loop:
+``input_size`` says cheaply how much text an estimate would count, so that a caller can
+run big estimates in a worker thread. Should tiktoken still raise on some piece, that
+piece counts as its UTF-8 byte length, with a single warning per process: an estimate
+never raises because of the text it is given.
+
 Chat format
 -----------
 Messages follow the accounting of OpenAI's cookbook "How to count tokens with tiktoken"
@@ -67,10 +96,12 @@ import tiktoken
 from .errors import InvalidArgument, InvalidArgumentType
 
 __all__ = [
+    "CHUNK_CHARS",
     "IMAGE_TOKENS",
     "Tokenizer",
     "count_text_tokens",
     "estimate_input_tokens",
+    "input_size",
     "tokenizer_for",
 ]
 
@@ -94,6 +125,33 @@ REPLY_PRIMING_TOKENS = 3
 #: gpt-4.1-mini/nano, o4-mini) or very large images on models with a higher resolution
 #: cap; the settled usage corrects those.
 IMAGE_TOKENS = 1600
+
+#: Texts longer than this many characters are counted in pieces of at most this size.
+#:
+#: tiktoken's cost per character grows with the length of a run of whitespace or of a word
+#: (o200k_base, ns per character, 256 / 4k / 8k / 64k / 900k characters: spaces 108 / 191
+#: / 243 / 276 / 582, the letter "a" 78 / 110 / 121 / 153 / 262; prose stays at ~20), and a
+#: horizontal whitespace run of ~1M characters makes its regex fail. 8192 keeps a piece's
+#: cost within ~2.5x of the cheapest rate and about 2 ms, stays far below the regex limit,
+#: and leaves a prompt of a thousand or so tokens (5-7k characters of prose) on the
+#: single-call path, counted exactly and as fast as ever.
+CHUNK_CHARS = 8192
+
+#: Tokens added per cut at a piece boundary of the encodings' regex (see ``_SOFT_CUT``).
+#: The pieces then count exactly what the whole would, so this is a spare, there for an
+#: encoding pinned by configuration whose regex might not end a piece at those places.
+SOFT_CUT_MARGIN = 1
+
+#: Tokens added per hard cut, one that splits a piece of tiktoken's regex in two.
+#:
+#: BPE merges byte pairs in rank order. Merged on their own, the two halves of a split piece
+#: lose the tokens that would have crossed the cut (an over-count), but the bytes freed that
+#: way can also merge with their neighbours on each side into a segmentation the whole
+#: piece would not reach, and that can save tokens. In practice little is saved: over
+#: 240,000 random cuts in runs of letters, digits, punctuation, marks, emoji, CJK and every
+#: kind of whitespace (o200k_base and cl100k_base), the two halves never came out more than
+#: 2 tokens below the whole. 3 covers that with one to spare.
+HARD_CUT_MARGIN = 3
 
 _FALLBACK_ENCODING = "o200k_base"
 _MAX_MEMO = 1024  # short strings (roles, names) whose counts each Tokenizer remembers
@@ -167,9 +225,16 @@ class Tokenizer:
             return 0
         enc = self._encoding
         if enc is None:
-            # surrogatepass: a lone surrogate must not make an estimate raise.
-            return len(text.encode("utf-8", "surrogatepass"))
-        return len(enc.encode(text, disallowed_special=()))
+            return _utf8_len(text)
+        if len(text) > CHUNK_CHARS:
+            return _count_chunked(enc, text, CHUNK_CHARS)
+        # _count_piece, inlined: every call of every estimate goes through here.
+        try:
+            return len(enc.encode(text, disallowed_special=()))
+        except BaseException as exc:
+            if not _recoverable(exc):
+                raise
+            return _unencodable(text, exc)
 
     def _raw_short(self, text: str) -> int:
         # Roles and names repeat on every message of every call; remember their counts.
@@ -192,6 +257,118 @@ class Tokenizer:
         if name is not None and name.startswith("o200k"):
             return _TOOLS_O200K
         return _TOOLS_CL100K
+
+
+# --------------------------------------------------------------------------- long texts
+
+# Unicode White_Space, which is what ``\s`` means to tiktoken's (Rust) regexes. Python's
+# str.isspace() and re's \s also accept \x1c-\x1f, which tiktoken treats as punctuation.
+_HSPACE = r"\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_SPACE = _HSPACE + r"\n\r"
+
+# Places where every tiktoken encoding's regex ends a piece, searched in the reversed text
+# (so that the first match is the last such place): the character after the cut comes first
+# in the match, the one before it in the lookahead.
+#
+# * non-whitespace, then horizontal whitespace: the only pieces that hold whitespace after
+#   their first character are whitespace pieces and punctuation followed by line breaks
+#   (o200k ``[^\s\p{L}\p{N}]+[\r\n/]*``), so no piece runs from the one into the other;
+# * a letter or digit, then a line break: letters, digits and contractions never take a
+#   line break, and the punctuation pieces that do cannot hold a letter or digit.
+#
+# Either way the text before the cut ends with non-whitespace, so the only parts of the
+# regexes that see the end of a text differently from a following character (``\s+(?!\S)``,
+# ``\s++$``) cannot reach it; and the text after the cut starts where one of the whole
+# text's matches starts, and the regexes look ahead, never behind. So both sides split into
+# exactly the whole text's pieces, and BPE merges each piece on its own. Python's ``[^\W_]``
+# (str.isalnum()) only takes characters of Unicode categories L and N.
+_SOFT_CUT = re.compile(rf"[{_HSPACE}](?=[^{_SPACE}])|[\r\n](?=[^\W_])")
+
+
+def _utf8_len(text: str) -> int:
+    # surrogatepass: a lone surrogate must not make an estimate raise (tiktoken counts it
+    # as U+FFFD, 3 bytes too).
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _next_cut(text: str, start: int, size: int) -> tuple[int, bool]:
+    """Where the piece of ``text`` from ``start`` ends, given ``len(text) - start > size``:
+    the last soft cut in the second half of its ``size`` characters, or else a hard cut
+    after them (the flag says which)."""
+    end = start + size
+    # Reversed from text[end] (the first character past the piece) down to the middle:
+    # window[j] is text[end - j], so a match at j is a cut at end - j.
+    window = text[end : start + size // 2 : -1]
+    match = _SOFT_CUT.search(window)
+    if match is None:
+        return end, True
+    return end - match.start(), False
+
+
+def _cuts(text: str, size: int) -> list[tuple[int, bool]]:
+    """Positions where ``_count_chunked`` cuts ``text``, each with whether it is hard."""
+    cuts: list[tuple[int, bool]] = []
+    start = 0
+    while len(text) - start > size:
+        cut = _next_cut(text, start, size)
+        cuts.append(cut)
+        start = cut[0]
+    return cuts
+
+
+def _count_chunked(enc: tiktoken.Encoding, text: str, size: int) -> int:
+    """Tokens of ``text`` counted in pieces of at most ``size`` characters, plus the cuts'
+    margins: never below counting the whole text at once (see the module docstring)."""
+    total = 0
+    start = 0
+    while len(text) - start > size:
+        end, hard = _next_cut(text, start, size)
+        total += _count_piece(enc, text[start:end])
+        total += HARD_CUT_MARGIN if hard else SOFT_CUT_MARGIN
+        start = end
+    return total + _count_piece(enc, text[start:])
+
+
+def _count_piece(enc: tiktoken.Encoding, text: str) -> int:
+    # encode(), not encode_ordinary(): on the regex's backtracking limit the latter panics
+    # in Rust (a BaseException), the former raises ValueError.
+    try:
+        return len(enc.encode(text, disallowed_special=()))
+    except BaseException as exc:
+        if not _recoverable(exc):
+            raise
+        return _unencodable(text, exc)
+
+
+def _recoverable(exc: BaseException) -> bool:
+    # A Rust panic inside tiktoken surfaces as pyo3's PanicException, which derives from
+    # BaseException only; it is a failure of the tokenizer on this text, not a reason to
+    # stop the caller. KeyboardInterrupt, SystemExit and the like are not swallowed.
+    if isinstance(exc, Exception):
+        return True
+    kind = type(exc)
+    return kind.__name__ == "PanicException" and kind.__module__ == "pyo3_runtime"
+
+
+_encode_warn_lock = threading.Lock()
+_encode_warned = False
+
+
+def _unencodable(text: str, exc: BaseException) -> int:
+    """Count for a text tiktoken raised on: its UTF-8 byte length, which no byte-level BPE
+    exceeds. Warns once per process: one bad input must not flood the log."""
+    global _encode_warned
+    with _encode_warn_lock:
+        warn, _encode_warned = not _encode_warned, True
+    if warn:
+        logger.warning(
+            "tiktoken failed on a text of %d characters (%s: %s); such texts are counted as "
+            "their UTF-8 byte length, which over-estimates (conservative)",
+            len(text),
+            type(exc).__name__,
+            str(exc)[:200],
+        )
+    return _utf8_len(text)
 
 
 # --------------------------------------------------------------------------- lookup
@@ -307,13 +484,15 @@ def tokenizer_for(model: str, encoding: str | None = None) -> Tokenizer:
 
 
 def _clear_caches() -> None:
-    """Forget loaded encodings, tokenizers and the warning flag (tests use this)."""
-    global _warned
+    """Forget loaded encodings, tokenizers and the warning flags (tests use this)."""
+    global _warned, _encode_warned
     _tokenizer_cached.cache_clear()
     _load_encoding.cache_clear()
     _known_encodings.cache_clear()
     with _warn_lock:
         _warned = False
+    with _encode_warn_lock:
+        _encode_warned = False
 
 
 # --------------------------------------------------------------------------- counting
@@ -328,6 +507,109 @@ def count_text_tokens(model: str, text: str) -> int:
     if not isinstance(text, str):
         raise InvalidArgumentType(f"text must be a string, got {_type_name(text)}")
     return tok._scale(tok._raw(text))
+
+
+#: How many values (strings, numbers, lists, dicts...) ``input_size`` looks at, at most.
+_SIZE_MAX_VALUES = 10_000
+#: Characters a value stands for when ``input_size`` stops at ``_SIZE_MAX_VALUES``: the
+#: estimate spends about 1 us per value (a message, a key, a schema property), as long as
+#: tokenizing 25-50 characters of prose.
+_SIZE_CHARS_PER_VALUE = 32
+
+
+def input_size(
+    messages: object = None,
+    tools: object = None,
+    prompt: object = None,
+    system: object = None,
+    *,
+    limit: int | None = None,
+) -> int:
+    """About how many characters of text ``estimate_input_tokens`` would tokenize for these
+    arguments, found without tokenizing anything.
+
+    For deciding before an estimate whether it is big enough to run in a worker thread
+    rather than on an event loop: the estimate costs 0.02-0.35 us per character (see the
+    module docstring). The walk follows the arguments' structure without checking it: a
+    string counts its length, every other value at least 1 (a dict its keys' lengths, an
+    int its digits, a float 24), standing for the JSON punctuation and keys that some parts
+    are counted with; an image part counts 1, since its payload is never tokenized. A
+    prompt given as token ids counts its ints, though it is not tokenized.
+
+    Cost is bounded and nothing raises, whatever the arguments hold: wrong types, cycles
+    and deep nesting are walked like anything else (no recursion), other objects count 1,
+    iterators are not consumed. The walk stops
+
+    * once the size reaches ``limit`` (the caller's threshold): the result is then at
+      least ``limit``;
+    * after 10,000 values: the result is then at least ``limit`` and at least 320,000, the
+      text that takes as long to count as that many values take to walk in the estimate.
+
+    So ``input_size(..., limit=t) >= t`` says whether an estimate has at least ``t``
+    characters of text to count, or as much work as that, at the cost of a few
+    milliseconds at most (about 0.5 us per value walked).
+    """
+    total = 0
+    budget = _SIZE_MAX_VALUES
+    cut_short = False
+    # Values still to look at, and for each a flag: for a list, whether its items are content
+    # parts; for a dict, whether it is one (where estimate_input_tokens charges images a
+    # constant). Two parallel lists: no tuple to allocate per value.
+    values: list[object] = []
+    parts: list[bool] = []
+    for value, part in ((messages, False), (tools, False), (prompt, False), (system, True)):
+        if value is not None:
+            values.append(value)
+            parts.append(part)
+    try:
+        while values:
+            if limit is not None and total >= limit:
+                break
+            value = values.pop()
+            part = parts.pop()
+            if isinstance(value, str):
+                total += len(value) or 1
+            elif isinstance(value, dict):
+                total += 1
+                kind = value.get("type")
+                if part and isinstance(kind, str) and kind in _IMAGE_PARTS:
+                    continue
+                for key, item in value.items():
+                    if budget <= 0:
+                        cut_short = True
+                        break
+                    budget -= 1
+                    if isinstance(key, str):
+                        total += len(key)
+                    values.append(item)
+                    # content and output lists hold parts (messages, tool results,
+                    # Responses items); anything else is counted as JSON, images too.
+                    parts.append(key == "content" or key == "output")
+            elif isinstance(value, (list, tuple)):
+                total += 1
+                if len(value) > budget:
+                    cut_short = True
+                items = value[:budget]
+                budget -= len(items)
+                values.extend(items)
+                parts.extend([part] * len(items))
+            elif isinstance(value, (bytes, bytearray)):
+                total += len(value) or 1  # dumped through str(), longer still
+            elif isinstance(value, bool) or value is None:
+                total += 1
+            elif isinstance(value, int):
+                total += value.bit_length() // 3 + 1  # decimal digits, rounded up
+            elif isinstance(value, float):
+                total += 24  # the longest repr of a float
+            else:
+                total += 1
+    except Exception:
+        # A dict or str subclass whose methods raise: the estimate will say what is wrong
+        # with it; the size of what was walked is the best answer here.
+        pass
+    if cut_short:  # some values were never looked at
+        total = max(total, limit or 0, _SIZE_MAX_VALUES * _SIZE_CHARS_PER_VALUE)
+    return total
 
 
 class _Tally:
@@ -354,8 +636,10 @@ def estimate_input_tokens(
 
     Runs before anything is reserved, so malformed arguments raise
     ``InvalidArgumentType``/``InvalidArgument`` naming the offending place rather than
-    being guessed at; a tokenizer that cannot be loaded never raises (see the module
-    docstring). Message overheads and tool formulas are in OpenAI's token units, so for
+    being guessed at; neither a tokenizer that cannot be loaded nor text tiktoken fails on
+    makes it raise, and long texts are counted in bounded pieces (see the module
+    docstring). Its cost grows with the text: ``input_size`` tells beforehand whether it is
+    worth running in a worker thread. Message overheads and tool formulas are in OpenAI's token units, so for
     other families they are scaled by the family factor along with the text; image
     tokens are already in the target model's units and are added unscaled. ``encoding``
     pins a tiktoken encoding (limits.yaml ``models.<name>.tokenizer``).

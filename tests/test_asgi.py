@@ -295,7 +295,7 @@ def test_window_denial_is_429_with_openai_body_and_retry_after(env):
         env.openai().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=700)
     resp = info.value.response
     assert resp.status_code == 429
-    assert resp.headers["retry-after"] == "60"  # only the held call blocks: reservation_ttl_s, not the reset
+    assert resp.headers["retry-after"] == "60"  # only the held call blocks: reservation_ttl_s
     assert resp.headers["x-budget-limit"] == "user.hourly"
     error = resp.json()["error"]
     assert error["type"] == "budget_exceeded" and error["code"] == "user.hourly"

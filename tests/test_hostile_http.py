@@ -10,15 +10,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import time
-from decimal import Decimal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
-import anthropic
 import httpx
 import openai
 import pytest
@@ -30,7 +31,7 @@ from budgetguard import BudgetGuard
 from budgetguard.asgi import BudgetMiddleware
 
 from .helpers import config
-from .test_proxy import ALICE_KEY, Env
+from .test_proxy import ALICE_KEY, API_KEYS, BOB_KEY, Env
 from .upstream import MESSAGES, MODELS, Server, Switch, cost
 
 TIER = {"per_request": {"max_output_tokens": 1024, "max_cost_usd": "0.02"}, "hourly_usd": "0.05"}
@@ -178,7 +179,7 @@ def test_the_middleware_refuses_what_would_reach_its_routes_unbudgeted(middlewar
 
 
 def test_the_middleware_leaves_other_paths_alone(middleware_app):
-    url, seen, g = middleware_app
+    url, seen, _ = middleware_app
     status, _, _ = raw(url, "POST", "/v2/other;x", {"hello": 1})
     assert status == 200
     assert seen == [("POST", "/v2/other;x")]
@@ -243,11 +244,10 @@ def test_a_short_retry_after_lets_sdks_retry(env):
 
 def test_a_stream_whose_client_did_not_ask_for_usage_gets_no_usage_field(env):
     env.start()
-    with httpx.Client(timeout=30) as http:
-        with http.stream("POST", f"{env.url}/v1/chat/completions",
-                         headers={"authorization": f"Bearer {ALICE_KEY}"},
-                         json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
-            lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{env.url}/v1/chat/completions",
+                     headers={"authorization": f"Bearer {ALICE_KEY}"},
+                     json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
     chunks = [json.loads(line[6:]) for line in lines]
     assert chunks and all("usage" not in c for c in chunks)
     assert all(c["choices"] for c in chunks)
@@ -261,3 +261,49 @@ def test_anthropic_sdk_stream_is_unchanged(env):
         text = "".join(stream.text_stream)
     assert text
     assert env.settled() > 0
+
+
+# ------------------------------------------------------------------------- large bodies
+
+
+CAROL_KEY = "bg-carol-virtual-key-0003"
+API_KEYS_WITH_CAROL = [*API_KEYS, {"sha256": hashlib.sha256(CAROL_KEY.encode()).hexdigest(), "user": "carol"}]
+
+
+def test_large_bodies_do_not_turn_other_callers_unenforced(env):
+    # One caller sends megabyte bodies (whitespace runs and prose) that take long to count,
+    # while a capped caller and a normal one keep asking. With a 100 ms Redis timeout and
+    # fail_mode open, a loop kept busy counting would let the capped caller through unenforced.
+    env.start(guard_overrides={
+        "api_keys": API_KEYS_WITH_CAROL, "fail_mode": "open", "redis_timeout_ms": 100,
+        "tiers": {"default": {"per_request": {"max_input_tokens": 50_000_000}, "hourly_usd": 1000}},
+        "users": {"alice": {"hourly_usd": "0.0000001"}},
+    })
+    big = [" " * 1_000_000, "\t" * 1_000_000, "lorem ipsum dolor sit amet " * 40_000]
+
+    def flood() -> list[int]:
+        statuses = []
+        with httpx.Client(timeout=120) as http:
+            for text in big * 2:
+                r = http.post(f"{env.url}/v1/chat/completions", headers={"authorization": f"Bearer {BOB_KEY}"},
+                              json={"model": "gpt-4o", "max_tokens": 5,
+                                    "messages": [{"role": "user", "content": text}]})
+                statuses.append(r.status_code)
+        return statuses
+
+    def ask(key: str) -> list[tuple[int, str | None]]:
+        answers = []
+        with httpx.Client(timeout=120) as http:
+            for _ in range(30):
+                r = http.post(f"{env.url}/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                              json={"model": "gpt-4o", "max_tokens": 5, "messages": MESSAGES})
+                answers.append((r.status_code, r.headers.get("x-budget-enforced")))
+        return answers
+
+    with ThreadPoolExecutor(4) as pool:
+        floods = [pool.submit(flood), pool.submit(flood)]
+        capped, normal = pool.submit(ask, ALICE_KEY), pool.submit(ask, CAROL_KEY)
+        assert capped.result() == [(429, None)] * 30
+        assert normal.result() == [(200, None)] * 30
+        assert all(s < 500 for f in floods for s in f.result())
+    assert env.guard is not None and env.guard.healthy

@@ -390,7 +390,8 @@ def test_denials_through_the_proxy(env):
     with pytest.raises(openai.RateLimitError) as info:  # the hourly cap
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=700)
     assert info.value.response.json()["error"]["code"] == "user.hourly"
-    assert info.value.response.headers["retry-after"] == "60"  # only the held call blocks: reservation_ttl_s, not the reset
+    # Only the held call blocks: reservation_ttl_s, not the reset.
+    assert info.value.response.headers["retry-after"] == "60"
     env.guard.release(held)
     with pytest.raises(openai.BadRequestError) as info:  # a per-request cap
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=5000)

@@ -74,6 +74,28 @@ def test_stream_usage_reads_each_provider_and_falls_back_to_counting():
     assert resp.usage == Usage(4, 2)
 
 
+@pytest.mark.parametrize(("model", "delta", "per_token"), [
+    ("gpt-4o", " " * 1000, 128),  # o200k_base: tiktoken raises on 1M spaces counted whole
+    ("gpt-4o", "\t" * 1000, 20),
+    ("gpt-4", "\n" * 1000, 32),
+])
+def test_stream_fallback_counts_a_megabyte_of_whitespace_without_raising(model: str, delta: str, per_token: int):
+    # per_token: the longest run of that character that is one token, so 1 MB of it is at
+    # least 1 MB / per_token tokens, and at most one token per byte.
+    tracker = StreamUsage(model)
+    for _ in range(1000):
+        tracker.feed({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": delta}}]})
+    usage = tracker.fallback(123)
+    assert usage.input_tokens == 123
+    assert 1_000_000 // per_token <= usage.output_tokens <= 1_000_000
+
+    anth = StreamUsage("claude-test-1")
+    anth.feed({"type": "message_start", "message": {"usage": {"input_tokens": 9, "output_tokens": 1}}})
+    for _ in range(1000):
+        anth.feed({"type": "content_block_delta", "delta": {"type": "text_delta", "text": delta}})
+    assert anth.fallback(500).output_tokens >= 1_000_000 // per_token
+
+
 def test_embedding_body_usage_has_no_output():
     assert usage_from_body({"usage": {"prompt_tokens": 8, "total_tokens": 8}}) == Usage(8, 0)
 

@@ -19,20 +19,27 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from fractions import Fraction
 
 import pytest
 import tiktoken
 import tiktoken.load
 import tiktoken.registry
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from budgetguard import tokens
 from budgetguard.errors import InvalidArgument, InvalidArgumentType
 from budgetguard.tokens import (
+    CHUNK_CHARS,
+    HARD_CUT_MARGIN,
     IMAGE_TOKENS,
+    SOFT_CUT_MARGIN,
     Tokenizer,
     count_text_tokens,
     estimate_input_tokens,
+    input_size,
     tokenizer_for,
 )
 
@@ -751,3 +758,336 @@ def test_bad_prompt_system_and_text() -> None:
         count_text_tokens("gpt-4o", b"hi")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentType, match="text must be a string"):
         tokenizer_for("gpt-4o").count(None)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- long texts
+
+MB = 1_000_000
+ENCODINGS = {"gpt-4o": O200K, "gpt-4": CL100K}
+
+
+def whole(enc: tiktoken.Encoding, text: str) -> int:
+    return len(enc.encode(text, disallowed_special=()))
+
+
+def longest_run_token(enc: tiktoken.Encoding, char: str) -> int:
+    """The longest run of ``char`` that is a single token of ``enc`` (lengths have gaps)."""
+    longest = 0
+    for k in range(1, 1025):
+        try:
+            enc.encode_single_token(char * k)
+        except KeyError:
+            continue
+        longest = k
+    return longest
+
+
+def whole_or_lower_bound(enc: tiktoken.Encoding, text: str) -> int:
+    """tiktoken's count of the whole text or, where tiktoken raises on it (a run of ~1M
+    spaces or tabs), a lower bound of the count it would give: a run of one character
+    splits into tokens of that character, none longer than the longest such token."""
+    try:
+        return whole(enc, text)
+    except ValueError:
+        run = text.removesuffix("end")
+        assert len(set(run)) == 1, "the bound holds for a run of one character"
+        return len(run) // longest_run_token(enc, run[0])
+
+
+def _mixed_whitespace(n: int) -> str:
+    rng = random.Random(7)
+    return "".join(rng.choice(" \t\n\r\xa0\u3000") for _ in range(n))
+
+
+BIG_WHITESPACE = {
+    "spaces": " " * MB,
+    "tabs": "\t" * MB,
+    "newlines": "\n" * MB,
+    "mixed": _mixed_whitespace(MB),
+    "spaces then a word": " " * MB + "end",
+}
+
+
+@pytest.mark.parametrize("model", list(ENCODINGS))
+@pytest.mark.parametrize("kind", list(BIG_WHITESPACE))
+def test_a_megabyte_of_whitespace_is_estimated_not_raised(model: str, kind: str) -> None:
+    # Counted whole, tiktoken raises on spaces and tabs (o200k_base) and on spaces then a
+    # word (both): "ValueError: Regex error ... Max stack size exceeded for backtracking".
+    text = BIG_WHITESPACE[kind]
+    floor = whole_or_lower_bound(ENCODINGS[model], text)
+    overhead = estimate_input_tokens(model, [{"role": "user", "content": ""}])
+    as_chat = estimate_input_tokens(model, [{"role": "user", "content": text}])
+    as_prompt = estimate_input_tokens(model, prompt=text)
+    assert isinstance(as_chat, int) and isinstance(as_prompt, int)
+    assert floor <= as_prompt <= len(text.encode("utf-8"))
+    assert as_chat == overhead + as_prompt
+
+
+def test_a_megabyte_of_whitespace_for_other_families_and_system_prompts() -> None:
+    text = BIG_WHITESPACE["tabs"]
+    counted = count_text_tokens("gpt-4o", text)
+    assert count_text_tokens("claude-3-5-sonnet", text) == math.ceil(counted * 1.25)
+    system = [{"type": "text", "text": text}]
+    assert estimate_input_tokens("claude-3-5-sonnet", system=system) >= counted
+    assert tokenizer_for("gpt-4o").count(" " * MB) >= whole_or_lower_bound(O200K, " " * MB)
+
+
+def test_texts_up_to_the_chunk_size_are_counted_whole() -> None:
+    rng = random.Random(3)
+    words = ["budget", "token", "guard", "reserve", "settle", "over", "under", "count", "call"]
+    prose = " ".join(rng.choice(words) for _ in range(CHUNK_CHARS))[:CHUNK_CHARS]
+    for text in (prose, "a" * CHUNK_CHARS, " " * CHUNK_CHARS):
+        assert len(text) == CHUNK_CHARS
+        assert count_text_tokens("gpt-4o", text) == whole(O200K, text)
+        assert count_text_tokens("gpt-4", text) == whole(CL100K, text)
+
+
+def test_prose_is_cut_only_at_piece_boundaries_and_counted_exactly() -> None:
+    rng = random.Random(4)
+    words = ["The", "guard", "reserves,", "settles", "and", "(sometimes)", "denies:", "42", "calls\nper", "minute."]
+    text = " ".join(rng.choice(words) for _ in range(20_000))
+    cuts = tokens._cuts(text, CHUNK_CHARS)
+    assert len(cuts) > 10 and not any(hard for _, hard in cuts)
+    for model, enc in ENCODINGS.items():
+        assert count_text_tokens(model, text) == whole(enc, text) + SOFT_CUT_MARGIN * len(cuts)
+
+
+def _sample_texts(n: int) -> dict[str, str]:
+    """Texts of about ``n`` characters of very different shapes, reproducibly."""
+    rng = random.Random(n)
+    words = ["the", "budget", "Guard", "reserves", "tokens,", "42", "(ok)", "naïve", "日本語", "😀"]
+    b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    runs: list[str] = []
+    while sum(map(len, runs)) < n:
+        runs.append(rng.choice([" ", "\t", "\n", "a", "x1", "~", "\u3000"]) * rng.randint(1, 3 * CHUNK_CHARS // 4))
+        runs.append(rng.choice(words))
+    code = "".join(
+        "    " * rng.randint(0, 4) + f"value_{i} = compute(items[{i}], key='{rng.choice(words)}')\n"
+        for i in range(n // 40)
+    )
+    texts = {
+        "prose": " ".join(rng.choice(words) for _ in range(n // 5)),
+        "code": code,
+        "base64": "".join(rng.choice(b64) for _ in range(n)),
+        "base64 lines": "\n".join("".join(rng.choice(b64) for _ in range(76)) for _ in range(n // 77)),
+        "one word": "a" * n,
+        "runs of whitespace and words": "".join(runs),
+        "unicode": "".join(chr(rng.randint(0x20, 0x2FFF)) for _ in range(n)),
+        "cjk": "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(n)),
+        "json": json.dumps([{"id": i, "v": rng.random()} for i in range(n // 30)], separators=(",", ":")),
+    }
+    return {k: v[:n] for k, v in texts.items()}
+
+
+# A hard cut merges the halves of one regex piece separately; that can cost a few tokens
+# more than the whole piece (up to 5 measured for a single cut, in runs of "~" or "/").
+HARD_CUT_SLACK = 8
+
+
+def assert_chunked_close(enc: tiktoken.Encoding, text: str, size: int, counted: int, label: str = "") -> None:
+    reference = whole(enc, text)
+    cuts = tokens._cuts(text, size)
+    hard = sum(1 for _, is_hard in cuts if is_hard)
+    margins = SOFT_CUT_MARGIN * (len(cuts) - hard) + HARD_CUT_MARGIN * hard
+    assert counted >= reference, f"{label}: below the whole text's count"
+    if hard:
+        assert counted <= reference + margins + HARD_CUT_SLACK * hard, label
+    else:  # soft cuts are exact: only the margins come on top
+        assert counted == reference + margins, label
+
+
+@pytest.mark.parametrize(
+    "length",
+    [CHUNK_CHARS - 1, CHUNK_CHARS + 1, CHUNK_CHARS + CHUNK_CHARS // 2, 2 * CHUNK_CHARS + 7, 5 * CHUNK_CHARS + 3],
+)
+def test_chunked_count_is_close_to_and_never_below_the_whole_count(length: int) -> None:
+    for kind, text in _sample_texts(length).items():
+        for model, enc in ENCODINGS.items():
+            counted = tokenizer_for(model)._raw(text)
+            assert_chunked_close(enc, text, CHUNK_CHARS, counted, f"{kind} on {model}")
+
+
+def test_cuts_make_bounded_pieces_and_soft_cuts_fall_between_text_and_whitespace() -> None:
+    for length in (CHUNK_CHARS + 1, 7 * CHUNK_CHARS + 5):
+        for kind, text in _sample_texts(length).items():
+            cuts = tokens._cuts(text, CHUNK_CHARS)
+            start = 0
+            for pos, hard in cuts:
+                if hard:
+                    assert pos - start == CHUNK_CHARS, kind
+                else:  # in the piece's second half, after non-whitespace, before whitespace
+                    assert CHUNK_CHARS // 2 < pos - start <= CHUNK_CHARS, kind
+                    assert not text[pos - 1].isspace() and text[pos].isspace(), kind
+                start = pos
+            assert 0 < len(text) - start <= CHUNK_CHARS, kind
+
+
+# Runs of characters whose tokenization is easy to disturb: every kind of whitespace
+# (including \x1c, which str.isspace() accepts but tiktoken does not), letters, marks,
+# digits, punctuation runs, contractions, CJK, emoji, a lone surrogate, special-token text.
+ATOMS = [
+    " ", "  ", "\t", "\n", "\r\n", "\r", "\xa0", "\u3000", "\u2028", "\x1c", "\x0b",
+    "a", "Z", "word", " the", "Hello", "e\u0301", "7", "12345", "²", "!", "...", "/", "~~",
+    "'s", "'", "漢字", "😀", "👍🏽", "\ud800", "<|endoftext|>", "_", "-=",
+]
+runs_of_atoms = st.lists(
+    st.tuples(st.sampled_from(ATOMS), st.integers(1, 40)), max_size=30
+).map(lambda runs: "".join(atom * k for atom, k in runs))
+# Words between whitespace, as in prose and code: mostly soft cuts.
+WORDS = ["a", "the", "Token", "naïve", "it's", "42", "3.14", "(x)", "foo_bar", "日本", "😀", "e\u0301", "--"]
+SEPARATORS = [" ", "  ", "\t", "\n", " \n", "\n\n    ", "\r\n", "\u3000", "\xa0"]
+words_and_whitespace = st.lists(
+    st.tuples(st.lists(st.sampled_from(WORDS), min_size=1, max_size=4), st.sampled_from(SEPARATORS)),
+    max_size=80,
+).map(lambda items: "".join("".join(word) + sep for word, sep in items))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    text=st.one_of(runs_of_atoms, words_and_whitespace, st.text(max_size=600)),
+    size=st.sampled_from([16, 24, 32, 64, 128, 256]),
+    model=st.sampled_from(list(ENCODINGS)),
+)
+def test_chunking_never_under_counts(text: str, size: int, model: str) -> None:
+    enc = ENCODINGS[model]
+    kinds = {"hard" if hard else "soft" for _, hard in tokens._cuts(text, size)}
+    event("cuts: " + (" and ".join(sorted(kinds)) or "none"))
+    assert_chunked_close(enc, text, size, tokens._count_chunked(enc, text, size))
+
+
+@pytest.fixture
+def broken_tiktoken(monkeypatch: pytest.MonkeyPatch):
+    """Make tiktoken raise ``exc`` on every encode, with the warning not given yet."""
+
+    def install(exc: BaseException) -> None:
+        def encode(self, text, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(tiktoken.Encoding, "encode", encode)
+        monkeypatch.setattr(tokens, "_encode_warned", False)
+
+    return install
+
+
+# pyo3 reports a Rust panic as pyo3_runtime.PanicException, a BaseException only.
+PanicException = type("PanicException", (BaseException,), {"__module__": "pyo3_runtime"})
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("Regex error while tokenizing: Max stack size exceeded for backtracking"),
+        RuntimeError("unexpected"),
+        PanicException("called `Result::unwrap()` on an `Err` value"),
+    ],
+    ids=["ValueError", "RuntimeError", "PanicException"],
+)
+def test_a_tokenizer_failure_counts_bytes_warns_once_and_never_raises(
+    broken_tiktoken, caplog, exc: BaseException
+) -> None:
+    broken_tiktoken(exc)
+    caplog.set_level(logging.WARNING, logger="budgetguard.tokens")
+    short, long = "héllo wörld", "héllo wörld " * CHUNK_CHARS
+    assert count_text_tokens("gpt-4o", short) == utf8(short)
+    assert count_text_tokens("gpt-4", long) >= utf8(long)
+    assert count_text_tokens("claude-3-opus", short) == math.ceil(utf8(short) * 1.25)
+    messages = [{"role": "user", "content": short}]
+    # "user" may already be remembered with its real count (1) from an earlier estimate.
+    assert estimate_input_tokens("gpt-4o", messages) >= 3 + 1 + utf8(short) + 3
+    warnings = [r for r in caplog.records if r.name == "budgetguard.tokens"]
+    assert len(warnings) == 1
+    assert type(exc).__name__ in warnings[0].getMessage()
+    assert "UTF-8 byte" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(1)])
+def test_interrupts_are_not_swallowed(broken_tiktoken, exc: BaseException) -> None:
+    broken_tiktoken(exc)
+    with pytest.raises(type(exc)):
+        count_text_tokens("gpt-4o", "hello")
+    with pytest.raises(type(exc)):
+        count_text_tokens("gpt-4o", "hello " * CHUNK_CHARS)
+
+
+# --------------------------------------------------------------------------- input_size
+
+
+def test_input_size_of_typical_requests() -> None:
+    assert input_size() == 0
+    # list 1 + dict 1 + "role" 4 + "user" 4 + "content" 7 + "hello" 5
+    assert input_size([{"role": "user", "content": "hello"}]) == 22
+    assert input_size(prompt="tiktoken is great!") == 18
+    assert input_size(prompt=["ab", "cde"]) == 1 + 2 + 3
+    assert input_size(system="be terse") == 8
+
+    texts = [m["content"] for m in COOKBOOK_MESSAGES] + [m.get("name", "") for m in COOKBOOK_MESSAGES]
+    size = input_size(COOKBOOK_MESSAGES, WEATHER_TOOLS, system="be terse")
+    assert sum(map(len, texts)) + len("be terse") < size < 2 * len(json.dumps(COOKBOOK_MESSAGES + WEATHER_TOOLS))
+
+    big = "word " * 50_000
+    assert input_size([{"role": "user", "content": [{"type": "text", "text": big}]}]) >= len(big)
+    assert input_size(system=[{"type": "text", "text": big}]) >= len(big)
+    assert input_size(tools=[{"name": "t", "input_schema": {"description": big}}]) >= len(big)
+
+
+def test_input_size_skips_image_payloads_but_not_other_blobs() -> None:
+    url = "data:image/png;base64," + "A" * MB
+    image_parts = [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "input_image", "image_url": url},
+        {"type": "image", "source": {"type": "base64", "data": url}},
+    ]
+    messages = [{"role": "user", "content": image_parts}]
+    assert input_size(messages) < 100
+    assert input_size(system=image_parts) < 100
+    tool_result = [{"type": "tool_result", "tool_use_id": "t", "content": image_parts}]
+    assert input_size([{"role": "user", "content": tool_result}]) < 200
+    # Counted as JSON by the estimate, so tokenized: a document, an image outside a part list.
+    document = {"type": "document", "source": {"type": "base64", "data": url}}
+    assert input_size([{"role": "user", "content": [document]}]) > MB
+    assert input_size([{"role": "user", "content": "x", "extra": image_parts[0]}]) > MB
+
+
+class ExplodingDict(dict):
+    def get(self, *args):
+        raise RuntimeError("no")
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
+def test_input_size_never_raises_and_stays_bounded() -> None:
+    deep: list = []
+    node = deep
+    for _ in range(200_000):  # far deeper than any recursion limit
+        node.append([])
+        node = node[0]
+    cycle: dict = {"role": "user"}
+    cycle["content"] = [cycle, cycle]
+    gen = (c for c in "abc")
+    odd = [
+        5, 3.5, True, None, b"bytes", bytearray(b"xy"), object(), Unprintable(), gen,
+        {1: "int key", (1, 2): "tuple key", None: [1, 2]}, {"type": ["unhashable"]},
+        ExplodingDict(role="user"), 10**5000, "x" * 10,
+    ]
+    for value in (5, "text", object(), gen, deep, cycle, [cycle], odd, {"not": "a list"}):
+        for where in ("messages", "tools", "prompt", "system"):
+            assert isinstance(input_size(**{where: value}), int)
+    assert next(gen) == "a"  # iterators are not consumed
+    assert input_size(prompt=[10**5000]) > 5000  # digits, without building the string
+    # More values than the walk looks at: reported as big, whatever the text.
+    assert input_size(prompt=list(range(100_000))) >= 320_000
+    assert input_size([cycle]) >= 320_000
+    many = [{"role": "user", "content": "hi"}] * 20_000
+    assert input_size(many) >= 320_000
+    assert input_size(many, limit=10**7) >= 10**7
+
+
+def test_input_size_stops_at_the_limit() -> None:
+    messages = [{"role": "user", "content": "x" * 1000} for _ in range(100)]
+    full = input_size(messages)
+    assert full > 100_000
+    assert 5_000 <= input_size(messages, limit=5_000) < full
+    assert input_size(messages, limit=10 * full) == full
