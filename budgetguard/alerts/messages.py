@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from ..config import AlertsConfig, PagerDutyConfig
+from ..redact import redact_url
 from .model import Alert
 
 __all__ = ["Delivery", "alert_json", "deliveries", "pagerduty_body", "slack_body"]
@@ -28,9 +29,16 @@ class Delivery:
 
     @property
     def where(self) -> str:
-        """The endpoint without path, query or credentials: safe to log."""
-        parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        """The endpoint (scheme, host, port) for a log line: no path or query, no password.
+
+        Any sink's path may be its secret (Slack's is; so are many chat webhooks'), so
+        none is printed, whatever :func:`redact_url` would keep.
+        """
+        try:
+            parts = urlsplit(self.url)
+        except ValueError:
+            return "<unparseable URL>"
+        return redact_url(urlunsplit((parts.scheme, parts.netloc, "", "", "")))
 
 
 def _money(value: Decimal | None) -> str | None:
