@@ -299,11 +299,13 @@ class BudgetGuard:
         try:
             yield Sleep(self.config.org.slice_flush_s)
             crossings = yield from steps_job(self._engine.flush_steps())
+            # A loop that ended hands its lane's work to the lane's thread: go on from there.
+            sync = sync or not _loop_running()
             self._submit_alerts(self._engine.slice_alerts(crossings), sync)
         finally:
             self._slice_flushes.pop(driver, None)
         if slices.holding:
-            self._schedule_slice_flush(sync)
+            self._schedule_slice_flush(sync or not _loop_running())
 
     def _schedule_periodic(self, submit: Submit) -> None:
         """Per process: this hour's anomaly baseline once, and a forecast at most hourly."""
@@ -607,6 +609,14 @@ class BudgetGuard:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _callables(name: str, value: Any) -> list[Callable[[Any], Any]]:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,29 @@ def test_a_sink_that_cannot_be_reached_is_named_without_its_secrets(backend_url,
     dropped = [r.getMessage() for r in caplog.records if "alert dropped" in r.getMessage()]
     assert len(dropped) == 2 and any("webhook at http://user:***@127.0.0.1:" in m for m in dropped)
 
+
+
+def test_a_slice_flush_handed_to_the_thread_goes_on_there(real_redis, real_redis_url, caplog):
+    """A loop ends while its org slice's flush is scheduled on it: the lane's thread runs the
+    flush, and schedules the next one for itself rather than for the loop that is gone."""
+    from budgetguard import Usage
+
+    from .helpers import guard
+
+    g = guard(real_redis_url, org={"daily_usd": 100, "slice_usd": 1, "slice_flush_s": 0.2})
+
+    async def main() -> None:
+        d = await g.acheck("alice", "gpt-4o", MSG, max_tokens=20)
+        await g.arecord(d, Usage(100, 20))
+
+    caplog.set_level(logging.ERROR, logger="budgetguard")
+    asyncio.run(main())  # ends with the slice's flush scheduled on its loop
+    # The handed-over flush hands the spend in from the thread, then the next one is due.
+    deadline = time.monotonic() + 10
+    while g.status("bob").windows["org.daily"].spent_usd == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert g.status("bob").windows["org.daily"].spent_usd > 0
+    d = g.check("bob", "gpt-4o", MSG, max_tokens=20)
+    g.record(d, Usage(100, 20))
+    g.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
