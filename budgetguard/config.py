@@ -7,8 +7,11 @@ never half-loads.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
+import typing
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -152,6 +155,9 @@ class _Sink(_Strict):
 
 class SlackConfig(_Sink):
     webhook_url: str = ""
+    # The org's channel would otherwise hear of every user reaching their own caps (and
+    # read who): users only when asked, with scopes: [org, user].
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org"]), min_length=1, max_length=2)
     _url = field_validator("webhook_url")(_check_url)
 
 
@@ -505,6 +511,60 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "<root>"
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: its position and problem (PyYAML's own text spans lines,
+    quoting the file with a caret under the culprit)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        context = f" ({exc.context})" if exc.context and exc.problem else ""
+        return f"{at}{exc.problem or exc.context or 'syntax error'}{context}"
+    return " ".join(str(exc).split())
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X`` of ``Annotated[X, ...]`` and ``X | None`` (the first non-None member)."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = members[0] if members else None
+        else:
+            return annotation
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The config model holding the last key of ``loc``, walking field types from Config."""
+    current: Any = Config
+    for part in loc[:-1]:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif typing.get_origin(current) in (dict, list):
+            current = typing.get_args(current)[-1]  # a dict's value type, a list's item type
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _suggestion(err: Any) -> str:
+    """" (did you mean hourly_usd?)" for a misspelt key; "" otherwise."""
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") != "extra_forbidden" or not loc or not isinstance(loc[-1], str):
+        return ""
+    model = _model_at(loc)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed mapping (e.g. from YAML) into a :class:`Config`."""
     if data is None:
@@ -517,7 +577,7 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     except ValidationError as exc:
         errors = exc.errors()
         # Thousands of bad entries would make a message nobody reads: name the first ones, count the rest.
-        problems = [f"{_path(err['loc'])}: {err['msg']}" for err in errors[:_MAX_PROBLEMS]]
+        problems = [f"{_path(err['loc'])}: {err['msg']}{_suggestion(err)}" for err in errors[:_MAX_PROBLEMS]]
         if len(errors) > _MAX_PROBLEMS:
             problems.append(f"and {len(errors) - _MAX_PROBLEMS:,} more problems")
         raise ConfigError("; ".join(problems)) from None
@@ -546,7 +606,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(exc)}") from None
     except RecursionError:
         # The loader's bounds keep its recursion shallow; this only fires when called from a deep stack.
         raise ConfigError(f"{where} nests too deeply to load (at most {MAX_DEPTH} levels)") from None

@@ -37,10 +37,18 @@ A configuration may pin an encoding for a model tiktoken cannot know (a fine-tun
 a custom name, say): ``tokenizer_for(model, encoding="o200k_base")`` uses it as is, with
 factor 1.
 
-When an encoding cannot be loaded (no network and no local cache, for example) the
-estimate falls back to the text's UTF-8 byte length. Every token of a byte-level BPE
-covers at least one byte, so this over-counts but never under-counts; a single warning
-per process says so, and nothing raises.
+The rank files of ``cl100k_base`` and ``o200k_base``, which cover every model above, ship
+inside the package (``budgetguard/encodings``, MIT like tiktoken itself: see the NOTICE
+there) and are checked against the SHA-256 tiktoken expects, so estimates are right
+offline and never wait on a download. Other encodings (one pinned by configuration, such
+as ``p50k_base``) load through tiktoken: its cache (``TIKTOKEN_CACHE_DIR``), else a
+download.
+
+When an encoding still cannot be loaded (no network and no cache) the estimate falls back
+to the text's UTF-8 byte length. Every token of a byte-level BPE covers at least one byte,
+so this over-counts but never under-counts (English prose by about 5x, enough to trip an
+input cap); a single warning per process says so and how to fix it, and nothing raises.
+``load_problems`` lets a command report it at start rather than at the first request.
 
 Long texts
 ----------
@@ -82,13 +90,17 @@ tokens whatever its size, because its pixels are not at hand (see the constant).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cache, lru_cache
+from importlib import resources
 from typing import Any
 
 import tiktoken
@@ -99,9 +111,11 @@ __all__ = [
     "CHUNK_CHARS",
     "IMAGE_TOKENS",
     "Tokenizer",
+    "bundled_encodings",
     "count_text_tokens",
     "estimate_input_tokens",
     "input_size",
+    "load_problems",
     "tokenizer_for",
 ]
 
@@ -383,13 +397,76 @@ def _warn_fallback(encoding_name: str, exc: BaseException) -> None:
         if _warned:
             return
         _warned = True
+    # One short line: what failed, what it costs, how to fix it. The exception's own text
+    # (a long network error) is left out; its type is enough to tell offline from corrupt.
     logger.warning(
-        "could not load tiktoken encoding %r (%s: %s); token estimates fall back to UTF-8 "
-        "byte counts, which over-estimate (conservative)",
+        "tiktoken encoding %s unavailable (%s): estimates count UTF-8 bytes, several times "
+        "too many (conservative), so input caps may refuse prompts that fit; fix: point "
+        "TIKTOKEN_CACHE_DIR at a cache holding it (`budgetguard doctor --fetch-encodings` fills one)",
         encoding_name,
         type(exc).__name__,
-        exc,
     )
+
+
+# The encodings shipped in the package: the regex and special tokens tiktoken_ext's
+# openai_public defines for them (an encoding never changes once published) and the
+# SHA-256 of the rank file tiktoken checks its downloads against.
+_O200K_PAT = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+_CL100K_PAT = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_BUNDLED: dict[str, tuple[str, str, dict[str, int]]] = {
+    "o200k_base": (
+        _O200K_PAT,
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+        {"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
+    ),
+    "cl100k_base": (
+        _CL100K_PAT,
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        {
+            "<|endoftext|>": 100257,
+            "<|fim_prefix|>": 100258,
+            "<|fim_middle|>": 100259,
+            "<|fim_suffix|>": 100260,
+            "<|endofprompt|>": 100276,
+        },
+    ),
+}
+
+
+def bundled_encodings() -> frozenset[str]:
+    """Names of the encodings whose rank files ship with the package."""
+    return frozenset(_BUNDLED)
+
+
+def _bundled_encoding(name: str) -> tiktoken.Encoding | None:
+    """The shipped encoding ``name``, or None when it is not shipped, missing or altered."""
+    spec = _BUNDLED.get(name)
+    if spec is None:
+        return None
+    pat_str, sha256, special_tokens = spec
+    try:
+        data = resources.files(__package__).joinpath("encodings", f"{name}.tiktoken").read_bytes()
+    except OSError:
+        return None  # a trimmed install: tiktoken's own loading comes next
+    if hashlib.sha256(data).hexdigest() != sha256:
+        logger.warning("the shipped rank file of %s does not match its SHA-256; loading it through tiktoken", name)
+        return None
+    # The format tiktoken's load_tiktoken_bpe reads: "<base64 token> <rank>" per line.
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+    return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
 
 
 @cache
@@ -397,10 +474,30 @@ def _load_encoding(name: str) -> tiktoken.Encoding | None:
     # A failure is remembered too: retrying a download on every LLM call would put network
     # timeouts on the hot path, and the byte fallback is safe.
     try:
-        return tiktoken.get_encoding(name)
+        return _bundled_encoding(name) or tiktoken.get_encoding(name)
     except Exception as exc:
         _warn_fallback(name, exc)
         return None
+
+
+def load_problems(models: Iterable[tuple[str, str | None]]) -> list[str]:
+    """Load the tokenizers of ``(model, pinned encoding)`` pairs now; return the encodings
+    that could not be loaded (their estimates count bytes), each named once.
+
+    Commands call this at start so that a missing encoding is reported before the first
+    request rather than in the middle of it; the warning is logged as usual.
+    """
+    missing: list[str] = []
+    for model, encoding in models:
+        try:
+            tok = tokenizer_for(model, encoding)
+        except (InvalidArgument, InvalidArgumentType):
+            continue  # the configuration's validation reports bad names
+        if tok.encoding_name is None:
+            wanted = encoding or _openai_encoding_name(_normalise(model)) or _FALLBACK_ENCODING
+            if wanted not in missing:
+                missing.append(wanted)
+    return missing
 
 
 @lru_cache(maxsize=1)

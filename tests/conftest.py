@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,6 @@ from .cluster import LocalCluster
 
 # The real tiktoken encodings, loaded offline from the rank files kept beside the tests.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).parent / "data" / "tiktoken"))
-
-TEST_DB = 13  # the tests' own database on a shared Redis; only it is ever flushed
-
 
 def _answers(url: str) -> bool:
     try:
@@ -66,23 +63,34 @@ def start_redis_server(port: int | None = None) -> tuple[subprocess.Popen[bytes]
     return proc, url
 
 
+def redis_choice(env: Mapping[str, str], server_binary: str | None) -> tuple[str, str]:
+    """How the tests get a Redis: ("url", $REDIS_URL), ("start", binary) for a private
+    redis-server on a free port, or ("skip" | "fail", why).
+
+    A Redis already listening on 127.0.0.1:6379 may be someone's real one: the tests flush
+    what they use, so they touch it only when told to, through REDIS_URL.
+    """
+    url = env.get("REDIS_URL")
+    if url:
+        return "url", url
+    if server_binary is not None:
+        return "start", server_binary
+    why = "no Redis: set REDIS_URL (a database the tests may flush) or put redis-server on PATH"
+    return ("fail" if env.get("CI") == "true" else "skip"), why
+
+
 @pytest.fixture(scope="session")
 def real_redis_url() -> Iterator[str]:
-    """$REDIS_URL, else a Redis on 127.0.0.1:6379 (db 13), else a redis-server we start."""
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url
+    """$REDIS_URL, else a private redis-server started on a free port (see redis_choice)."""
+    kind, value = redis_choice(os.environ, shutil.which("redis-server"))
+    if kind == "url":
+        yield value
         return
-    local = f"redis://127.0.0.1:6379/{TEST_DB}"
-    if _answers(local):
-        yield local
-        return
-    try:
-        proc, url = start_redis_server()
-    except FileNotFoundError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but no Redis: set REDIS_URL, run one on 127.0.0.1:6379, or put redis-server on PATH")
-        pytest.skip("no Redis available (set REDIS_URL or install redis-server)")
+    if kind == "fail":
+        pytest.fail(f"CI=true but {value}")
+    if kind == "skip":
+        pytest.skip(value)
+    proc, url = start_redis_server()
     yield url
     proc.terminate()
     proc.wait(10)

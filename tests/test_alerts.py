@@ -176,6 +176,8 @@ def test_user_alerts_are_opt_in_per_tier_and_skip_pagerduty_by_default(backend_u
             "watched": {"hourly_usd": 4, "alert_at": [0.5]},
             "quiet": {"hourly_usd": 4},
         }, users={"alice": {"tier": "watched"}, "bob": {"tier": "quiet"}})
+        # Slack hears of users only when asked (its scopes default to [org]).
+        data["alerts"]["slack"] = {**data["alerts"]["slack"], "scopes": ["org", "user"]}
         g = make_guard(backend_url, clock, data)
         for user in ("alice", "bob"):
             charge(g, user, 2)  # 50% of the user's hour

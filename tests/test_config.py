@@ -246,3 +246,40 @@ def test_a_tier_shared_through_an_anchor_still_loads(tmp_path):
     assert c.tiers["team"].alert_at == c.tiers["pro"].alert_at == [Decimal("0.5"), Decimal("0.9")]
     assert c.users["alice"] == UserConfig(**c.tiers["pro"].model_dump())
     assert c.users["bob"].models == ["gpt-4o", "gpt-4o-mini"]
+
+
+def test_slack_hears_of_users_only_when_asked() -> None:
+    # The org's channel would otherwise get every user's crossing: [org] unless scopes say more.
+    assert parse_config({"alerts": {"slack": {"webhook_url": ""}}}).alerts.slack.scopes == ["org"]
+    asked = parse_config({"alerts": {"slack": {"webhook_url": "", "scopes": ["org", "user"]}}})
+    assert asked.alerts.slack.scopes == ["org", "user"]
+
+
+@pytest.mark.parametrize(("data", "hint"), [
+    ({"tiers": {"pro": {"hourly_usdd": 2}}}, "tiers.pro.hourly_usdd: Extra inputs are not permitted "
+                                              "(did you mean hourly_usd?)"),
+    ({"tiers": {"pro": {"per_request": {"max_input_token": 3}}}}, "(did you mean max_input_tokens?)"),
+    ({"users": {"bob": {"tierr": "pro"}}}, "users.bob.tierr: Extra inputs are not permitted (did you mean tier?)"),
+    ({"alerts": {"slak": {}}}, "(did you mean slack?)"),
+    ({"default_tierr": "x"}, "(did you mean default_tier?)"),
+])
+def test_misspelt_keys_get_the_nearest_valid_one(data: dict, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert hint in str(info.value)
+
+
+def test_unrelated_keys_get_no_suggestion() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"zzzz": 1})
+    assert "did you mean" not in str(info.value)
+
+
+def test_yaml_syntax_errors_are_one_line(tmp_path) -> None:
+    path = tmp_path / "limits.yaml"
+    path.write_text("tiers:\n  pro:\n    hourly_usd: [1\n  x: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path} is not valid YAML: line 4, column 4: ")

@@ -313,9 +313,64 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path):
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+    monkeypatch.setattr(tokens, "_BUNDLED", {})  # as if the shipped rank files were gone
     tokens._clear_caches()
     yield
     tokens._clear_caches()
+
+
+@pytest.fixture
+def no_cache(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """No tiktoken cache and no network, but the rank files shipped in the package."""
+
+    def no_network(blobpath: str) -> bytes:
+        raise ConnectionError(f"offline: {blobpath}")
+
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+    tokens._clear_caches()
+    yield
+    tokens._clear_caches()
+
+
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+def test_shipped_encodings_are_tiktokens_own(name: str) -> None:
+    # Regex, special tokens and ranks must be exactly what tiktoken builds (from the test
+    # cache), or the shipped copy would count differently from the real tokenizer.
+    shipped = tokens._bundled_encoding(name)
+    real = tiktoken.get_encoding(name)
+    assert shipped is not None
+    assert shipped._pat_str == real._pat_str
+    assert shipped._special_tokens == real._special_tokens
+    assert shipped._mergeable_ranks == real._mergeable_ranks
+    assert shipped.encode(COOKBOOK_TEXT, disallowed_special=()) == real.encode(COOKBOOK_TEXT, disallowed_special=())
+
+
+COOKBOOK_TEXT = "tiktoken is great! お誕生日おめでとう 2 + 2 = 4 <|endoftext|>"
+
+
+def test_estimates_are_right_without_cache_or_network(no_cache, caplog) -> None:
+    # A 9,000-character prompt is about 1,700 tokens; counted as bytes it would be ~9,000
+    # and trip an 8,000-token input cap.
+    caplog.set_level(logging.WARNING, logger="budgetguard.tokens")
+    text = " ".join(random.Random(1).choice(["budget", "reserved", "before", "the", "call"]) for _ in range(1500))
+    for model in ("gpt-4o-mini", "gpt-4"):
+        tok = tokenizer_for(model)
+        assert tok.encoding_name in ("o200k_base", "cl100k_base")
+        assert count_text_tokens(model, text) < len(text) / 3
+    assert tokens.load_problems([("gpt-4o", None), ("claude-3-opus", None), ("gpt-4", None)]) == []
+    assert not [r for r in caplog.records if r.name == "budgetguard.tokens"]
+
+
+def test_load_problems_names_what_fell_back_in_one_line(no_cache, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="budgetguard.tokens")
+    assert tokens.load_problems([("my-finetune", "p50k_base"), ("other", "p50k_base"), ("gpt-4o", None)]) == [
+        "p50k_base"
+    ]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "budgetguard.tokens"]
+    assert "\n" not in warning and len(warning) < 300
+    assert "p50k_base" in warning and "TIKTOKEN_CACHE_DIR" in warning and "offline:" not in warning
 
 
 def utf8(text: str) -> int:
@@ -361,7 +416,7 @@ def test_fallback_with_tools_and_images_stays_conservative(offline) -> None:
 
 
 def test_encodings_load_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = tiktoken.get_encoding
+    real = tokens._bundled_encoding  # the shipped encodings come first, then tiktoken's
     calls: list[str] = []
 
     def spy(name: str):
@@ -369,7 +424,7 @@ def test_encodings_load_once_per_process(monkeypatch: pytest.MonkeyPatch) -> Non
         return real(name)
 
     tokens._clear_caches()
-    monkeypatch.setattr(tiktoken, "get_encoding", spy)
+    monkeypatch.setattr(tokens, "_bundled_encoding", spy)
     try:
         for _ in range(5):
             estimate_input_tokens("gpt-4o", COOKBOOK_MESSAGES)
