@@ -216,6 +216,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ReportError("--top must be 0 or more")
     config = _load(args)
     since = until - span
+    if args.db is not None:
+        from .ledger.command import db_report
+
+        sys.stdout.write(db_report(args, since, until))
+        return 0
     path = _log_file(args, config)
     if path is not None:
         loaded = read_jsonl(path, since, until)
@@ -229,6 +234,17 @@ def cmd_report(args: argparse.Namespace) -> int:
                           skipped=loaded.skipped, source=loaded.source)
     sys.stdout.write(render(report, args.format))
     return 0
+
+
+def cmd_ship(args: argparse.Namespace) -> int:
+    from .ledger.command import cmd_ship as ship
+
+    config = _load(args)
+    client = _stream_client(config)
+    try:
+        return ship(args, config, client)
+    finally:
+        client.close()
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -443,8 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read this JSON Lines usage log instead of the stream "
                         "(default: the stream, or events.jsonl_path when events.stream_maxlen is 0)")
     p.add_argument("--top", default=10, type=int, help="how many top spenders to list (default 10)")
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="read the SQL ledger (sqlite:///path.db, postgresql://...) instead of the stream")
+    p.add_argument("--table", default="usage_events", help="the ledger's table, with --db (default usage_events)")
     p.add_argument("--config", default=None, type=Path, help=config_help)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ship", help="ship the usage stream into a SQL ledger (SQLite or PostgreSQL)",
+                       description="Read the usage stream through a Redis consumer group and write every event "
+                                   "into a SQL table, exactly once. Needs the [ledger] extra.")
+    p.add_argument("--config", default=None, type=Path, help=config_help)
+    from .ledger.command import add_ship_arguments
+
+    add_ship_arguments(p)
+    p.set_defaults(func=cmd_ship)
 
     p = sub.add_parser("tail", help="print usage events as they happen",
                        description="Print the last events of the usage log, then follow it (Ctrl-C stops).")

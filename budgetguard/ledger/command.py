@@ -1,0 +1,131 @@
+"""The ledger's CLI parts: ``budgetguard ship`` and the SQL source of ``budgetguard report --db``.
+
+``cli.py`` registers these and delegates; this module prints (it is the command), the
+rest of the package logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from ..config import Config
+from ..eventlog import stream_key
+from ..redact import redact_url
+from ..report import build_report, render
+from .rows import to_event
+from .store import DEFAULT_TABLE, LedgerError, open_ledger
+
+if TYPE_CHECKING:  # the shipper's modules need the [ledger] extra: imported when a command runs
+    from .shipper import ShipStats
+
+__all__ = ["add_ship_arguments", "cmd_ship", "db_events", "db_report"]
+
+
+def add_ship_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", required=True, metavar="URL",
+                   help="the ledger database: sqlite:///path.db or postgresql://user@host/db")
+    p.add_argument("--table", default=DEFAULT_TABLE, help=f"table to write (default {DEFAULT_TABLE})")
+    p.add_argument("--once", action="store_true", help="ship what the stream holds now, then exit")
+    p.add_argument("--batch", default=1000, type=int, help="events per transaction (default 1000, at most 10000)")
+    p.add_argument("--group", default="ledger", help="Redis consumer group (default ledger)")
+    p.add_argument("--consumer", default="", help="this shipper's consumer name (default host-pid)")
+    p.add_argument("--claim-idle", default=60.0, type=float,
+                   help="seconds an entry may stay pending with a consumer before another claims it (default 60)")
+    p.add_argument("--lag-warn", default=0.5, type=float,
+                   help="warn when unshipped events reach this share of events.stream_maxlen (default 0.5)")
+    p.add_argument("--metrics-port", default=None, type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _progress(stats: ShipStats) -> str:
+    elapsed = max(time.monotonic() - stats.started, 1e-9)
+    lag = stats.lag
+    behind = "?" if lag is None or lag.behind is None else str(lag.behind)
+    pending = "?" if lag is None else str(lag.pending)
+    return (f"shipped {stats.read} events ({stats.inserted} new, {stats.duplicates} already there, "
+            f"{stats.malformed} malformed, {stats.lost} lost) in {elapsed:.1f} s, "
+            f"{stats.read / elapsed:.0f}/s; behind {behind}, pending {pending}")
+
+
+def cmd_ship(args: argparse.Namespace, config: Config, client: redis.Redis) -> int:
+    """``budgetguard ship``: bad flags and an unusable database are refused before any entry is read."""
+    import math
+
+    from .metrics import ShipMetrics
+    from .shipper import ShipOptions, Shipper
+
+    if not math.isfinite(args.claim_idle) or not 0 <= args.claim_idle <= 7 * 86400:
+        raise LedgerError("--claim-idle must be between 0 and 604800 seconds")
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise LedgerError("--metrics-port must be between 1 and 65535")
+    if not math.isfinite(args.lag_warn):
+        raise LedgerError("--lag-warn must be above 0 and at most 1")
+    try:
+        options = ShipOptions(group=args.group, consumer=args.consumer, batch_size=args.batch,
+                              claim_idle_ms=int(args.claim_idle * 1000), lag_warn_fraction=args.lag_warn).validate()
+    except ValueError as exc:
+        raise LedgerError(str(exc)) from None
+    if config.events.stream_maxlen == 0:
+        raise LedgerError("events.stream_maxlen is 0: there is no usage stream to ship")
+    ledger = open_ledger(args.to, args.table)
+    metrics = ShipMetrics()
+    last_print = [time.monotonic()]
+
+    def on_batch(stats: ShipStats) -> None:
+        metrics.observe(stats)
+        if not args.quiet and time.monotonic() - last_print[0] >= 5:
+            last_print[0] = time.monotonic()
+            print(_progress(stats), file=sys.stderr, flush=True)
+
+    shipper = Shipper(client, stream_key(config), ledger, options=options,
+                      stream_maxlen=config.events.stream_maxlen, on_batch=on_batch)
+    if args.metrics_port is not None:
+        metrics.serve(args.metrics_port)
+    print(f"budgetguard ship: {stream_key(config)} -> {redact_url(args.to)} table {args.table} "
+          f"(group {options.group}, consumer {shipper.consumer})", file=sys.stderr, flush=True)
+    try:
+        if args.once:
+            stats = shipper.run_once()
+        else:
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            stats = shipper.run(stop)
+    finally:
+        ledger.close()
+    metrics.observe(shipper.stats)
+    if not args.quiet:
+        print(_progress(stats), file=sys.stderr, flush=True)
+    return 0
+
+
+def db_report(args: argparse.Namespace, since: datetime | None, until: datetime | None) -> str:
+    """``budgetguard report --db URL``: the same report as the stream's, from the ledger."""
+    events, source = db_events(args.db, args.table, since, until)
+    report = build_report(events, by=args.by, top=args.top, since=since, until=until, source=source)
+    return render(report, args.format)
+
+
+def db_events(url: str, table: str, since: datetime | None,
+              until: datetime | None) -> tuple[Iterator[dict[str, Any]], str]:
+    """The ledger's events in [since, until) in the event format the report reads, and a
+    description of the source. Rows are streamed from the database as they are iterated."""
+    ledger = open_ledger(url, table, create=False)
+
+    def events() -> Iterator[dict[str, Any]]:
+        try:
+            for row in ledger.rows(since, until):
+                yield to_event(row)
+        finally:
+            ledger.close()
+
+    return events(), f"ledger {redact_url(url)} table {table}"
