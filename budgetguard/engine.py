@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -28,6 +29,25 @@ from .errors import BudgetGuardError, InvalidArgument, InvalidArgumentType
 from .events import Event, denial_event, stream_head, usage_event
 from .policy import Policies, UserPolicy
 from .pricing import ModelPrice, nano_to_usd, usd_to_nano
+from .protocol import (
+    BOTH,
+    DENIED,
+    ORG,
+    REPEAT,
+    RESERVED,
+    USER,
+    VOIDED,
+    Log,
+    Reserve,
+    Reserved,
+    ScriptCall,
+    Settle,
+    SettleReply,
+    Slice,
+    SliceReply,
+    StatusReply,
+)
+from .protocol import Status as StatusCall
 from .redact import printable
 from .slices import Item, OrgSlices, Refill
 from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for
@@ -44,7 +64,7 @@ _MAX_TAGS = 32
 _MAX_REQUEST_ID = 256
 
 # Route kinds in the reserve script's calling convention.
-_REQUESTED, _USER_ROUTE, _ORG_ROUTE, _BOTH_ROUTES = 0, 1, 2, 3
+_REQUESTED, _USER_ROUTE, _ORG_ROUTE, BOTH_ROUTES = 0, 1, 2, 3
 _ORG_WINDOWS_MASK = 0b11000  # org.daily and org.monthly: their first denial always alerts
 _USER_WINDOWS_MASK = 0b00111
 _DAY_MS = 86_400_000
@@ -53,15 +73,6 @@ _DAY_MS = 86_400_000
 _VOID_MARGIN_MS = 60_000
 # Long ids stay out of the per-user spend rankings' members (they are hashed instead).
 _MAX_SPENDER = 200
-# The scripts' parts: a hash slot's worth of windows (see reserve.lua).
-_BOTH, _USER, _ORG = "uo", "u", "o"
-
-
-@dataclass(frozen=True, slots=True)
-class ScriptCall:
-    script: str  # "reserve" | "settle" | "status" | "lookup"
-    keys: tuple[str, ...]
-    args: tuple[str | int, ...]
 
 
 # An operation as a sequence of script calls: each reply is sent back in, and the
@@ -80,7 +91,7 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class SettlePlan:
-    calls: tuple[ScriptCall, ...]  # one; on a cluster the user's part, then the org's
+    calls: tuple[Settle, ...]  # one; on a cluster the user's part, then the org's
     decision: Decision
     event: Event  # without "outcome" until the script's reply says whether the lease had lapsed
     state: str  # the settled state this call writes (its own resend finds it)
@@ -117,6 +128,7 @@ class CheckPlan:
     candidates: list[Candidate] = field(default_factory=list)
     dropped_for_cost: bool = False
     call: ScriptCall | None = None  # the first (on a single Redis, the only) reserve call
+    parts: str = BOTH  # the parts ``call`` reserves
     decision: Decision | None = None
     user_amount: int | None = None  # on a cluster: what the user part holds
     org_local: bool = False  # the org's part came from this process's slice
@@ -134,10 +146,6 @@ def _ranked(name: str) -> str:
         except UnicodeEncodeError:
             pass
     return "#" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-
-
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _sentence(text: str) -> str:
@@ -273,10 +281,10 @@ class Engine:
         """The lease sets, then the window counters, of ``parts`` (the scripts' key order)."""
         h, d, m = windows.h.stamp, windows.d.stamp, windows.m.stamp
         org = self._org_prefix
-        if parts == _BOTH:
+        if parts == BOTH:
             return user_prefix + "leases", org + "leases", user_prefix + h, user_prefix + d, user_prefix + m, \
                 org + d, org + m
-        if parts == _USER:
+        if parts == USER:
             return user_prefix + "leases", user_prefix + h, user_prefix + d, user_prefix + m
         return org + "leases", org + d, org + m
 
@@ -342,7 +350,7 @@ class Engine:
                 continue
             same_target = next((i for i, c in enumerate(candidates) if c.model == target), None)
             if same_target is not None:  # the tier and the org route alike: either may trigger it
-                candidates[same_target] = dataclasses.replace(candidates[same_target], route=_BOTH_ROUTES)
+                candidates[same_target] = dataclasses.replace(candidates[same_target], route=BOTH_ROUTES)
                 continue
             target_price = self._price(target)
             if target_price is None:  # config validation makes this unreachable; stay safe
@@ -362,7 +370,8 @@ class Engine:
             plan.dropped_for_cost = affordable[0] is not candidates[0]
             candidates = affordable
         plan.candidates = candidates
-        plan.call = self._reserve_call(plan, _USER if self.split else _BOTH)
+        plan.parts = USER if self.split else BOTH
+        plan.call = self._reserve(plan, plan.parts).call()
         return plan
 
     def _estimate(self, model: str, messages: Any, tools: Any, prompt: Any, system: Any) -> int:
@@ -396,27 +405,27 @@ class Engine:
             )
         return spec
 
-    def _reserve_call(self, plan: CheckPlan, parts: str, offered: Sequence[bool] | None = None,
-                      user_triggered: bool = False, probe: bool = False) -> ScriptCall:
+    def _reserve(self, plan: CheckPlan, parts: str, offered: Sequence[bool] | None = None,
+                 user_triggered: bool = False, probe: bool = False) -> Reserve:
         prefix, w = plan.user_prefix, plan.windows
         now_ms = _epoch_ms(plan.now)
-        slot = self._org_prefix if parts == _ORG else prefix
-        blocked = () if parts == _USER else (self._org_prefix + "blocked",)
-        return ScriptCall(
-            "reserve",
-            (slot + "rq:" + plan.rid, slot + "rv:" + plan.attempt, *self._part_keys(prefix, w, parts), *blocked),
-            (now_ms, now_ms + self._lease_ms, self._state_ms, self._grace_ms, prefix, self._org_prefix,
-             f"|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", f"|{w.d.stamp}|{w.m.stamp}", plan.rid,
-             self._window_spec(plan.policy, w),
-             ",".join(f"{c.amount_nano if offered is None or offered[i] else -1},{c.route}"
-                      for i, c in enumerate(plan.candidates)),
-             # A tier opts its users into alerts with alert_at; the org's blocks always alert.
-             _ORG_WINDOWS_MASK | (_USER_WINDOWS_MASK if plan.policy.alert_at else 0),
-             parts, "1" if user_triggered else "0", "1" if probe else "0", plan.attempt),
-        )
+        slot = self._org_prefix if parts == ORG else prefix
+        return Reserve(
+            state_key=slot + "rq:" + plan.rid, void_key=slot + "rv:" + plan.attempt,
+            part_keys=self._part_keys(prefix, w, parts),
+            blocked_key=None if parts == USER else self._org_prefix + "blocked",
+            now_ms=now_ms, lease_deadline_ms=now_ms + self._lease_ms, state_ttl_ms=self._state_ms,
+            grace_ms=self._grace_ms, user_prefix=prefix, org_prefix=self._org_prefix,
+            user_suffixes=f"|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", org_suffixes=f"|{w.d.stamp}|{w.m.stamp}",
+            rid=plan.rid, windows=self._window_spec(plan.policy, w),
+            candidates=",".join(f"{c.amount_nano if offered is None or offered[i] else -1},{c.route}"
+                                for i, c in enumerate(plan.candidates)),
+            # A tier opts its users into alerts with alert_at; the org's blocks always alert.
+            alert_mask=_ORG_WINDOWS_MASK | (_USER_WINDOWS_MASK if plan.policy.alert_at else 0),
+            parts=parts, user_triggered=user_triggered, probe=probe, attempt=plan.attempt)
 
     def check_steps(self, plan: CheckPlan) -> Steps:
-        """The reserve calls of a planned check; returns one reply in the single-Redis shape.
+        """The reserve calls of a planned check; returns the :class:`Reserved` over all windows.
 
         On a cluster the user part goes first. The org part is offered only the candidates
         the user part could hold (no dearer than what it holds), so its choice is what one
@@ -427,77 +436,77 @@ class Engine:
         """
         assert plan.call is not None
         if not self.split:
-            return (yield plan.call)
-        user = yield plan.call
-        code = int(user[0])
-        if code == 3:
+            return Reserved.parse((yield plan.call), plan.parts)
+        user = Reserved.parse((yield plan.call), USER)
+        if user.code == VOIDED:
             return user
-        if code == 0 and self.slices is not None:
+        if user.code == DENIED and self.slices is not None:
             # The org's windows hold every process's slice in full: probing them would name
             # (and alert on) an org cap that other calls may still have room under.
-            return [*user[:4], *user[4:7], 0, 0, *user[7:10], 0, 0, *user[10:]]
-        if code == 0:
+            return user
+        if user.code == DENIED:
             cheapest = min(range(len(plan.candidates)), key=lambda i: plan.candidates[i].amount_nano)
             try:
-                org = yield self._reserve_call(plan, _ORG, [i == cheapest for i in range(len(plan.candidates))],
-                                               probe=True)
+                raw = yield self._reserve(plan, ORG, [i == cheapest for i in range(len(plan.candidates))],
+                                          probe=True).call()
+                probed = Reserved.parse(raw, ORG)
             except BudgetGuardError:
-                org = None
-            if org is None or int(org[0]) == 2:  # unreachable, or a live reservation of this id: no news
-                org = [0, 0, 0, 0, 0, 0, 0, 0]
-            return [0, 0, int(user[2]) | int(org[2]), int(user[3]) | int(org[3]), *user[4:7], *org[4:6],
-                    *user[7:10], *org[6:8], *user[10:], *org[8:]]
-        if code == 2:  # a live request id: the org part holds the model it chose, if it got that far
-            state = _text(user[1]).split("|")
+                probed = None
+            if probed is None or probed.code == REPEAT:  # unreachable, or a live reservation of this id: no news
+                probed = Reserved(DENIED)
+            return user.merged(probed, code=DENIED, chosen=0, blockers=user.blockers | probed.blockers,
+                               triggered=user.triggered | probed.triggered, notices=user.notices + probed.notices)
+        if user.code == REPEAT:  # a live request id: the org part holds the model it chose, if it got that far
+            state = user.state.split("|")
             plan.user_amount = int(state[2])
             held = self.slices.held_for(plan.rid) if self.slices is not None else None
             if held is not None:  # held in this process's slice
                 plan.org_local = True
-                return [2, f"L|{held[0]}|{held[1]}|{state[3]}|{state[4]}"]
+                return Reserved(REPEAT, state=f"L|{held[0]}|{held[1]}|{state[3]}|{state[4]}")
             # Otherwise the org part is asked in Redis: a live org reservation of this id
             # answers as a repeat; one held in another process's slice is reserved again
             # (the settle that applies the user part charges the org, once).
             offered = [c.amount_nano <= plan.user_amount for c in plan.candidates]
         else:
-            plan.user_amount = plan.candidates[int(user[1]) - 1].amount_nano
-            used = [int(s) + int(r) for s, r in zip(user[4:7], user[7:10], strict=True)]
+            plan.user_amount = plan.candidates[user.chosen - 1].amount_nano
+            used = [s + r for s, r in zip(user.spent[:3], user.reserved[:3], strict=True)]
             offered = [c.amount_nano <= plan.user_amount
                        and all(cap is None or u + c.amount_nano <= cap
                                for cap, u in zip(plan.policy.caps, used, strict=True))
                        for c in plan.candidates]
-        user_triggered = code == 1 and int(user[3]) & _USER_WINDOWS_MASK != 0
+        user_triggered = user.code == RESERVED and user.triggered & _USER_WINDOWS_MASK != 0
         org = None
-        crossings: list[str] = []
-        if self.slices is not None and code == 1:
+        crossings: tuple[str, ...] = ()
+        if self.slices is not None and user.code == RESERVED:
             org, crossings = yield from self._slice_part(plan, offered, user_triggered)
         if org is None:
             try:
-                org = yield self._reserve_call(plan, _ORG, offered, user_triggered)
+                org = Reserved.parse((yield self._reserve(plan, ORG, offered, user_triggered).call()), ORG)
             except BudgetGuardError:
-                if code == 1:  # a repeat's user part belongs to the call that reserved it
+                if user.code == RESERVED:  # a repeat's user part belongs to the call that reserved it
                     yield from self._give_back_user_part(plan)
                 raise
-        if int(org[0]) == 3:
-            if code == 1:
+        if org.code == VOIDED:
+            if user.code == RESERVED:
                 yield from self._give_back_user_part(plan)
             return org
-        if int(org[0]) == 2:
+        if org.code == REPEAT:
             return org
-        if code == 2 and int(org[0]) == 1:
+        if user.code == REPEAT and org.code == RESERVED:
             # A repeat whose org part was held elsewhere (another process's slice, or a
             # process that died between the parts): it stands as a repeat, with an org
             # reservation of its own that its settle gives back if the user part was
             # settled by the original call.
             plan.org_own = True
-            state = _text(user[1]).split("|")
-            chosen = int(org[1])
-            return [2, f"L|{chosen}|{plan.candidates[chosen - 1].amount_nano}|{state[3]}|{state[4]}"]
-        if int(org[0]) == 0 and code == 1:
+            state = user.state.split("|")
+            return Reserved(REPEAT, state=f"L|{org.chosen}|{plan.candidates[org.chosen - 1].amount_nano}|"
+                                          f"{state[3]}|{state[4]}")
+        if org.code == DENIED and user.code == RESERVED:
             yield from self._give_back_user_part(plan)
-        spent, reserved = (user[4:7], user[7:10]) if code == 1 else ((0, 0, 0), (0, 0, 0))
-        mask = int(org[2]) | (int(user[2]) if code == 1 and int(org[0]) == 1 else 0)
-        triggered = int(org[3]) | (int(user[3]) if code == 1 else 0)
-        return [org[0], org[1], mask, triggered, *spent, *org[4:6], *reserved, *org[6:8], *org[8:], *crossings]
+        mine = user if user.code == RESERVED else Reserved(DENIED)  # a repeat's user figures are not news
+        return mine.merged(org, blockers=org.blockers | (user.blockers if mine is user and org.code == RESERVED
+                                                          else 0),
+                           triggered=org.triggered | mine.triggered, notices=org.notices + crossings)
 
     def _slice_part(self, plan: CheckPlan, offered: Sequence[bool], user_triggered: bool) -> Steps:
         """The org's part from this process's slice, refilled once if short.
@@ -509,7 +518,7 @@ class Engine:
         w = plan.windows
         stamps = (w.d.stamp, w.m.stamp)
         now_ms = _epoch_ms(plan.now)
-        crossings: list[str] = []
+        crossings: tuple[str, ...] = ()
         for attempt in (0, 1):
             spent_d, spent_m, reserved_d, reserved_m = slices.figures
             triggered = 0
@@ -522,7 +531,9 @@ class Engine:
                 break
             if slices.take(plan.rid, stamps, first, now_ms, now_ms + self._lease_ms):
                 plan.org_local = True
-                return [1, first[0], 0, triggered, *slices.figures], crossings
+                spent_d, spent_m, reserved_d, reserved_m = slices.figures
+                return Reserved(RESERVED, first[0], 0, triggered, (0, 0, 0, spent_d, spent_m),
+                                (0, 0, 0, reserved_d, reserved_m)), crossings
             refill = slices.begin(stamps, now_ms, extra=first[1]) if attempt == 0 else None
             if refill is None:
                 break
@@ -537,8 +548,8 @@ class Engine:
         def rank(c: Candidate) -> int:
             if c.route == _REQUESTED:
                 return 1
-            triggered = ((c.route in (_USER_ROUTE, _BOTH_ROUTES) and user_triggered)
-                         or (c.route in (_ORG_ROUTE, _BOTH_ROUTES) and org_triggered))
+            triggered = ((c.route in (_USER_ROUTE, BOTH_ROUTES) and user_triggered)
+                         or (c.route in (_ORG_ROUTE, BOTH_ROUTES) and org_triggered))
             return 0 if triggered else 2
 
         offered_ones = [(rank(c), i + 1, c.amount_nano) for i, c in enumerate(plan.candidates) if offered[i]]
@@ -552,20 +563,20 @@ class Engine:
         slices = self.slices
         assert slices is not None
         # Built afresh on each attempt; a resend of one that had applied finds its state.
-        call = self._slice_call(refill, self.now())
+        call = self._slice(refill, self.now())
         try:
-            reply = yield call
+            reply = SliceReply.parse((yield call.call()))
         except BudgetGuardError as exc:
             slices.failed(refill)
             log.warning("org budget slice call failed (%s); it is resent with the next one", exc)
-            return []
+            return ()
         except BaseException:  # cancelled or closed mid-call: its outcome is unknown
             slices.failed(refill)
             raise
-        slices.done(refill, reply, int(call.args[7]))
-        return [_text(raw) for raw in reply[6:]]
+        slices.done(refill, reply.granted, reply.spent, reply.reserved, call.deadline_ms)
+        return reply.crossings
 
-    def _slice_call(self, refill: Refill, now: datetime) -> ScriptCall:
+    def _slice(self, refill: Refill, now: datetime) -> Slice:
         org = self._org_prefix
         windows = self._windows.at(now)
         d, m = refill.stamps
@@ -574,21 +585,21 @@ class Engine:
         caps = self.policies.org.caps
         baseline = self.anomaly_baselines.get(hour)
         now_ms = _epoch_ms(now)
-        items = [v for item in refill.batch for v in (item.cost, item.spender, item.feature, item.event)]
-        return ScriptCall(
-            "slice",
-            (f"{org}rq:{refill.id}", org + "leases", org + d, org + m, f"{org}hist:{hour[:8]}",
-             f"{org}top:u:h:{hour}", f"{org}top:u:{d}", f"{org}top:u:{m}", f"{org}top:f:h:{hour}", org + "events",
-             org + "blocked"),
-            (now_ms, self._grace_ms, self._state_ms, org, f"|{d}|{m}", ",".join(refill.release), refill.id,
-             now_ms + self._lease_ms, refill.want, refill.need, f"{ends[3]},{ends[4]}",
-             ",".join("-1" if cap is None else str(cap) for cap in caps), self._org_thresholds(), hour[8:],
-             self._history_ms, "" if baseline is None else baseline.threshold_nano, self._stream_maxlen, *items),
-        )
+        return Slice(
+            state_key=f"{org}rq:{refill.id}",
+            org_keys=(org + "leases", org + d, org + m, f"{org}hist:{hour[:8]}", f"{org}top:u:h:{hour}",
+                      f"{org}top:u:{d}", f"{org}top:u:{m}", f"{org}top:f:h:{hour}", org + "events", org + "blocked"),
+            now_ms=now_ms, grace_ms=self._grace_ms, state_ttl_ms=self._state_ms, org_prefix=org,
+            org_suffixes=f"|{d}|{m}", release=",".join(refill.release), slice_id=refill.id,
+            deadline_ms=now_ms + self._lease_ms, want=refill.want, need=refill.need, ends=f"{ends[3]},{ends[4]}",
+            caps=",".join("-1" if cap is None else str(cap) for cap in caps), thresholds=self._org_thresholds(),
+            history_field=hour[8:], history_ttl_ms=self._history_ms,
+            anomaly_nano=None if baseline is None else baseline.threshold_nano, stream_maxlen=self._stream_maxlen,
+            items=tuple(v for item in refill.batch for v in (item.cost, item.spender, item.feature, item.event)))
 
     def flush_steps(self, *, final: bool = False) -> Steps:
         """Hand in this process's slice spend (``final``: and give its slices back); returns crossings."""
-        crossings: list[str] = []
+        crossings: tuple[str, ...] = ()
         if self.slices is None:
             return crossings
         # A final flush may first have to resend a refill whose outcome was unknown (which
@@ -633,17 +644,17 @@ class Engine:
         assert plan.user_amount is not None
         w = plan.windows
         member = f"{plan.rid}|{plan.user_amount}|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}"
-        call = ScriptCall(
-            "settle",
-            (f"{plan.user_prefix}rq:{plan.rid}", f"{plan.user_prefix}rv:{plan.attempt}",
-             *self._part_keys(plan.user_prefix, w, _USER)),
-            (_epoch_ms(self.now()), self._state_ms, self._grace_ms, plan.user_prefix, self._org_prefix, member,
-             "", "", ",".join(map(str, self._ends_ms(w))), _GIVEN_BACK + os.urandom(4).hex(), "", "",
-             self._history_ms,
-             "", "", "", "", "released", "released", self._stream_maxlen, _USER, "", ""),
-        )
+        call = Settle(
+            state_key=f"{plan.user_prefix}rq:{plan.rid}", void_key=f"{plan.user_prefix}rv:{plan.attempt}",
+            part_keys=self._part_keys(plan.user_prefix, w, USER), org_keys=(), now_ms=_epoch_ms(self.now()),
+            state_ttl_ms=self._state_ms, grace_ms=self._grace_ms, user_prefix=plan.user_prefix,
+            org_prefix=self._org_prefix, user_member=member, org_member="", cost=None,
+            ends=",".join(map(str, self._ends_ms(w))), settled_state=_GIVEN_BACK + os.urandom(4).hex(),
+            thresholds="", history_field="", history_ttl_ms=self._history_ms, spender="", feature="",
+            anomaly_nano=None, event_head="", outcome="released", lapsed_outcome="released",
+            stream_maxlen=self._stream_maxlen, parts=USER, void_ttl_ms=None, attempt="")
         try:
-            yield call
+            yield call.call()
         except BudgetGuardError as exc:
             log.error("could not give back the user part of reservation %s of user %s (%s); it lapses after "
                       "reservation_ttl_s", plan.rid, printable(plan.user), exc)
@@ -693,20 +704,17 @@ class Engine:
                                        amount=amount, input_tokens=input_tokens)
         return plan
 
-    def read_check(self, plan: CheckPlan, reply: Sequence[Any]) -> Decision:
-        code = int(reply[0])
-        if code == 2:
-            return self._repeat(plan, reply[1])
-        if code == 3:  # only a reserve that ran after its caller gave up on it (and voided it) reads this
+    def read_check(self, plan: CheckPlan, reply: Reserved) -> Decision:
+        if reply.code == REPEAT:
+            return self._repeat(plan, reply.state)
+        if reply.code == VOIDED:  # only a reserve that ran after its caller gave up on it (and voided it) reads this
             return self._decision(plan, None, allowed=False, limit="store.unavailable",
                                   reason="denied: this check was voided after the budget store answered too late")
-        mask, triggered = int(reply[2]), int(reply[3])
-        spent = [int(v) for v in reply[4:9]]
-        reserved = [int(v) for v in reply[9:14]]
+        mask, triggered, spent, reserved = reply.blockers, reply.triggered, reply.spent, reply.reserved
         used = [s + r for s, r in zip(spent, reserved, strict=True)]
         caps = (*plan.policy.caps, *self.policies.org.caps)
 
-        if code == 0:
+        if reply.code == DENIED:
             cheapest = min(plan.candidates, key=lambda c: c.amount_nano)
             w = self._latest_reset(mask, plan.windows)
             spec = WINDOWS[w]
@@ -729,7 +737,7 @@ class Engine:
                                   retry_after=retry, amount=cheapest.amount_nano,
                                   input_tokens=cheapest.input_tokens)
 
-        chosen = plan.candidates[int(reply[1]) - 1]
+        chosen = plan.candidates[reply.chosen - 1]
         remaining = min((cap - u - chosen.amount_nano for cap, u in zip(caps, used, strict=True) if cap is not None),
                         default=None)
         if chosen.route == _REQUESTED:
@@ -751,13 +759,13 @@ class Engine:
                               reason=f"routed {plan.requested} -> {chosen.model}: {why}")
 
     @staticmethod
-    def reserved_now(reply: Sequence[Any]) -> bool:
+    def reserved_now(reply: Reserved) -> bool:
         """Whether this reserve reply took a new reservation (not a denial, not a repeat)."""
-        return int(reply[0]) == 1
+        return reply.code == RESERVED
 
-    def _repeat(self, plan: CheckPlan, state: Any) -> Decision:
+    def _repeat(self, plan: CheckPlan, state: str) -> Decision:
         """A retried check: rebuild the original reservation from its stored state."""
-        _, index, amount, reserved_ms = _text(state).split("|")[:4]
+        _, index, amount, reserved_ms = state.split("|")[:4]
         i = int(index) - 1
         if not (0 <= i < len(plan.candidates) and plan.candidates[i].amount_nano == int(amount)):
             raise InvalidArgument("request_id is already in use by a live reservation for a different request "
@@ -827,7 +835,6 @@ class Engine:
         ``logged=False`` writes no usage event (a void nobody asked for).
         """
         t = self.ticket(decision)
-        void = (str(self._lease_ms + _VOID_MARGIN_MS), t.attempt) if t.in_doubt else ("", "")
         cost, input_cost = None, 0
         if usage is not None:
             price = self._price(decision.model)
@@ -856,31 +863,32 @@ class Engine:
         org_keys = (f"{org}hist:{hour[:8]}", f"{org}top:u:h:{hour}", f"{org}top:u:{charge.d.stamp}",
                     f"{org}top:u:{charge.m.stamp}", f"{org}top:f:h:{hour}", org + "events")
         head = stream_head(event) if self._stream_maxlen != "0" and logged else ""
-        args = (now_ms, self._state_ms, self._grace_ms, t.user_prefix, org, user_member, org_member,
-                "" if cost is None else cost, ",".join(map(str, self._ends_ms(charge))),
-                state, self._alert_thresholds(policy), hour[8:], self._history_ms,
-                spender, _ranked(decision.tags.get("feature", "")),
-                "" if baseline is None else baseline.threshold_nano)
-        tail = (outcome, lapsed, self._stream_maxlen)
-        ranks = (spender, args[14])
+        feature = _ranked(decision.tags.get("feature", ""))
+        part = functools.partial(
+            Settle, org_keys=(), now_ms=now_ms, state_ttl_ms=self._state_ms, grace_ms=self._grace_ms,
+            user_prefix=t.user_prefix, org_prefix=org, user_member=user_member, org_member=org_member, cost=cost,
+            ends=",".join(map(str, self._ends_ms(charge))), settled_state=state,
+            thresholds=self._alert_thresholds(policy), history_field=hour[8:], history_ttl_ms=self._history_ms,
+            spender=spender, feature=feature, anomaly_nano=None if baseline is None else baseline.threshold_nano,
+            event_head="", outcome=outcome, lapsed_outcome=lapsed, stream_maxlen=self._stream_maxlen,
+            void_ttl_ms=self._lease_ms + _VOID_MARGIN_MS if t.in_doubt else None, attempt=t.attempt)
+        ranks = (spender, feature)
         user_void, org_void = f"{t.user_prefix}rv:{t.attempt}", f"{org}rv:{t.attempt}"
-        user_call = ScriptCall("settle", (t.request_key, user_void, *self._part_keys(t.user_prefix, charge, _USER)),
-                               (*args, "", *tail, _USER, *void))
+        user_call = part(state_key=t.request_key, void_key=user_void,
+                         part_keys=self._part_keys(t.user_prefix, charge, USER), parts=USER)
         if t.org_local:  # the org's part is settled in memory, after the user's
             return SettlePlan((user_call,), decision, event, state, outcome, lapsed, charge, now, cost, ranks)
         if not self.split:
-            calls: tuple[ScriptCall, ...] = (ScriptCall(
-                "settle", (t.request_key, user_void, *self._part_keys(t.user_prefix, charge, _BOTH), *org_keys),
-                (*args, head, *tail, _BOTH, *void)),)
+            calls: tuple[Settle, ...] = (part(
+                state_key=t.request_key, void_key=user_void, part_keys=self._part_keys(t.user_prefix, charge, BOTH),
+                org_keys=org_keys, event_head=head, parts=BOTH),)
         else:
             # The user's part first: its request state decides whether this settle applies,
             # so the org (and the usage event with it) is charged once, by whoever got there.
-            calls = (
-                user_call,
-                ScriptCall("settle", (f"{org}rq:{decision.reservation_id}", org_void,
-                                      *self._part_keys(t.user_prefix, charge, _ORG), *org_keys),
-                           (*args, head, *tail, _ORG, *void)),
-            )
+            calls = (user_call, part(
+                state_key=f"{org}rq:{decision.reservation_id}", void_key=org_void,
+                part_keys=self._part_keys(t.user_prefix, charge, ORG), org_keys=org_keys, event_head=head,
+                parts=ORG))
         return SettlePlan(calls, decision, event, state, outcome, lapsed, charge, now, cost, ranks)
 
     @staticmethod
@@ -888,33 +896,31 @@ class Engine:
         """Void an in-doubt decision: every part of its release, each whatever the others
         answered, so that each hash slot its reserve could reach holds the void marker.
         A failure is raised; running the whole again is safe (each part applies once)."""
-        for call in plan.calls:  # noqa: UP028 (the stores send replies in: a tuple's iterator takes none)
-            yield call
+        for call in plan.calls:
+            yield call.call()
 
     def settle_steps(self, plan: SettlePlan) -> Steps:
-        """The settle calls of ``plan``; returns (the event-carrying part's reply, the user part's
-        reply or None on a single Redis, crossings of a slice flush it ran).
+        """The settle calls of ``plan``; returns (the event-carrying part's :class:`SettleReply`,
+        the user part's or None on a single Redis, crossings of a slice flush it ran).
 
         On a cluster the org's part runs only when the user's applied for this call.
         """
         t = plan.decision._ticket
         if not self.split:
-            return (yield plan.calls[0]), None, []
-        user = yield plan.calls[0]
-        applied, live, _ = self._settled_part(plan, user)
-        org: Any = [0, ""]  # settled before: the org's part went with that settle
-        crossings: list[str] = []
-        if not applied and t is not None and t.org_own:
+            return SettleReply.parse((yield plan.calls[0].call())), None, ()
+        user = SettleReply.parse((yield plan.calls[0].call()))
+        mine = user.own(plan.state)
+        org = SettleReply(False)  # settled before: the org's part went with that settle
+        crossings: tuple[str, ...] = ()
+        if not mine.applied and t is not None and t.org_own:
             # The original call settled the user part (and charged the org): give back
             # the org reservation this repeat took for itself.
-            org_release = plan.calls[1]
-            args = list(org_release.args)
-            args[7], args[16] = "", ""  # no cost, no event
+            org_release = dataclasses.replace(plan.calls[1], cost=None, event_head="")
             with contextlib.suppress(BudgetGuardError):  # else it lapses with its lease
-                yield dataclasses.replace(org_release, args=tuple(args))
-        elif applied and (t is None or not t.org_local or self.slices is None):
+                yield org_release.call()
+        elif mine.applied and (t is None or not t.org_local or self.slices is None):
             try:
-                org = yield plan.calls[1]
+                org = SettleReply.parse((yield plan.calls[1].call()))
             except BudgetGuardError as exc:
                 # The user part is settled and a new settle would not run again: as if the
                 # process had died between the parts, the org misses this one request.
@@ -922,12 +928,12 @@ class Engine:
                           "charged, the org's counters and the usage stream miss this request, and its org "
                           "reservation lapses after reservation_ttl_s", plan.decision.reservation_id,
                           printable(plan.decision.user), exc)
-        elif applied and self.slices is not None:
-            outcome = plan.outcome if live else plan.lapsed_outcome
+        elif mine.applied and self.slices is not None:
+            outcome = plan.outcome if mine.live else plan.lapsed_outcome
             line = stream_head(plan.event) + outcome + '"}' if self._stream_maxlen != "0" else ""
             self.slices.settle(plan.decision.reservation_id,
                                Item(plan.cost or 0, plan.ranks[0], plan.ranks[1], line))
-            org = [1, int(live)]
+            org = SettleReply(True, mine.live)
             if self.flush_due():
                 crossings = yield from self.flush_steps()
         return org, user, crossings
@@ -949,35 +955,22 @@ class Engine:
             )
         return packed
 
-    @staticmethod
-    def _settled_part(plan: SettlePlan, reply: Sequence[Any]) -> tuple[bool, bool, list[str]]:
-        """(applied by this call, lease was live, crossings) of one settle reply.
-
-        A repeat that finds the state this call writes is its own resend (the first
-        reply was lost): it counts as applied and reports what the first run crossed.
-        """
-        if int(reply[0]) == 1:
-            return True, int(reply[1]) == 1, [_text(raw) for raw in reply[2:]]
-        mine = plan.state + "|"
-        state = _text(reply[1])
-        if not state.startswith(mine):
-            return False, False, []
-        flag, _, rest = state[len(mine):].partition("|")
-        return True, flag == "1", [c for c in rest.split(";") if c]
-
-    def read_settle(self, plan: SettlePlan, replies: tuple[Any, Any, list[str]]) -> Settled:
+    def read_settle(self, plan: SettlePlan,
+                    replies: tuple[SettleReply, SettleReply | None, tuple[str, ...]]) -> Settled:
         """Whether this settlement applied, the alerts it crossed, and its event.
 
         ``replies`` is what :meth:`settle_steps` returns: the part that carries the event,
         the user's part (None on a single Redis), and the crossings of a slice flush.
         """
         first, user, flushed = replies
-        applied, live, crossed = self._settled_part(plan, first)
-        user_applied, _, user_crossed = self._settled_part(plan, user) if user is not None else (False, False, [])
-        if not (applied or user_applied):
+        event_part = first.own(plan.state)
+        user_part = user.own(plan.state) if user is not None else SettleReply(False)
+        if not (event_part.applied or user_part.applied):
             return Settled(False, [], None)
-        crossed = (crossed if applied else []) + (user_crossed if user_applied else [])
-        event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome) if applied else None
+        crossed = (event_part.crossings if event_part.applied else ()) + (
+            user_part.crossings if user_part.applied else ())
+        live = event_part.live
+        event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome) if event_part.applied else None
         d = plan.decision
         policy = self.policies.for_user(d.user)
         alerts = []
@@ -994,14 +987,14 @@ class Engine:
 
     # -- alerts --------------------------------------------------------------------
 
-    def check_alerts(self, plan: CheckPlan, reply: Sequence[Any]) -> list[Alert]:
+    def check_alerts(self, plan: CheckPlan, reply: Reserved) -> list[Alert]:
         """The alerts a reserve reply reports: first denials by a cap, and resolved org blocks."""
-        if int(reply[0]) == 2 or len(reply) <= 14:
+        if reply.code in (REPEAT, VOIDED):
             return []
-        spent = [int(v) for v in reply[4:9]]
+        spent = reply.spent
         alerts = []
-        for raw in reply[14:]:
-            parts = _text(raw).split("|")
+        for notice in reply.notices:
+            parts = notice.split("|")
             if parts[0] == "a":  # from a slice refill (org.slice_usd)
                 alerts.append(self.anomaly_alert(plan.now, int(parts[2])))
                 continue
@@ -1088,7 +1081,7 @@ class Engine:
 
     def log_call(self, lines: list[str]) -> ScriptCall:
         """Append finished event JSON lines to the usage stream."""
-        return ScriptCall("lookup", (self._org_prefix + "events",), ("log", self._stream_maxlen, *lines))
+        return Log(self._org_prefix + "events", self._stream_maxlen, tuple(lines)).call()
 
     def denial_event(self, decision: Decision) -> Event:
         return denial_event(decision, self.now(), provider=self._snapshot(decision.model)[1])
@@ -1101,23 +1094,25 @@ class Engine:
         now = self.now()
         windows = self._windows.at(now)
         user_prefix = self._user_prefix(user)
-        args = (_epoch_ms(now), user_prefix, self._org_prefix)
+        def status(parts: str) -> ScriptCall:
+            return StatusCall(self._part_keys(user_prefix, windows, parts), _epoch_ms(now), user_prefix,
+                              self._org_prefix, parts).call()
+
         if not self.split:
-            reply = yield ScriptCall("status", self._part_keys(user_prefix, windows, _BOTH), (*args, _BOTH))
+            reply = StatusReply.parse((yield status(BOTH)), BOTH)
         else:
-            u = yield ScriptCall("status", self._part_keys(user_prefix, windows, _USER), (*args, _USER))
-            o = yield ScriptCall("status", self._part_keys(user_prefix, windows, _ORG), (*args, _ORG))
-            reply = [*u[:3], *o[:2], *u[3:], *o[2:]]
+            u = StatusReply.parse((yield status(USER)), USER)
+            reply = u.merged(StatusReply.parse((yield status(ORG)), ORG))
         return self._read_status(user, windows, self.policies.for_user(user), reply)
 
-    def _read_status(self, user: str, windows: WindowSet, policy: UserPolicy, reply: Sequence[Any]) -> Status:
+    def _read_status(self, user: str, windows: WindowSet, policy: UserPolicy, reply: StatusReply) -> Status:
         caps = (*policy.caps, *self.policies.org.caps)
         result = {}
         for i, spec in enumerate(WINDOWS):
             cap = caps[i]
             result[spec.name] = WindowStatus(
-                spent_usd=nano_to_usd(int(reply[i])),
-                reserved_usd=nano_to_usd(int(reply[5 + i])),
+                spent_usd=nano_to_usd(reply.spent[i]),
+                reserved_usd=nano_to_usd(reply.reserved[i]),
                 limit_usd=None if cap is None else nano_to_usd(cap),
                 resets_at=windows.of(spec.period).end,
             )

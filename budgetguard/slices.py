@@ -24,9 +24,7 @@ import functools
 import os
 import threading
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 __all__ = ["Item", "OrgSlices", "Refill"]
 
@@ -170,8 +168,11 @@ class OrgSlices:
             self.in_flight = refill
             return refill
 
-    def done(self, refill: Refill, reply: Sequence[Any], deadline_ms: int) -> None:
-        granted, _, spent_d, spent_m, reserved_d, reserved_m = (int(v) for v in reply[:6])
+    def done(self, refill: Refill, granted: int, spent: tuple[int, int], reserved: tuple[int, int],
+             deadline_ms: int) -> None:
+        """The refill ran: ``granted`` is the new slice, ``spent`` and ``reserved`` the org's
+        day and month after it."""
+        (spent_d, spent_m), (reserved_d, reserved_m) = spent, reserved
         with self._lock:
             self.in_flight = self.in_doubt = None
             self.unsent_total -= refill.batch_total

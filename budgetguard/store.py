@@ -26,7 +26,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from .config import Config
-from .engine import ScriptCall, Steps
+from .engine import Steps
+from .protocol import ScriptCall
 from .errors import BudgetGuardError, ConfigError
 
 __all__ = ["AsyncStore", "StoreUnavailable", "SyncStore", "connect", "connect_async", "is_cluster"]

@@ -46,7 +46,7 @@ from .jobs import Invoke, Job, RetryPolicy, Send, Sent, Sleep
 from .messages import Delivery
 
 if TYPE_CHECKING:
-    from ..engine import ScriptCall
+    from ..protocol import ScriptCall
     from ..store import AsyncStore, SyncStore, ThreadedStore
 
 __all__ = ["AsyncDriver", "Dispatcher", "ThreadDriver"]

@@ -1,6 +1,6 @@
 """Background work as sans-IO generators: each yields the I/O it needs and gets its result.
 
-A job yields :class:`~budgetguard.engine.ScriptCall` (answered with the reply, or the
+A job yields :class:`~budgetguard.protocol.ScriptCall` (answered with the reply, or the
 :class:`StoreUnavailable` it raised), :class:`Send` (answered with a :class:`Sent`),
 :class:`Sleep`, or :class:`Invoke` (a user callback; answered with its exception or
 None). The thread and asyncio dispatchers only perform those requests, so delivery,
@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from ..engine import ScriptCall
+from ..protocol import ScriptCall
 from ..pricing import nano_to_usd
 from .anomaly import baseline
 from .messages import Delivery, deliveries
