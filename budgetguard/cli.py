@@ -15,34 +15,26 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NoReturn
-
-import redis
-import yaml
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from .config import Config, load_config, parse_config, upstream_url
-from .decision import WindowStatus
 from .errors import BudgetGuardError
-from .eventlog import EventLogError, follow_jsonl, follow_stream, read_jsonl, read_stream, stream_key
-from .guard import BudgetGuard
-from .pricing import Pricebook
-from .redact import redact_url
-from .report import FORMATS, GROUP_BY, ReportError, build_report, event_line, parse_duration, render
-from .serving import (
+from .proxy_defaults import (
     DEFAULT_BODY_IDLE_TIMEOUT,
     DEFAULT_BODY_TOTAL_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_KEEP_ALIVE_TIMEOUT,
-    ReadTimeouts,
-    ServingConfig,
-    raise_open_file_limit,
 )
-from .stats import org_status
-from .store import is_memory
-from .tokens import count_text_tokens
-from .usage import Usage
-from .windows import WINDOWS
+from .report import FORMATS, GROUP_BY, ReportError, format_usd, parse_duration
+
+# Everything heavier (pydantic, redis, httpx, uvicorn) is imported by the command that
+# needs it: `budgetguard --help` and usage errors stay fast, and the proxy's extra is
+# needed only by `budgetguard proxy`.
+if TYPE_CHECKING:
+    import redis
+
+    from .config import Config
+    from .decision import WindowStatus
 
 DEFAULT_CONFIG = "limits.yaml"
 DEMO_RUNAWAY_CALLS = 500
@@ -56,6 +48,9 @@ def _usd(value: Decimal | None) -> str:
 
 def summarize(config: Config) -> str:
     """One screen describing what a config enforces."""
+    from .pricing import Pricebook
+    from .redact import redact_url
+
     url = config.redis_url or os.environ.get("REDIS_URL") or "memory://"
     lines = [
         f"store      {redact_url(url)}  (timeout {config.redis_timeout_ms} ms, fail_mode {config.fail_mode})",
@@ -64,11 +59,18 @@ def summarize(config: Config) -> str:
         f"unknown    models without a price: {config.unknown_model}",
     ]
     prices = Pricebook(config.models)
-    for name in sorted(config.models):
+    # The models the config names, priced as a call would be: limits.yaml's overrides, else
+    # the pricing library (genai-prices), whose source each line shows.
+    for name in sorted(_named_models(config)):
         p = prices.resolve(name)
-        assert p is not None  # validated at load
+        if p is None:
+            fate = "denied" if config.unknown_model == "deny" else f"priced as {config.unknown_model}"
+            lines.append(f"model      {name}: no price (calls are {fate})")
+            continue
         lines.append(f"model      {name}: in ${p.snapshot()['input_per_mtok']}/MTok, "
                      f"out ${p.snapshot()['output_per_mtok']}/MTok ({p.source})")
+    lines.append("             other models: the pricing library's price, else unknown_model "
+                 f"({config.unknown_model})")
     tiers = dict(config.tiers)
     if config.default_tier not in tiers:
         lines.append(f"tier       {config.default_tier} (default, implicit): no caps")
@@ -110,9 +112,31 @@ def summarize(config: Config) -> str:
     return "\n".join(lines)
 
 
+def _named_models(config: Config) -> set[str]:
+    """Every model limits.yaml names: prices, allow-lists, routes (both ends), the fallback."""
+    names = set(config.models)
+    plans = [*config.tiers.values(), *config.users.values(), config.org]
+    for plan in plans:
+        allowed = getattr(plan, "models", None)
+        if allowed:
+            names.update(allowed)
+        downgrade = getattr(plan, "downgrade", None)
+        if downgrade is not None and downgrade.routes:
+            names.update(downgrade.routes)
+            names.update(downgrade.routes.values())
+    if config.unknown_model != "deny":
+        names.add(config.unknown_model)
+    return names
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    print(f"{args.config}: OK")
+    from .config import load_config
+
+    if args.config is not None and args.config_flag is not None and args.config != args.config_flag:
+        raise BudgetGuardError(f"two configs given ({args.config} and --config {args.config_flag}): give one")
+    path = args.config_flag or args.config or Path(DEFAULT_CONFIG)
+    config = load_config(path)
+    print(f"{path}: OK")
     print(summarize(config))
     return 0
 
@@ -131,15 +155,34 @@ def bar(window: WindowStatus, width: int = BAR_WIDTH) -> str:
     return f"[{cells}] {used / window.limit_usd:>5.0%}"
 
 
+def _amount(value: Decimal | None) -> str:
+    """Exact to the nano-USD the counters keep, so a sub-cent spend does not show as $0.0000."""
+    return "no cap" if value is None else format_usd(value)
+
+
 def _window_line(name: str, w: WindowStatus) -> str:
-    return (f"  {name:<13} spent {_usd(w.spent_usd):>10}  reserved {_usd(w.reserved_usd):>10}  "
-            f"limit {_usd(w.limit_usd):>10}  {bar(w)}  resets {w.resets_at:%Y-%m-%d %H:%M %Z}")
+    return (f"  {name:<13} spent {_amount(w.spent_usd):>12}  reserved {_amount(w.reserved_usd):>12}  "
+            f"limit {_amount(w.limit_usd):>10}  {bar(w)}  resets {w.resets_at:%Y-%m-%d %H:%M %Z}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .guard import BudgetGuard
+    from .redact import redact_url
+    from .stats import org_status
+    from .store import is_memory
+    from .windows import WINDOWS
+
     path = _config_path(args, required=True)
     assert path is not None  # required
-    guard = BudgetGuard.from_yaml(path)
+    config = load_config(path)
+    url = config.redis_url or os.environ.get("REDIS_URL") or "memory://"
+    if is_memory(url):
+        # This process's embedded store is new and empty: zeros would look like an answer.
+        raise BudgetGuardError(f"the store is {redact_url(url)} (embedded, per process), so this command would "
+                               "see only its own empty store, not the spend of the process that holds it: set "
+                               "REDIS_URL or redis_url to a Redis")
+    guard = BudgetGuard(config)
     try:
         if args.user is None:
             windows = org_status(guard)
@@ -172,11 +215,19 @@ def _config_path(args: argparse.Namespace, *, required: bool) -> Path | None:
 
 
 def _load(args: argparse.Namespace) -> Config:
+    from .config import load_config, parse_config
+
     path = _config_path(args, required=False)
     return load_config(path) if path is not None else parse_config({})
 
 
 def _stream_client(config: Config) -> redis.Redis:
+    import redis
+
+    from .eventlog import EventLogError
+    from .redact import redact_url
+    from .store import is_memory
+
     url = config.redis_url or os.environ.get("REDIS_URL") or "memory://"
     if is_memory(url):
         raise EventLogError(f"the store is {redact_url(url)} (embedded in one process), so there is no usage "
@@ -190,6 +241,8 @@ def _stream_client(config: Config) -> redis.Redis:
 
 def _log_file(args: argparse.Namespace, config: Config) -> Path | None:
     """The JSON Lines file to read: ``--file``, else the config's when it keeps no stream; None: the stream."""
+    from .eventlog import EventLogError
+
     if args.file is not None:
         return Path(args.file)
     if config.events.stream_maxlen == 0:
@@ -209,6 +262,9 @@ def _instant(text: str) -> datetime:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .eventlog import read_jsonl, read_stream, stream_key
+    from .report import build_report, render
+
     span = parse_duration(args.since)
     # Rounded up to the second: readable, and the last moment's events stay inside the range.
     until = _instant(args.until) if args.until else datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
@@ -248,6 +304,9 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    from .eventlog import follow_jsonl, follow_stream, stream_key
+    from .report import event_line
+
     if args.lines < 0 or (args.count is not None and args.count <= 0) or (args.timeout is not None
                                                                           and args.timeout <= 0):
         raise ReportError("--lines must be 0 or more, --count and --timeout above 0")
@@ -281,30 +340,86 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 def _document(model: str, tokens: int) -> list[dict[str, str]]:
     """A one-message chat of about ``tokens`` input tokens, as the active tokenizer counts them."""
+    from .tokens import count_text_tokens
+
     unit = "budget enforcement "
     per_unit = count_text_tokens(model, unit * 100) / 100
     return [{"role": "user", "content": unit * max(1, int(tokens / per_unit))}]
 
 
+DEMO_KEY_PREFIX = "bg-demo"  # the demo's keys on a real Redis, apart from the budgets under key_prefix
+
+
+def _sample_text() -> str:
+    """The commented limits.yaml shipped in the package (what `init` writes, what `demo` runs on)."""
+    from importlib import resources
+
+    return resources.files(__package__).joinpath("sample_limits.yaml").read_text(encoding="utf-8")
+
+
+def _demo_config(args: argparse.Namespace) -> tuple[Config, str]:
+    """The demo's config and where it came from: --config, ./limits.yaml, else the shipped sample."""
+    import yaml
+
+    from .config import load_config, parse_config
+
+    path = _config_path(args, required=False)
+    if path is not None:
+        return load_config(path), str(path)
+    return parse_config(yaml.safe_load(_sample_text())), "the sample limits.yaml (no ./limits.yaml here)"
+
+
+def _clear_prefix(client: Any, prefix: str) -> int:
+    """Delete the keys under ``prefix:`` (the demo's own) so that each run starts from zero."""
+    removed = 0
+    for key in client.scan_iter(match=f"{prefix}:*", count=500):
+        removed += int(client.delete(key))  # one key per call: on a cluster keys of many slots
+    return removed
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    guard = BudgetGuard(config, redis_url=args.redis_url or "memory://demo")
-    store = redact_url(args.redis_url) if args.redis_url else "memory:// (embedded)"
-    print(f"budgetguard demo: {args.config}, store {store}")
+    from .guard import BudgetGuard
+    from .redact import redact_url
+    from .store import connect, is_memory
+    from .usage import Usage
+
+    config, source = _demo_config(args)
+    url = args.redis_url or config.redis_url or os.environ.get("REDIS_URL") or "memory://"
+    if is_memory(url):
+        url, store = "memory://demo", "memory:// (embedded, this process only)"
+    else:
+        # A real Redis may hold real budgets of users named alice and carol: the demo keeps
+        # to a prefix of its own, cleared at start, and never touches key_prefix's keys.
+        # A demo is not latency-bound: a slow shared Redis should slow it, not fail it.
+        config = config.model_copy(update={"key_prefix": DEMO_KEY_PREFIX,
+                                           "redis_timeout_ms": max(config.redis_timeout_ms, 5000)})
+        client = connect(config, url)
+        try:
+            _clear_prefix(client, DEMO_KEY_PREFIX)
+        finally:
+            client.close()
+        store = f"{redact_url(url)}, keys under {DEMO_KEY_PREFIX}: only (cleared first; real budgets untouched)"
+    # Token counts are loaded before the table, so that a warning about them does not split it.
+    from .tokens import load_problems
+
+    load_problems([("gpt-4o", None), ("gpt-4o-mini", None)])
+    guard = BudgetGuard(config, redis_url=url)
+    print(f"budgetguard demo: {source}, store {store}")
     print(f"{'user':<6} {'asked':<12} {'outcome':<8} {'model':<12} {'reserved':>9} {'charged':>9}  reason")
 
     def call(user: str, model: str, input_tokens: int, max_tokens: int, quiet: bool = False) -> bool:
         d = guard.check(user, model, _document(model, input_tokens), max_tokens=max_tokens, tags={"feature": "demo"})
-        charged = Decimal(0)
         if d.allowed:
             # The simulated LLM answers with 3/4 of max_tokens; we settle with the usage it reports.
             before = guard.status(user).windows["user.hourly"].spent_usd
             guard.record(d, Usage(input_tokens=d.estimated_input_tokens, output_tokens=max_tokens * 3 // 4))
             charged = guard.status(user).windows["user.hourly"].spent_usd - before
+            reserved, spent = f"{d.estimated_cost_usd:>9.4f}", f"{charged:>9.4f}"
+        else:
+            reserved, spent = f"{'-':>9}", f"{'-':>9}"  # a denial reserves and charges nothing
         if not quiet or not d.allowed:
             outcome = "routed" if d.downgraded else "allowed" if d.allowed else "denied"
-            print(f"{user:<6} {model:<12} {outcome:<8} {d.model:<12} {d.estimated_cost_usd:>9.4f} "
-                  f"{charged:>9.4f}  {d.reason}")
+            print(f"{user:<6} {model:<12} {outcome:<8} {d.model:<12} {reserved} {spent}  {d.reason}")
         return d.allowed
 
     for _ in range(10):  # pro tier: gpt-4o routes to gpt-4o-mini at 80% of the $2 hourly cap
@@ -318,15 +433,130 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     for user in ("alice", "carol"):
         w = guard.status(user).windows["user.hourly"]
-        print(f"{user}: spent {_usd(w.spent_usd)} of {_usd(w.limit_usd)} this hour, reserved {_usd(w.reserved_usd)}")
+        print(f"{user}: spent {_amount(w.spent_usd)} of {_amount(w.limit_usd)} this hour, "
+              f"reserved {_amount(w.reserved_usd)}")
     guard.close()
     return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    if path.exists() and not args.force:
+        raise BudgetGuardError(f"{path} exists; not overwritten (use --force to replace it)")
+    try:
+        path.write_text(_sample_text(), encoding="utf-8")
+    except OSError as exc:
+        raise BudgetGuardError(f"cannot write {path}: {exc.strerror or exc}") from None
+    print(f"wrote {path}: edit its tiers and users, then run `budgetguard check-config --config {path}` "
+          "and `budgetguard doctor`")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check what a first run needs; print each finding with its fix; exit 1 if any is a problem."""
+    problems = 0
+
+    def report(ok: bool, what: str, fix: str = "") -> None:
+        nonlocal problems
+        problems += not ok
+        print(f"{'ok     ' if ok else 'PROBLEM'}  {what}" + (f"\n         fix: {fix}" if fix and not ok else ""))
+
+    from .config import load_config
+    from .errors import ConfigError
+
+    path = _config_path(args, required=True)
+    assert path is not None
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        report(False, f"config: {exc}", f"edit {path}, or write a new one with `budgetguard init`")
+        return 1
+    report(True, f"config: {path} is valid")
+
+    import redis
+
+    from .redact import redact_url
+    from .store import connect, is_memory
+
+    url = config.redis_url or os.environ.get("REDIS_URL") or "memory://"
+    if is_memory(url):
+        report(True, f"store: {redact_url(url)} is embedded: budgets live in one process and vanish with it; "
+                     "set REDIS_URL or redis_url to share them")
+    else:
+        try:
+            client = connect(config, url)
+            try:
+                client.ping()
+            finally:
+                client.close()
+            report(True, f"store: {redact_url(url)} answers")
+        except (redis.RedisError, BudgetGuardError, ValueError) as exc:
+            report(False, f"store: {redact_url(url)} does not answer ({type(exc).__name__})",
+                   f"start Redis there, or point REDIS_URL / redis_url at one (fail_mode {config.fail_mode} "
+                   f"{'lets calls through unenforced' if config.fail_mode == 'open' else 'refuses calls'} meanwhile)")
+
+    from .tokens import _clear_caches, bundled_encodings, load_problems
+
+    wanted = [(name, m.tokenizer) for name, m in config.models.items()]
+    wanted += [(name, None) for name in sorted(_named_models(config)) if name not in config.models]
+    wanted += [("gpt-4o", None), ("gpt-4", None)]
+    missing = load_problems(wanted)
+    if missing and args.fetch_encodings:
+        import tiktoken
+
+        for name in missing:
+            try:
+                tiktoken.get_encoding(name)  # downloads into TIKTOKEN_CACHE_DIR (or tiktoken's temp cache)
+            except Exception as exc:
+                print(f"         could not fetch {name} ({type(exc).__name__})")
+        _clear_caches()
+        missing = load_problems(wanted)
+    if missing:
+        report(False, f"encodings: {', '.join(missing)} cannot be loaded: estimates count UTF-8 bytes, several "
+                      "times too many, and input caps may refuse prompts that fit",
+               "run `budgetguard doctor --fetch-encodings` with TIKTOKEN_CACHE_DIR set, where the network "
+               "reaches tiktoken's downloads, and keep TIKTOKEN_CACHE_DIR set when running")
+    else:
+        report(True, f"encodings: {', '.join(sorted(bundled_encodings()))} shipped; every configured model's loads")
+
+    from .pricing import Pricebook
+
+    prices = Pricebook(config.models)
+    unpriced = sorted(n for n in _named_models(config) if prices.resolve(n) is None)
+    if unpriced and config.unknown_model != "deny":
+        report(True, f"prices: {', '.join(unpriced)} have no price of their own and are charged as "
+                     f"unknown_model ({config.unknown_model})")
+    elif unpriced:
+        report(False, f"prices: no price for {', '.join(unpriced)}, so their calls are denied",
+               "add input_per_mtok and output_per_mtok under models: in limits.yaml")
+    else:
+        report(True, "prices: every model the config names has a price (`budgetguard check-config` lists them)")
+
+    sinks = [("slack", config.alerts.slack, "webhook_url"), ("pagerduty", config.alerts.pagerduty, "routing_key"),
+             ("webhook", config.alerts.webhook, "url")]
+    configured = [(n, sink, f) for n, sink, f in sinks if sink is not None]
+    for name, sink, field in configured:
+        if getattr(sink, field):
+            report(True, f"alerts: {name} configured (scopes {', '.join(sink.scopes)})")
+        else:
+            report(False, f"alerts: {name} is listed but its {field} is empty, so its alerts are dropped",
+                   f"set alerts.{name}.{field} (or the variable it names), or remove alerts.{name}")
+    if not configured:
+        report(True, "alerts: no sinks configured (threshold crossings are only logged)")
+
+    if config.events.stream_maxlen == 0 and not config.events.jsonl_path:
+        report(False, "usage log: events.stream_maxlen is 0 and events.jsonl_path is unset, so `report` and "
+                      "`tail` have nothing to read", "set events.jsonl_path or a stream_maxlen above 0")
+    print(f"{problems} problem(s)" if problems else "all good")
+    return 1 if problems else 0
 
 
 # -- the proxy -----------------------------------------------------------------------------
 
 
 def _flag_url(flag: str, value: str | None) -> str | None:
+    from .config import upstream_url
+
     if value is None:
         return None
     try:
@@ -343,9 +573,18 @@ def _seconds(flag: str, value: float) -> float:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
-    from .proxy import proxy_app
+        from .proxy import proxy_app
+        from .serving import ReadTimeouts, ServingConfig, raise_open_file_limit
+    except ImportError as exc:
+        raise BudgetGuardError(f"the proxy needs the [proxy] extra ({exc.name} is missing): "
+                               "pip install 'budgetguard-redis[proxy]'") from None
+    from .config import load_config
+    from .guard import BudgetGuard
+    from .redact import redact_url
+    from .store import is_memory
 
     # Flags first: a bad flag is reported before the config file is read.
     upstream = _flag_url("--upstream", args.upstream)
@@ -370,9 +609,25 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         guard.close()
         raise
     target = upstream or config.proxy.upstream
-    print(f"budgetguard proxy on http://{args.host}:{args.port} -> {redact_url(target) if target else '-'} "
-          f"(budget store {'memory:// (embedded, this process only)' if is_memory(url) else 'Redis'}, "
-          f"{len(config.api_keys)} api keys)", file=sys.stderr, flush=True)
+    generated = sum(key.generated for key in config.api_keys)
+    if generated and not config.proxy.upstream_api_key:
+        # Pass-through would hand the provider a bg- key, which it rejects with 401 on every call.
+        print(f"budgetguard: warning: {generated} of the api_keys are generated budgetguard keys (bg-...) but "
+              "proxy.upstream_api_key is unset, so they would be sent upstream and rejected: set "
+              "upstream_api_key: ${OPENAI_API_KEY} (and anthropic_api_key) under proxy:", file=sys.stderr, flush=True)
+    # Encodings load now, so that a missing one is reported at start, not at the first request.
+    from .tokens import load_problems
+
+    load_problems([(name, m.tokenizer) for name, m in config.models.items()] + [("gpt-4o", None), ("gpt-4", None)])
+    banner = (f"budgetguard proxy on http://{args.host}:{args.port} -> {redact_url(target) if target else '-'} "
+              f"(budget store {'memory:// (embedded, this process only)' if is_memory(url) else 'Redis'}, "
+              f"{len(config.api_keys)} api keys)")
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # listening: a busy port fails before any banner claims the proxy is up
+                print(banner, file=sys.stderr, flush=True)
     # Each connection holds a file descriptor: at the usual soft limit of 1,024 a thousand slow
     # clients would stall accept() for everyone.
     raise_open_file_limit()
@@ -380,7 +635,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     # included, so it would turn a slow-client flood into 503s for every caller; the read
     # deadlines bound how long such connections last instead. The listen backlog stays
     # uvicorn's (2048).
-    server = uvicorn.Server(ServingConfig(
+    server = _Server(ServingConfig(
         app, timeouts=timeouts, timeout_keep_alive=keep_alive, host=args.host, port=args.port, lifespan="on",
         log_config=None, access_log=not args.no_access_log, server_header=False, date_header=False,
         timeout_graceful_shutdown=args.shutdown_timeout))
@@ -403,7 +658,13 @@ def _read_key(args: argparse.Namespace) -> str:
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
-    from .proxy import fingerprint, hash_key
+    import yaml
+
+    try:
+        from .proxy import fingerprint, hash_key
+    except ImportError as exc:
+        raise BudgetGuardError(f"hash-key needs the [proxy] extra ({exc.name} is missing): "
+                               "pip install 'budgetguard-redis[proxy]'") from None
 
     if args.generate:
         if args.key is not None:
@@ -415,9 +676,11 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
         if not key:
             raise BudgetGuardError("no key given: pipe it on stdin or pass --key")
     digest = hash_key(key)
-    entry: dict[str, str] = {"sha256": digest, "user": args.user}
+    entry: dict[str, str | bool] = {"sha256": digest, "user": args.user}
     if args.name:
         entry["name"] = args.name
+    if args.generate:
+        entry["generated"] = True  # lets the proxy warn when no upstream key replaces it
     print(f"# api_keys entry (fingerprint {fingerprint(digest)}):")
     print(yaml.safe_dump([entry], default_flow_style=None, sort_keys=False, width=200).rstrip())
     return 0
@@ -438,7 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_help = f"limits.yaml to read (default ./{DEFAULT_CONFIG})"
 
     p = sub.add_parser("check-config", help="validate limits.yaml and summarise what it enforces")
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path)
+    p.add_argument("config", nargs="?", default=None, type=Path, help=config_help)
+    p.add_argument("--config", dest="config_flag", default=None, type=Path, help="the same, as every command takes it")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("status", help="spent / reserved / limit of the org's windows and a user's, as bars",
@@ -521,15 +785,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", action="store_true", help="make a new random key and print it with its entry")
     p.set_defaults(func=cmd_hash_key)
 
-    p = sub.add_parser("demo", help="run a small simulated workload on the embedded store")
-    p.add_argument("--config", default=DEFAULT_CONFIG, type=Path)
-    p.add_argument("--redis-url", default=None, help="run against this Redis instead of memory://")
+    p = sub.add_parser("demo", help="run a small simulated workload (embedded store unless REDIS_URL is set)",
+                       description="Simulate calls of users alice and carol. On a real Redis (--redis-url, "
+                                   "redis_url or REDIS_URL) the demo uses the key prefix "
+                                   f"{DEMO_KEY_PREFIX}: (cleared at start), never your real budgets.")
+    p.add_argument("--config", default=None, type=Path,
+                   help=f"limits.yaml to read (default ./{DEFAULT_CONFIG}, else the shipped sample)")
+    p.add_argument("--redis-url", default=None, help="run against this Redis (default: redis_url, REDIS_URL, "
+                                                     "else memory://)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("init", help="write a commented limits.yaml to start from",
+                       description="Write the sample limits.yaml (tiers, users, org caps, alerts), commented.")
+    p.add_argument("path", nargs="?", default=Path(DEFAULT_CONFIG), type=Path,
+                   help=f"where to write it (default ./{DEFAULT_CONFIG})")
+    p.add_argument("--force", action="store_true", help="replace the file if it exists")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("doctor", help="check config, Redis, encodings, prices and alert sinks; say how to fix",
+                       description="Check what a first run needs and print each problem with its fix. "
+                                   "Exit code 1 when a problem was found.")
+    p.add_argument("--config", default=None, type=Path, help=config_help)
+    p.add_argument("--fetch-encodings", action="store_true",
+                   help="download missing tiktoken encodings into TIKTOKEN_CACHE_DIR")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import redis
     server = getattr(args, "server", False)
     logging.basicConfig(level=logging.INFO if args.verbose or server else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if server

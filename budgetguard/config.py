@@ -220,6 +220,9 @@ class ApiKey(_Strict):
     sha256: str
     user: str
     name: str | None = None  # a label for people and the usage log (tag ``api_key``)
+    # A key `budgetguard hash-key --generate` made (bg-...): worthless to a provider, so the
+    # proxy warns at start when no upstream key would replace it.
+    generated: bool = False
 
     @field_validator("sha256", mode="before")
     @classmethod

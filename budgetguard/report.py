@@ -32,7 +32,6 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from .errors import BudgetGuardError
-from .eventlog import event_time
 
 __all__ = [
     "FORMATS",
@@ -135,6 +134,8 @@ def _parse(event: Mapping[str, Any]) -> _Event:
         raise ValueError("tags is not an object")
     tokens = tuple(_int(event, k) for k in _TOKEN_FIELDS)
     money = tuple(_money(event, k) for k in _MONEY_FIELDS)
+    from .eventlog import event_time  # late: eventlog imports redis, which `--help` need not load
+
     return _Event(ts=event_time(event.get("ts")), kind=kind, outcome=_text(event, "outcome"),
                   user=_text(event, "user"), provider=_text(event, "provider"), model=_text(event, "model"),
                   tags=tags, tokens=tokens, money=money)  # type: ignore[arg-type]

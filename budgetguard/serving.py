@@ -29,6 +29,13 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+from .proxy_defaults import (  # defined apart so that `budgetguard --help` need not import uvicorn
+    DEFAULT_BODY_IDLE_TIMEOUT,
+    DEFAULT_BODY_TOTAL_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEP_ALIVE_TIMEOUT,
+)
+
 __all__ = [
     "DEFAULT_BODY_IDLE_TIMEOUT",
     "DEFAULT_BODY_TOTAL_TIMEOUT",
@@ -42,16 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: A request head is a few hundred bytes; even a slow link delivers it in one round trip.
-DEFAULT_HEADER_TIMEOUT = 10.0
-#: Generous for a client pausing mid-upload (a GC pause, a congested link), short enough
-#: that a stalled client does not sit on its socket and task.
-DEFAULT_BODY_IDLE_TIMEOUT = 30.0
-#: The largest body the proxy accepts (16 MiB) at about 55 KB/s: a drip-fed body that keeps
-#: making just enough progress to dodge the idle timeout is cut here.
-DEFAULT_BODY_TOTAL_TIMEOUT = 300.0
-#: uvicorn's own default for the gap between requests on a kept-alive connection.
-DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
 
 # Tried in turn when the hard limit is "unlimited", which the soft limit may not be
 # (macOS refuses values above kern.maxfilesperproc).
