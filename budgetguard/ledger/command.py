@@ -35,7 +35,7 @@ def add_ship_arguments(p: argparse.ArgumentParser) -> None:
                    help="the ledger database: sqlite:///path.db or postgresql://user@host/db")
     p.add_argument("--table", default=DEFAULT_TABLE, help=f"table to write (default {DEFAULT_TABLE})")
     p.add_argument("--once", action="store_true", help="ship what the stream holds now, then exit")
-    p.add_argument("--batch", default=1000, type=int, help="events per transaction (default 1000, at most 10000)")
+    p.add_argument("--batch", default=5000, type=int, help="events per transaction (default 5000, at most 10000)")
     p.add_argument("--group", default="ledger", help="Redis consumer group (default ledger)")
     p.add_argument("--consumer", default="", help="this shipper's consumer name (default host-pid)")
     p.add_argument("--claim-idle", default=60.0, type=float,

@@ -61,7 +61,7 @@ class ShipOptions:
 
     group: str = "ledger"
     consumer: str = ""  # default: host-pid, so a restarted shipper is a new consumer
-    batch_size: int = 1000
+    batch_size: int = 5000
     block_ms: int = 1000
     claim_idle_ms: int = 60_000
     lag_warn_fraction: float = 0.5

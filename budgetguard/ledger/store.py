@@ -212,10 +212,37 @@ class Ledger:
         """
         if not rows:
             return 0
-        statement = self._insert.on_conflict_do_nothing(index_elements=["event_id"]).returning(
-            self.table.c.event_id)
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                return self._copy_insert(conn, rows)
+            statement = self._insert.on_conflict_do_nothing(index_elements=["event_id"]).returning(
+                self.table.c.event_id)
             return len(conn.execute(statement, list(rows)).all())
+
+    def _copy_insert(self, conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> int:
+        # COPY into a per-session staging table, then one INSERT ... SELECT: several times
+        # faster than a multi-row INSERT of the same rows, with the same ON CONFLICT rule.
+        # Both run inside the caller's transaction, so a failure leaves nothing behind.
+        import psycopg
+        from psycopg.types.json import Jsonb
+
+        stage = f"bg_stage_{self.table.name}"
+        names = [c.name for c in self.table.columns]
+        jsons = {"tags", "prices", "raw_usage"}
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
+                           f"(LIKE {self.table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+            with cursor.copy(f"COPY {stage} ({', '.join(names)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row([Jsonb(row[n]) if n in jsons and row[n] is not None else row[n] for n in names])
+            cursor.execute(f"INSERT INTO {self.table.name} SELECT * FROM {stage} ON CONFLICT (event_id) DO NOTHING")
+            return max(cursor.rowcount, 0)
+        except psycopg.Error as exc:
+            # The driver's own error, wrapped as SQLAlchemy wraps every other statement's.
+            raise sa.exc.DBAPIError.instance("COPY", None, exc, psycopg.Error) from exc
+        finally:
+            cursor.close()
 
     # -- reading -----------------------------------------------------------------------
 
