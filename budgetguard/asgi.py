@@ -154,6 +154,74 @@ def _texts(body: Mapping[str, Any], name: str, *, required: bool) -> Any:
 _COMPLETION_TOKENS_MODELS = re.compile(r"(?:.*/)?(?:o\d|gpt-5)", re.IGNORECASE)
 
 
+# Work a reservation cannot bound: priced per call or per second rather than per token
+# (built-in tools, audio), adding to the input whatever the provider fetches (remote tools),
+# or running on after the connection ends (background responses).
+_FEE_TOOLS = ("web_search", "image_generation", "code_interpreter", "file_search", "code_execution", "web_fetch",
+              "mcp")
+_FETCHED_PARTS = frozenset({"input_file", "file", "document", "container_upload"})
+
+
+def _refuse_unbounded(body: Mapping[str, Any]) -> None:
+    def refuse(what: str, param: str) -> None:
+        raise _BadRequest(f"{what} cannot be bounded by a budget reservation; the budget refuses it", param,
+                          "not_budgetable")
+
+    if body.get("background") is True:
+        refuse("a background response runs on after the connection ends, so it", "background")
+    modalities = body.get("modalities")
+    if body.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
+        refuse("audio output, priced per audio token,", "modalities")
+    if body.get("web_search_options") is not None:
+        refuse("web search, priced per call,", "web_search_options")
+    if body.get("mcp_servers"):
+        refuse("a remote MCP server, whose results add to the input,", "mcp_servers")
+    tools = body.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.startswith(_FEE_TOOLS):
+            refuse(f"the built-in tool {printable(kind, 60)!r}", f"tools[{i}]")
+    for part in _parts(body):
+        if part.get("type") == "input_audio":
+            refuse("audio input, priced per audio token,", "messages")
+
+
+def _parts(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The content parts and input items of a body's messages (or Responses input), flattened."""
+    found: list[dict[str, Any]] = []
+    items = body.get("messages") if "messages" in body else body.get("input")
+    for item in items if isinstance(items, list) else ():
+        if not isinstance(item, dict):
+            continue
+        found.append(item)
+        content = item.get("content")
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict):
+                found.append(part)
+                nested = part.get("content")  # tool_result blocks hold parts of their own
+                found.extend(p for p in (nested if isinstance(nested, list) else ()) if isinstance(p, dict))
+    return found
+
+
+def _fetches_input(body: Mapping[str, Any]) -> bool:
+    if any(body.get(k) is not None for k in ("previous_response_id", "conversation")):
+        return True
+    if isinstance(body.get("prompt"), dict):  # a stored prompt (Responses), not a completions prompt
+        return True
+    for part in _parts(body):
+        kind = part.get("type")
+        if kind == "item_reference":
+            return True
+        if kind in _FETCHED_PARTS:
+            source = part.get("source")
+            if isinstance(source, dict) and source.get("type") in ("url", "file"):
+                return True  # Anthropic: fetched by URL or from the Files API
+            if any(part.get(k) for k in ("file_id", "file_url")) or (
+                    isinstance(part.get("file"), dict) and part["file"].get("file_id")):
+                return True  # OpenAI: a stored file
+    return False
+
+
 class _Call:
     """What one request asks for, as ``guard.check`` wants it, and what bounds its output.
 
@@ -162,8 +230,8 @@ class _Call:
     ``cap_fields`` the body fields that cap one choice's output.
     """
 
-    __slots__ = ("cap_fields", "choices", "max_tokens", "messages", "model", "prompt", "stream", "system",
-                 "tools")
+    __slots__ = ("cap_fields", "choices", "fetched_input", "max_tokens", "messages", "model", "prompt", "stream",
+                 "system", "tools")
 
     def __init__(self, endpoint: Endpoint, body: dict[str, Any]) -> None:
         model = body.get("model")
@@ -184,6 +252,10 @@ class _Call:
         self.choices = 1
         self.cap_fields: tuple[str, ...] = ()
         getattr(self, f"_{endpoint}")(body)
+        _refuse_unbounded(body)
+        # Input the provider fetches itself (a file, a URL, a stored conversation or prompt)
+        # is reserved at the tier's input cap: its size is not in the body.
+        self.fetched_input = _fetches_input(body)
 
     def _chat(self, body: dict[str, Any]) -> None:
         self.messages = _list(body, "messages", required=True)
@@ -270,6 +342,20 @@ class _Call:
         self.cap_fields = ("max_tokens",)
 
 
+def _route_path(scope: Scope) -> tuple[str, str]:
+    """(root_path, the path below it) as a router matches it.
+
+    Behind ``--root-path`` or under a ``Mount``, ``path`` includes ``root_path`` (ASGI 3),
+    and routers strip it before matching: so must the budget, or every guarded route would
+    pass unbudgeted.
+    """
+    root: str = scope.get("root_path", "")
+    path: str = scope["path"]
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return root, path[len(root):] or "/"
+    return "", path
+
+
 def _status_for(limit: str | None) -> int:
     if limit == "store.unavailable":
         return 503
@@ -339,7 +425,7 @@ class BudgetMiddleware:
         if scope["type"] != "http" or str(scope.get("method", "")).upper() != "POST":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
+        root, path = _route_path(scope)
         try:
             route = self._routes.get(route_key(normal_path(path, scope.get("raw_path"))))
         except BadRoute as exc:
@@ -355,7 +441,7 @@ class BudgetMiddleware:
             return
         normal, endpoint = route
         # Downstream sees the route as it was budgeted.
-        scope = {**scope, "method": "POST", "path": normal, "raw_path": normal.encode()}
+        scope = {**scope, "method": "POST", "path": root + normal, "raw_path": (root + normal).encode()}
         await _Exchange(self, endpoint, scope, receive, send).run()
 
 
@@ -404,7 +490,7 @@ class _Exchange:
             tags = self.mw.tags(request, parsed) if self.mw.tags is not None else None
             decision = await self.mw.guard.acheck(
                 user, call.model, call.messages, max_tokens=call.max_tokens, tags=tags, tools=call.tools,
-                prompt=call.prompt, system=call.system)
+                prompt=call.prompt, system=call.system, fetched_input=call.fetched_input)
         except _BadRequest as exc:
             await self.error(400, "invalid_request_error", exc.message, exc.code, param=exc.param)
             return
@@ -515,7 +601,9 @@ class _Exchange:
     def start(self, message: Message) -> Message:
         self.started = True
         self.status = message["status"]
-        headers = MutableHeaders(raw=list(message.get("headers", [])))
+        # The budget headers are ours alone: an app's (or an upstream's) own are dropped.
+        headers = MutableHeaders(raw=[(k, v) for k, v in message.get("headers", [])
+                                      if not k.lower().startswith(b"x-budget-")])
         self.budget_headers(headers, self.decision)
         if self.status < 400:
             if headers.get("content-encoding", "identity") != "identity":
@@ -525,6 +613,8 @@ class _Exchange:
                 assert self.decision is not None
                 self.sse = SSEParser()
                 self.tracker = StreamUsage(self.decision.model)
+                if self.strip_usage_chunk and "content-length" in headers:
+                    del headers["content-length"]  # the stream is rewritten: its length changes
             else:
                 self.json_body = bytearray()
         return {**message, "headers": headers.raw}

@@ -302,10 +302,15 @@ class Engine:
         tools: Any = None,
         prompt: Any = None,
         system: Any = None,
+        fetched_input: bool = False,
     ) -> CheckPlan:
         """Validate, apply per-request rules and build the reserve call (no I/O).
 
-        Raises InvalidArgument / InvalidArgumentType on malformed input, before anything is reserved.
+        ``fetched_input``: part of the input is fetched by the provider (a file, a URL, a
+        stored conversation), so its size is unknown here: the tier's
+        ``per_request.max_input_tokens`` is reserved for the input, and without one the
+        check is denied. Raises InvalidArgument / InvalidArgumentType on malformed input,
+        before anything is reserved.
         """
         user = _validate_text("user", user)
         model = _validate_text("model", model, max_len=256)
@@ -338,6 +343,13 @@ class Engine:
             return self._deny_local(plan, input_tokens, "request.max_output_tokens",
                                     f"max_tokens={max_out} exceeds the per-request cap of "
                                     f"{policy.max_output_tokens}")
+        if fetched_input:
+            if policy.max_input_tokens is None:
+                return self._deny_local(plan, input_tokens, "request.max_input_tokens",
+                                        "part of the input is fetched by the provider (a file, a URL, a stored "
+                                        "conversation), so only a per-request input cap bounds it; tier "
+                                        f"{policy.tier!r} sets none")
+            input_tokens = max(input_tokens, policy.max_input_tokens)
         if policy.max_input_tokens is not None and input_tokens > policy.max_input_tokens:
             return self._deny_local(plan, input_tokens, "request.max_input_tokens",
                                     f"the input is about {input_tokens} tokens; the per-request cap is "

@@ -166,10 +166,12 @@ class BudgetGuard:
     def check(self, user: str, model: str, messages: list[Any] | None = None, *,
               max_tokens: int | None = None, tags: Mapping[str, str] | None = None,
               request_id: str | None = None, tools: list[Any] | None = None,
-              prompt: str | list[str] | None = None, system: Any = None) -> Decision:
+              prompt: str | list[str] | None = None, system: Any = None,
+              fetched_input: bool = False) -> Decision:
         """Reserve the call's worst case on every budget that applies. Never raises on a denial."""
         plan = self._engine.plan_check(user, model, messages, max_tokens=max_tokens, tags=tags,
-                                       request_id=request_id, tools=tools, prompt=prompt, system=system)
+                                       request_id=request_id, tools=tools, prompt=prompt, system=system,
+                                       fetched_input=fetched_input)
         if plan.call is None:
             return self._checked(plan, None, sync=True)
         try:
@@ -181,9 +183,11 @@ class BudgetGuard:
     async def acheck(self, user: str, model: str, messages: list[Any] | None = None, *,
                      max_tokens: int | None = None, tags: Mapping[str, str] | None = None,
                      request_id: str | None = None, tools: list[Any] | None = None,
-                     prompt: str | list[str] | None = None, system: Any = None) -> Decision:
+                     prompt: str | list[str] | None = None, system: Any = None,
+                     fetched_input: bool = False) -> Decision:
         plan_check = functools.partial(self._engine.plan_check, user, model, messages, max_tokens=max_tokens,
-                                       tags=tags, request_id=request_id, tools=tools, prompt=prompt, system=system)
+                                       tags=tags, request_id=request_id, tools=tools, prompt=prompt, system=system,
+                                       fetched_input=fetched_input)
         if input_size(messages, tools, prompt, system, limit=OFF_LOOP_CHARS) >= OFF_LOOP_CHARS:
             # Counting this much text takes milliseconds to seconds: not on the event loop,
             # where it would hold up every other request (and their Redis deadlines).
@@ -476,7 +480,10 @@ class BudgetGuard:
         wrapped instead and settled when it ends, fails or is closed (see ``streams``).
         The ``max_tokens`` argument the function receives is at most what was reserved:
         left out (None), it is the tier's output cap, so the call cannot spend past its
-        reservation. A function without that parameter (nor ``**kwargs``) is refused.
+        reservation. ``max_completion_tokens``, ``n`` and ``best_of`` (parameters or
+        keyword arguments) count as in the OpenAI API: the larger cap, times the choices,
+        is reserved, and each cap given is bounded by its share. A function without a
+        ``max_tokens`` parameter (nor ``**kwargs``) is refused.
         """
 
         def decorate(fn: F) -> F:
@@ -489,26 +496,51 @@ class BudgetGuard:
                 raise InvalidArgumentType(f"@limit: {fn.__qualname__} has no parameter {max_tokens!r}, so the output "
                                           "of its calls could not be bounded by what is reserved for them")
 
+            def arguments(bound: inspect.BoundArguments) -> tuple[dict[str, Any], dict[str, Any]]:
+                """(the named arguments, the ``**kwargs`` dict, created if the function has one)."""
+                args = bound.arguments
+                extra = args.setdefault(var_kw, {}) if var_kw is not None else {}
+                return args, extra
+
+            def get(bound: inspect.BoundArguments, name: str) -> Any:
+                args, extra = arguments(bound)
+                return args[name] if name in signature.parameters else extra.get(name)
+
+            def output(bound: inspect.BoundArguments) -> tuple[int | None, int]:
+                """(the output cap over all choices, or None when the call sets none; the choices)."""
+                caps = [v for v in (get(bound, max_tokens), get(bound, "max_completion_tokens"))
+                        if isinstance(v, int) and not isinstance(v, bool)]
+                choices = 1
+                for name in ("n", "best_of"):
+                    v = get(bound, name)
+                    if isinstance(v, int) and not isinstance(v, bool) and v > 1:
+                        choices *= v
+                return (max(caps) * choices if caps else None), choices
+
             def bound_output(bound: inspect.BoundArguments, d: Decision) -> None:
                 # What was reserved bounds what the call may produce (None would be unbounded).
-                args = bound.arguments
-                if max_tokens in signature.parameters:
-                    target = args
-                else:
-                    assert var_kw is not None  # checked when decorating
-                    target = args.setdefault(var_kw, {})
-                given = target.get(max_tokens)
-                if given is None or (isinstance(given, int) and given > d.max_output_tokens):
-                    target[max_tokens] = d.max_output_tokens
+                per_choice = d.max_output_tokens // output(bound)[1]
+                if per_choice < 1:
+                    raise InvalidArgument(f"the choices asked for cannot share the {d.max_output_tokens} output "
+                                          "tokens reserved; ask for fewer or set max_tokens")
+                args, extra = arguments(bound)
+                given = False
+                for name in (max_tokens, "max_completion_tokens"):
+                    target = args if name in signature.parameters else extra
+                    value = target.get(name)
+                    if value is not None:
+                        given = True
+                        if not isinstance(value, int) or value > per_choice:
+                            target[name] = per_choice
+                if not given:
+                    (args if max_tokens in signature.parameters else extra)[max_tokens] = per_choice
 
             def open_reservation(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[inspect.BoundArguments,
                                                                                           Reservation]:
                 bound = signature.bind(*args, **kwargs)
                 bound.apply_defaults()
                 a = bound.arguments
-                given = a.get(max_tokens) if max_tokens in signature.parameters else a.get(var_kw or "", {}).get(
-                    max_tokens)
-                reservation = self.reserve(user(a), a[model], a.get(messages), max_tokens=given,
+                reservation = self.reserve(user(a), a[model], a.get(messages), max_tokens=output(bound)[0],
                                            tags=tags(a) if tags else None)
                 return bound, reservation
 

@@ -115,7 +115,8 @@ class _Gate:
         endpoint = DEFAULT_ROUTES.get(key) if method == "POST" else None
         if endpoint is not None:
             path = key  # the route's own spelling
-        scope = {**scope, "method": method, "path": path, "raw_path": path.encode()}
+        # From here on the path is the API's whole path: no root_path for the middleware to strip.
+        scope = {**scope, "method": method, "path": path, "raw_path": path.encode(), "root_path": ""}
         status = 0
 
         async def counted(message: Message) -> None:

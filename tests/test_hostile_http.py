@@ -307,3 +307,115 @@ def test_large_bodies_do_not_turn_other_callers_unenforced(env):
         assert normal.result() == [(200, None)] * 30
         assert all(s < 500 for f in floods for s in f.result())
     assert env.guard is not None and env.guard.healthy
+
+
+# ------------------------------------------------------------------------- what no reservation bounds
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/responses", {"model": "gpt-4o", "input": "hi", "tools": [{"type": "web_search_preview"}]}, "tools[0]"),
+    ("/v1/responses", {"model": "gpt-4o", "input": "hi", "tools": [{"type": "image_generation"}]}, "tools[0]"),
+    ("/v1/responses", {"model": "gpt-4o", "input": "hi", "background": True, "stream": True}, "background"),
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": MESSAGES, "modalities": ["text", "audio"],
+                              "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": MESSAGES, "web_search_options": {}},
+     "web_search_options"),
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]}, "messages"),
+    ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": MESSAGES,
+                      "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 50}]}, "tools[0]"),
+    ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": MESSAGES,
+                      "mcp_servers": [{"type": "url", "url": "https://example.invalid/mcp", "name": "x"}]},
+     "mcp_servers"),
+])
+def test_work_no_reservation_bounds_is_refused(env, path, body, param):
+    env.start()
+    status, _, answer = raw(env.url, "POST", path, body)
+    assert status == 400
+    error = json.loads(answer)["error"]
+    assert (error["code"], error.get("param", param)) == ("not_budgetable", param)
+    assert env.up.received == []
+    assert env.window() == (0, 0)
+
+
+FETCHED = [
+    ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "url", "url": "https://example.invalid/big.pdf"}},
+        {"type": "text", "text": "Summarise."}]}]}),
+    ("/v1/responses", {"model": "gpt-4o", "max_output_tokens": 100, "input": [{"type": "item_reference", "id": "x"}]}),
+    ("/v1/responses", {"model": "gpt-4o", "max_output_tokens": 100, "input": "Go on.", "previous_response_id": "r"}),
+    ("/v1/responses", {"model": "gpt-4o", "max_output_tokens": 100, "input": [{"role": "user", "content": [
+        {"type": "input_file", "file_id": "file-1"}]}]}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), FETCHED)
+def test_input_the_provider_fetches_is_reserved_at_the_tier_input_cap(env, path, body):
+    env.start(guard_overrides={"tiers": {"default": {"per_request": {"max_input_tokens": 40_000},
+                                                     "hourly_usd": 1}}})
+    status, _, _ = raw(env.url, "POST", path, body)
+    assert status == 200
+    deadline = time.monotonic() + 10
+    while not env.events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert env.events[0]["estimated_input_tokens"] == 40_000  # not the few tokens of the reference
+
+
+@pytest.mark.parametrize(("path", "body"), FETCHED[:2])
+def test_fetched_input_without_a_tier_input_cap_is_refused(env, path, body):
+    env.start()
+    status, _, answer = raw(env.url, "POST", path, body)
+    assert status == 400
+    assert "request.max_input_tokens" in answer.decode()
+    assert env.up.received == []
+
+
+# ------------------------------------------------------------------------- the middleware's own answer
+
+
+def test_the_middleware_budgets_an_app_mounted_under_a_prefix(upstream_server, real_redis, real_redis_url, clock):
+    from starlette.applications import Starlette
+    from starlette.routing import Mount, Route
+
+    srv, switch = upstream_server
+    seen: list[str] = []
+
+    async def chat(request: Request) -> Response:
+        seen.append(request.url.path)
+        return JSONResponse({"usage": {"prompt_tokens": 10, "completion_tokens": 5}})
+
+    g = BudgetGuard(config(models=MODELS), redis_url=real_redis_url, clock=clock)
+    inner = BudgetMiddleware(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]), guard=g,
+                             identify=lambda r: "alice")
+    switch.app = Starlette(routes=[Mount("/llm", app=inner)])
+    status, headers, _ = raw(srv.url, "POST", "/llm/v1//chat/completions",
+                             {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20})
+    assert status == 200 and headers["x-budget-limit"] == "none"
+    assert seen == ["/llm/v1/chat/completions"]
+    assert g.status("alice").windows["user.daily"].spent_usd > 0
+    g.close()
+
+
+def test_the_apps_budget_headers_and_length_are_not_passed_on(upstream_server, real_redis, real_redis_url, clock):
+    srv, switch = upstream_server
+    stream = (b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}\n\n'
+              b'data: {"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5}}\n\ndata: [DONE]\n\n')
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await Request(scope, receive).body()
+        # A buffered stream, with its length, and budget headers of its own.
+        response = Response(stream, media_type="text/event-stream",
+                            headers={"x-budget-enforced": "false", "x-budget-model-routed": "gpt-4o-mini"})
+        await response(scope, receive, send)
+
+    g = BudgetGuard(config(models=MODELS), redis_url=real_redis_url, clock=clock)
+    switch.app = BudgetMiddleware(app, guard=g, identify=lambda r: "alice")
+    with httpx.Client(timeout=30) as http:
+        r = http.post(f"{srv.url}/v1/chat/completions",
+                      json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20, "stream": True})
+    assert r.status_code == 200
+    assert "x-budget-enforced" not in r.headers and "x-budget-model-routed" not in r.headers
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert chunks == [{"choices": [{"index": 0, "delta": {"content": "hi"}}]}]
+    assert g.status("alice").windows["user.daily"].spent_usd > 0
+    g.close()
