@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from ..protocol import ScriptCall
 from ..pricing import nano_to_usd
+from ..protocol import ScriptCall
 from .anomaly import baseline
 from .messages import Delivery, deliveries
 from .model import Alert
