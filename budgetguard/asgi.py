@@ -507,11 +507,21 @@ class _Exchange:
             await self.error(400, "invalid_request_error", exc.message, exc.code, param=exc.param)
             return
         self.decision = decision
+        renewing = asyncio.ensure_future(self.renew(decision))
         try:
             await self.mw.app(self.downstream_scope(), self.replay, self.send_wrapper)
         finally:
+            renewing.cancel()
             if not self.settled:
                 await self.settle()
+
+    async def renew(self, decision: Decision) -> None:
+        """While the answer is in flight, keep its lease from lapsing (a third of its ttl at a time)."""
+        every = self.mw.guard.config.reservation_ttl_s / 3
+        while not self.settled:
+            await asyncio.sleep(every)
+            if self.settled or not await self.mw.guard.arenew(decision):
+                return
 
     async def read_body(self) -> bytes | None:
         """The whole request body, or None once an answer (or nothing, for a gone client) is due."""

@@ -38,6 +38,7 @@ from .protocol import (
     USER,
     VOIDED,
     Log,
+    Renew,
     Reserve,
     Reserved,
     ScriptCall,
@@ -902,6 +903,27 @@ class Engine:
                 part_keys=self._part_keys(t.user_prefix, charge, ORG), org_keys=org_keys, event_head=head,
                 parts=ORG))
         return SettlePlan(calls, decision, event, state, outcome, lapsed, charge, now, cost, ranks)
+
+    def renew_steps(self, decision: Decision) -> Steps:
+        """Move a live reservation's lease on by ``reservation_ttl_s``; returns whether it was live."""
+        t = self.ticket(decision)
+        if not decision.allowed or not decision.enforced:
+            return False
+        now_ms = _epoch_ms(self.now())
+        user_member, org_member = t.members(decision.reservation_id)
+        org = t.org_prefix
+
+        def renew(state_key: str, lease_keys: tuple[str, ...], parts: str) -> ScriptCall:
+            return Renew(state_key, lease_keys, now_ms, now_ms + self._lease_ms, self._state_ms, user_member,
+                         org_member, parts).call()
+
+        if not self.split:
+            return int((yield renew(t.request_key, (t.user_prefix + "leases", org + "leases"), BOTH))) == 1
+        renewed = int((yield renew(t.request_key, (t.user_prefix + "leases",), USER))) == 1
+        if t.org_local and self.slices is not None:
+            return self.slices.renew(decision.reservation_id, now_ms + self._lease_ms) and renewed
+        org_renewed = int((yield renew(f"{org}rq:{decision.reservation_id}", (org + "leases",), ORG))) == 1
+        return renewed and org_renewed
 
     @staticmethod
     def void_steps(plan: SettlePlan) -> Steps:

@@ -372,6 +372,25 @@ class BudgetGuard:
         text = None if error is None else (error if isinstance(error, str) else f"{type(error).__name__}: {error}")
         return self._engine.settle_call(decision, None, error=text, latency_ms=_latency_ms(decision))
 
+    def renew(self, decision: Decision) -> bool:
+        """Keep a reservation whose call is still answering: move its lease on by reservation_ttl_s.
+
+        A lease that lapsed mid-answer would hand its headroom to new requests while the
+        answer goes on spending it; the middleware and the proxy renew theirs while an answer
+        is in flight. False when the reservation was settled, released or had lapsed, or
+        when the store did not answer.
+        """
+        try:
+            return bool(self._sync.drive(self._engine.renew_steps(decision)))
+        except StoreUnavailable:
+            return False
+
+    async def arenew(self, decision: Decision) -> bool:
+        try:
+            return bool(await self._async_store().drive(self._engine.renew_steps(decision)))
+        except StoreUnavailable:
+            return False
+
     def record(self, decision: Decision, response_or_usage: Any, *, incomplete: bool = False) -> bool:
         """Replace the reservation with the actual cost. Applies once; True if this call applied it.
 

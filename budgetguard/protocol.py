@@ -28,6 +28,7 @@ __all__ = [
     "USER",
     "VOIDED",
     "Log",
+    "Renew",
     "Reserve",
     "Reserved",
     "ScriptCall",
@@ -210,6 +211,28 @@ class SettleReply:
             return self
         flag, _, rest = self.prior[len(state) + 1:].partition("|")
         return SettleReply(True, flag == "1", tuple(c for c in rest.split(";") if c))
+
+
+# -- renew.lua ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Renew:
+    """renew.lua: move a live reservation's lease deadline on (an answer still in flight)."""
+
+    state_key: str
+    lease_keys: tuple[str, ...]  # the lease set of each part given
+    now_ms: int
+    deadline_ms: int
+    state_ttl_ms: int
+    user_member: str
+    org_member: str
+    parts: str
+
+    def call(self) -> ScriptCall:
+        return ScriptCall("renew", (self.state_key, *self.lease_keys),
+                          (self.now_ms, self.deadline_ms, self.state_ttl_ms, self.user_member, self.org_member,
+                           self.parts))
 
 
 # -- status.lua ------------------------------------------------------------------------

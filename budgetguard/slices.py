@@ -120,6 +120,15 @@ class OrgSlices:
             self.held_total += amount
             return True
 
+    def renew(self, rid: str, deadline_ms: int) -> bool:
+        """Move a live hold's deadline on (its call is still answering); False when there is none."""
+        with self._lock:
+            held = self.held.get(rid)
+            if held is None:
+                return False
+            self.held[rid] = (held[0], max(held[1], deadline_ms), held[2])
+            return True
+
     def held_for(self, rid: str) -> tuple[int, int] | None:
         """The (candidate, amount) a live hold of ``rid`` took, if any (a repeated request id)."""
         with self._lock:

@@ -27,14 +27,14 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from .config import Config
 from .engine import Steps
-from .protocol import ScriptCall
 from .errors import BudgetGuardError, ConfigError
+from .protocol import ScriptCall
 
 __all__ = ["AsyncStore", "StoreUnavailable", "SyncStore", "connect", "connect_async", "is_cluster"]
 
 log = logging.getLogger("budgetguard.store")
 
-SCRIPTS = ("reserve", "settle", "status", "lookup", "slice")
+SCRIPTS = ("reserve", "settle", "status", "lookup", "slice", "renew")
 
 
 class StoreUnavailable(BudgetGuardError):

@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from budgetguard import BudgetGuard
@@ -418,4 +418,38 @@ def test_the_apps_budget_headers_and_length_are_not_passed_on(upstream_server, r
     chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert chunks == [{"choices": [{"index": 0, "delta": {"content": "hi"}}]}]
     assert g.status("alice").windows["user.daily"].spent_usd > 0
+    g.close()
+
+
+def test_a_long_answer_keeps_its_reservation(upstream_server, real_redis, real_redis_url):
+    # A 2 s lease and an answer that streams for 4 s: without renewals its lease would lapse
+    # mid-answer and hand the cap to a second request while the first goes on spending it.
+    import asyncio
+
+    srv, switch = upstream_server
+
+    async def slow(scope: Scope, receive: Receive, send: Send) -> None:
+        await Request(scope, receive).body()
+
+        async def events() -> Any:
+            for _ in range(8):
+                yield b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+                await asyncio.sleep(0.5)
+            yield b'data: {"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5}}\n\ndata: [DONE]\n\n'
+
+        await StreamingResponse(events(), media_type="text/event-stream")(scope, receive, send)
+
+    g = BudgetGuard(config(models=MODELS, reservation_ttl_s=2, tiers={"default": {"hourly_usd": "0.004"}}),
+                    redis_url=real_redis_url)  # the real clock: leases lapse as time passes
+    switch.app = BudgetMiddleware(slow, guard=g, identify=lambda r: "alice")
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 300, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{srv.url}/v1/chat/completions", json=body) as first:
+        lines = first.iter_lines()
+        seen = 0
+        while seen < 7:  # 3 s into the answer, a second past its first lease's deadline
+            seen += next(lines).startswith("data:")
+        second = http.post(f"{srv.url}/v1/chat/completions", json={**body, "stream": False})
+        rest = list(lines)
+    assert first.status_code == 200 and "data: [DONE]" in rest
+    assert second.status_code == 429
     g.close()
