@@ -272,10 +272,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ReportError("--top must be 0 or more")
     config = _load(args)
     since = until - span
-    if args.db is not None:
+    if args.db is not None or args.format in ("efficiency", "weekly"):
         from .ledger.command import db_report
 
-        sys.stdout.write(db_report(args, since, until))
+        sys.stdout.write(db_report(args, since, until, config))
         return 0
     path = _log_file(args, config)
     if path is not None:
@@ -718,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", default="24h", help="how far back from --until: 90m, 24h, 7d, 30d, 2w (default 24h)")
     p.add_argument("--until", default=None, help="end of the range, ISO-8601 (default now; naive means UTC)")
     p.add_argument("--by", choices=GROUP_BY, default=None, help="group rows by this (default: totals only)")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    p.add_argument("--format", choices=(*FORMATS, "efficiency", "weekly"), default="table",
+                   help="output format (default table); efficiency and weekly read the ledger (--db)")
     p.add_argument("--file", default=None, type=Path,
                    help="read this JSON Lines usage log instead of the stream "
                         "(default: the stream, or events.jsonl_path when events.stream_maxlen is 0)")
@@ -726,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=None, metavar="URL",
                    help="read the SQL ledger (sqlite:///path.db, postgresql://...) instead of the stream")
     p.add_argument("--table", default="usage_events", help="the ledger's table, with --db (default usage_events)")
+    p.add_argument("--send", choices=("slack",), default=None,
+                   help="also post the weekly summary to alerts.slack.webhook_url")
     p.add_argument("--config", default=None, type=Path, help=config_help)
     p.set_defaults(func=cmd_report)
 

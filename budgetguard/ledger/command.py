@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -21,6 +21,7 @@ from ..config import Config
 from ..eventlog import stream_key
 from ..redact import redact_url
 from ..report import build_report, render
+from .insights import EFFICIENCY_BY, Weekly, efficiency, render_efficiency, render_weekly, slack_message, weekly
 from .rows import to_event
 from .store import DEFAULT_TABLE, LedgerError, open_ledger
 
@@ -108,11 +109,45 @@ def cmd_ship(args: argparse.Namespace, config: Config, client: redis.Redis) -> i
     return 0
 
 
-def db_report(args: argparse.Namespace, since: datetime | None, until: datetime | None) -> str:
-    """``budgetguard report --db URL``: the same report as the stream's, from the ledger."""
+def db_report(args: argparse.Namespace, since: datetime, until: datetime, config: Config) -> str:
+    """``budgetguard report --db URL``: the stream report's numbers from the ledger, and the
+    ledger's own formats (``efficiency``, ``weekly``)."""
+    from ..report import ReportError
+
+    if args.db is None:
+        raise ReportError(f"--format {args.format} reads the SQL ledger: add --db URL")
+    if args.send is not None and args.format != "weekly":
+        raise ReportError("--send goes with --format weekly")
+    if args.format == "efficiency":
+        by = args.by or "model+feature"
+        if by not in EFFICIENCY_BY:
+            raise ReportError(f"--format efficiency groups by model or feature (default both), not {by}")
+        events, _ = db_events(args.db, args.table, since, until)
+        return render_efficiency(efficiency(events, by), "table", by)
+    if args.format == "weekly":
+        month_start = until.replace(day=1, hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+        events, _ = db_events(args.db, args.table, min(until - timedelta(days=14), month_start), until)
+        summary = weekly(events, until)
+        if args.send == "slack":
+            _send_slack(config, summary)
+        return render_weekly(summary)
     events, source = db_events(args.db, args.table, since, until)
     report = build_report(events, by=args.by, top=args.top, since=since, until=until, source=source)
     return render(report, args.format)
+
+
+def _send_slack(config: Config, summary: Weekly) -> None:
+    import httpx
+
+    sink = config.alerts.slack
+    if sink is None or not sink.webhook_url:
+        raise LedgerError("--send slack: alerts.slack.webhook_url is not set in the config")
+    try:
+        answer = httpx.post(sink.webhook_url, json=slack_message(summary), timeout=config.alerts.timeout_s)
+    except httpx.HTTPError as exc:
+        raise LedgerError(f"--send slack: {redact_url(sink.webhook_url)}: {type(exc).__name__}") from None
+    if answer.status_code >= 300:
+        raise LedgerError(f"--send slack: {redact_url(sink.webhook_url)} answered {answer.status_code}")
 
 
 def db_events(url: str, table: str, since: datetime | None,
