@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -308,15 +309,30 @@ class _Settler:
         self.decision = decision
         self.tracker = StreamUsage(decision.model)
         self.settled = False
+        # A stream read for longer than its lease renews it, a third of its ttl at a time.
+        self._renew_every = guard.config.reservation_ttl_s / 3
+        self._renewed = time.monotonic()
+
+    def renew_due(self) -> bool:
+        now = time.monotonic()
+        if self.settled or now - self._renewed < self._renew_every:
+            return False
+        self._renewed = now
+        return True
 
     def usage(self) -> tuple[Usage, bool]:
         """The usage to record and whether the stream was incomplete."""
         if self.tracker.usage is not None:
             return self.tracker.usage, False
+        d = self.decision
         log.warning("stream of user %s (%s) ended without usage after %d events; charging the estimated input "
-                    "plus the streamed output", printable(self.decision.user), printable(self.decision.model),
-                    self.tracker.events)
-        return self.tracker.fallback(self.decision.estimated_input_tokens), True
+                    "plus the streamed output", printable(d.user), printable(d.model), self.tracker.events)
+        try:
+            return self.tracker.fallback(d.estimated_input_tokens), True
+        except Exception:
+            # Whatever failed in counting, the reservation must not stay behind.
+            log.exception("counting a stream's output failed; charging the reserved worst case")
+            return Usage(d.estimated_input_tokens, d.max_output_tokens), True
 
     def settle(self) -> None:
         if self.settled:
@@ -392,6 +408,8 @@ class GuardedStream:
         self._settler.tracker.feed(item)
         if self._settler.tracker.final:
             self._settler.settle()  # a consumer may stop reading right after the usage event
+        elif self._settler.renew_due():
+            self._settler.guard.renew(self._settler.decision)
         return item
 
     def close(self) -> None:
@@ -441,6 +459,8 @@ class AsyncGuardedStream:
         self._settler.tracker.feed(item)
         if self._settler.tracker.final:
             await self._settler.asettle()  # a consumer may stop reading right after the usage event
+        elif self._settler.renew_due():
+            await self._settler.guard.arenew(self._settler.decision)
         return item
 
     async def close(self) -> None:
