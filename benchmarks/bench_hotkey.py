@@ -59,9 +59,9 @@ from redis.crc import key_slot
 
 from budgetguard import BudgetGuard, Usage
 from budgetguard.config import Config, parse_config
+from budgetguard.keys import user_tag
 from budgetguard.store import connect
 from budgetguard.tokens import estimate_input_tokens
-from budgetguard.windows import user_tag
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.*
 from tests.cluster import LocalCluster

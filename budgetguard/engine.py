@@ -25,8 +25,10 @@ from .alerts.anomaly import Baseline
 from .alerts.model import Alert
 from .config import Config
 from .decision import Decision, Status, Ticket, WindowStatus
+from .details import CallDetails
 from .errors import BudgetGuardError, InvalidArgument, InvalidArgumentType
 from .events import Event, denial_event, stream_head, usage_event
+from .keys import KeySpace, user_tag
 from .policy import Policies, UserPolicy
 from .pricing import ModelPrice, nano_to_usd, usd_to_nano
 from .protocol import (
@@ -53,7 +55,7 @@ from .redact import printable
 from .slices import Item, OrgSlices, Refill
 from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for
 from .usage import Usage, check_token_count
-from .windows import WINDOWS, Period, WindowClock, WindowSet, user_tag, windows_at
+from .windows import WINDOWS, Period, WindowClock, WindowSet, windows_at
 
 __all__ = ["MAX_OUTPUT_TOKENS_CEILING", "CheckPlan", "Engine", "ScriptCall", "SettlePlan", "Settled", "Steps"]
 
@@ -236,7 +238,8 @@ class Engine:
         self._clock = clock
         self._windows = WindowClock(config.tz)
         self._prefix = config.key_prefix
-        self._org_prefix = f"{config.key_prefix}:{{org}}:"
+        self.keys = KeySpace(config.key_prefix)
+        self._org_prefix = self.keys.org
         # A settled request's state outlives its lease so that retries and late
         # records still find it; window keys outlive their window by a day.
         self._state_ms = (2 * config.reservation_ttl_s + 3600) * 1000
@@ -276,18 +279,10 @@ class Engine:
         return ends
 
     def _user_prefix(self, user: str) -> str:
-        return f"{self._prefix}:{user_tag(user)}:"
+        return self.keys.user(user)
 
     def _part_keys(self, user_prefix: str, windows: WindowSet, parts: str) -> tuple[str, ...]:
-        """The lease sets, then the window counters, of ``parts`` (the scripts' key order)."""
-        h, d, m = windows.h.stamp, windows.d.stamp, windows.m.stamp
-        org = self._org_prefix
-        if parts == BOTH:
-            return user_prefix + "leases", org + "leases", user_prefix + h, user_prefix + d, user_prefix + m, \
-                org + d, org + m
-        if parts == USER:
-            return user_prefix + "leases", user_prefix + h, user_prefix + d, user_prefix + m
-        return org + "leases", org + d, org + m
+        return self.keys.parts(user_prefix, windows, parts)
 
     # -- check ---------------------------------------------------------------------
 
@@ -424,9 +419,9 @@ class Engine:
         now_ms = _epoch_ms(plan.now)
         slot = self._org_prefix if parts == ORG else prefix
         return Reserve(
-            state_key=slot + "rq:" + plan.rid, void_key=slot + "rv:" + plan.attempt,
+            state_key=KeySpace.request(slot, plan.rid), void_key=KeySpace.void(slot, plan.attempt),
             part_keys=self._part_keys(prefix, w, parts),
-            blocked_key=None if parts == USER else self._org_prefix + "blocked",
+            blocked_key=None if parts == USER else self.keys.blocked,
             now_ms=now_ms, lease_deadline_ms=now_ms + self._lease_ms, state_ttl_ms=self._state_ms,
             grace_ms=self._grace_ms, user_prefix=prefix, org_prefix=self._org_prefix,
             user_suffixes=f"|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", org_suffixes=f"|{w.d.stamp}|{w.m.stamp}",
@@ -599,9 +594,9 @@ class Engine:
         baseline = self.anomaly_baselines.get(hour)
         now_ms = _epoch_ms(now)
         return Slice(
-            state_key=f"{org}rq:{refill.id}",
-            org_keys=(org + "leases", org + d, org + m, f"{org}hist:{hour[:8]}", f"{org}top:u:h:{hour}",
-                      f"{org}top:u:{d}", f"{org}top:u:{m}", f"{org}top:f:h:{hour}", org + "events", org + "blocked"),
+            state_key=KeySpace.request(org, refill.id),
+            org_keys=(KeySpace.leases(org), self.keys.org_window(d), self.keys.org_window(m),
+                      *self.keys.rankings(now, d, m), self.keys.blocked),
             now_ms=now_ms, grace_ms=self._grace_ms, state_ttl_ms=self._state_ms, org_prefix=org,
             org_suffixes=f"|{d}|{m}", release=",".join(refill.release), slice_id=refill.id,
             deadline_ms=now_ms + self._lease_ms, want=refill.want, need=refill.need, ends=f"{ends[3]},{ends[4]}",
@@ -658,7 +653,8 @@ class Engine:
         w = plan.windows
         member = f"{plan.rid}|{plan.user_amount}|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}"
         call = Settle(
-            state_key=f"{plan.user_prefix}rq:{plan.rid}", void_key=f"{plan.user_prefix}rv:{plan.attempt}",
+            state_key=KeySpace.request(plan.user_prefix, plan.rid),
+            void_key=KeySpace.void(plan.user_prefix, plan.attempt),
             part_keys=self._part_keys(plan.user_prefix, w, USER), org_keys=(), now_ms=_epoch_ms(self.now()),
             state_ttl_ms=self._state_ms, grace_ms=self._grace_ms, user_prefix=plan.user_prefix,
             org_prefix=self._org_prefix, user_member=member, org_member="", cost=None,
@@ -679,7 +675,7 @@ class Engine:
         if amount is None:
             amount = candidate.amount_nano if candidate else 0
         ticket = Ticket(
-            request_key=f"{plan.user_prefix}rq:{plan.rid}",
+            request_key=KeySpace.request(plan.user_prefix, plan.rid),
             user_prefix=plan.user_prefix,
             org_prefix=self._org_prefix,
             windows=windows or plan.windows,
@@ -841,7 +837,8 @@ class Engine:
         return t
 
     def settle_call(self, decision: Decision, usage: Usage | None, *, outcome: str | None = None,
-                    error: str | None = None, latency_ms: int | None = None, logged: bool = True) -> SettlePlan:
+                    error: str | None = None, latency_ms: int | None = None, logged: bool = True,
+                    details: CallDetails | None = None) -> SettlePlan:
         """Record ``usage`` against a decision's reservation, or release it (``usage`` None).
 
         A decision whose reserve is in doubt (sent, never answered) is voided as it settles.
@@ -867,14 +864,13 @@ class Engine:
         prices, provider = self._snapshot(decision.model)
         outcome = outcome or ("ok" if usage is not None else "released")
         event = usage_event(decision, now, usage=usage, input_cost_nano=input_cost, cost_nano=cost or 0,
-                            prices=prices, provider=provider, latency_ms=latency_ms, error=error)
+                            prices=prices, provider=provider, latency_ms=latency_ms, error=error, details=details)
         baseline = self.anomaly_baselines.get(hour)
         spender = _ranked(decision.user)
         state = settled_state(t.candidate, cost)
         # Without a lease (fail_mode open let it through), a lapse is no news.
         lapsed = "expired" if decision.enforced and outcome in ("ok", "released") else outcome
-        org_keys = (f"{org}hist:{hour[:8]}", f"{org}top:u:h:{hour}", f"{org}top:u:{charge.d.stamp}",
-                    f"{org}top:u:{charge.m.stamp}", f"{org}top:f:h:{hour}", org + "events")
+        org_keys = self.keys.rankings(now, charge.d.stamp, charge.m.stamp)
         head = stream_head(event) if self._stream_maxlen != "0" and logged else ""
         feature = _ranked(decision.tags.get("feature", ""))
         part = functools.partial(
@@ -886,7 +882,7 @@ class Engine:
             event_head="", outcome=outcome, lapsed_outcome=lapsed, stream_maxlen=self._stream_maxlen,
             void_ttl_ms=self._lease_ms + _VOID_MARGIN_MS if t.in_doubt else None, attempt=t.attempt)
         ranks = (spender, feature)
-        user_void, org_void = f"{t.user_prefix}rv:{t.attempt}", f"{org}rv:{t.attempt}"
+        user_void, org_void = KeySpace.void(t.user_prefix, t.attempt), KeySpace.void(org, t.attempt)
         user_call = part(state_key=t.request_key, void_key=user_void,
                          part_keys=self._part_keys(t.user_prefix, charge, USER), parts=USER)
         if t.org_local:  # the org's part is settled in memory, after the user's
@@ -899,7 +895,7 @@ class Engine:
             # The user's part first: its request state decides whether this settle applies,
             # so the org (and the usage event with it) is charged once, by whoever got there.
             calls = (user_call, part(
-                state_key=f"{org}rq:{decision.reservation_id}", void_key=org_void,
+                state_key=KeySpace.request(org, decision.reservation_id), void_key=org_void,
                 part_keys=self._part_keys(t.user_prefix, charge, ORG), org_keys=org_keys, event_head=head,
                 parts=ORG))
         return SettlePlan(calls, decision, event, state, outcome, lapsed, charge, now, cost, ranks)
@@ -918,11 +914,12 @@ class Engine:
                          org_member, parts).call()
 
         if not self.split:
-            return int((yield renew(t.request_key, (t.user_prefix + "leases", org + "leases"), BOTH))) == 1
-        renewed = int((yield renew(t.request_key, (t.user_prefix + "leases",), USER))) == 1
+            return int((yield renew(t.request_key, (KeySpace.leases(t.user_prefix), KeySpace.leases(org)), BOTH))) == 1
+        renewed = int((yield renew(t.request_key, (KeySpace.leases(t.user_prefix),), USER))) == 1
         if t.org_local and self.slices is not None:
             return self.slices.renew(decision.reservation_id, now_ms + self._lease_ms) and renewed
-        org_renewed = int((yield renew(f"{org}rq:{decision.reservation_id}", (org + "leases",), ORG))) == 1
+        org_renewed = int((yield renew(KeySpace.request(org, decision.reservation_id), (KeySpace.leases(org),),
+                                       ORG))) == 1
         return renewed and org_renewed
 
     @staticmethod
@@ -1105,17 +1102,16 @@ class Engine:
 
     def top_keys(self, alert: Alert) -> tuple[str | None, str | None]:
         """The org rankings (users, features) that name who spent in an alert's window."""
-        org = self._org_prefix
         if alert.kind == "anomaly":
             stamp = alert.window_key[2:12]
-            return f"{org}top:u:h:{stamp}", f"{org}top:f:h:{stamp}"
+            return self.keys.top_users_hour(stamp), self.keys.top_features_hour(stamp)
         if alert.scope == "org" and alert.kind in ("threshold", "blocked", "forecast"):
-            return f"{org}top:u:{alert.window_key}", None
+            return self.keys.top_users(alert.window_key), None
         return None, None
 
     def log_call(self, lines: list[str]) -> ScriptCall:
         """Append finished event JSON lines to the usage stream."""
-        return Log(self._org_prefix + "events", self._stream_maxlen, tuple(lines)).call()
+        return Log(self.keys.events, self._stream_maxlen, tuple(lines)).call()
 
     def denial_event(self, decision: Decision) -> Event:
         return denial_event(decision, self.now(), provider=self._snapshot(decision.model)[1])

@@ -21,6 +21,7 @@ import redis
 
 from .config import Config
 from .errors import BudgetGuardError
+from .keys import KeySpace
 
 __all__ = [
     "EVENT_FIELD",
@@ -69,7 +70,7 @@ class EventLogError(BudgetGuardError):
 
 
 def stream_key(config: Config) -> str:
-    return f"{config.key_prefix}:{{org}}:events"
+    return KeySpace(config.key_prefix).events
 
 
 def event_time(text: Any) -> datetime:

@@ -1,37 +1,16 @@
-"""Calendar windows (hour, day, month) in the configured timezone, and Redis key names.
+"""Calendar windows (hour, day, month) in the configured timezone.
 
-Key layout (``bg`` is ``key_prefix``)::
-
-    bg:{u:<user>}:h:202611231400 user hourly counters    hash {s: spent, r: reserved}; the hour's UTC start
-    bg:{u:<user>}:d:20261123     user daily counters
-    bg:{u:<user>}:m:202611       user monthly counters
-    bg:{u:<user>}:leases         live reservations       zset "rid|amount|h:..|d:..|m:.." scored by deadline ms
-    bg:{u:<user>}:rq:<rid>       request state           "L|<candidate>|<amount>|<ms>" reserved, "S|..." settled
-    bg:{org}:d:20261123, bg:{org}:m:202611, bg:{org}:leases
-
-The braces are Redis Cluster hash tags: a user's keys share one slot, the org's another.
+A window's *stamp* (``h:202611231400``, ``d:20261123``, ``m:202611``) names its counters in
+Redis (see :mod:`budgetguard.keys`); the hour's names its UTC start.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-__all__ = ["WINDOWS", "Period", "WindowSet", "WindowSpec", "user_tag"]
-
-_SAFE_ID = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
-
-
-def user_tag(user_id: str) -> str:
-    """The user's hash tag. Ids outside a safe alphabet are hashed, so any string is data."""
-    if _SAFE_ID.fullmatch(user_id):
-        return "{u:" + user_id + "}"
-    # '#' is outside the safe alphabet, so a hashed id can never equal a plain one.
-    return "{u:#" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:40] + "}"
-
+__all__ = ["WINDOWS", "Period", "WindowSet", "WindowSpec"]
 
 @dataclass(frozen=True, slots=True)
 class WindowSpec:

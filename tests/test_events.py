@@ -17,8 +17,8 @@ from typing import Any
 from budgetguard import Usage
 from budgetguard.events import MAX_ID, MAX_TAG_KEY, MAX_TAG_VALUE, shorten, to_json
 from budgetguard.guard import BudgetGuard
+from budgetguard.keys import user_tag
 from budgetguard.store import StoreUnavailable, connect
-from budgetguard.windows import user_tag
 
 from . import event_workers
 from .helpers import MSG, PRICES, config, cost_usd, estimate_usd, guard
@@ -29,6 +29,7 @@ FIELDS = {
     "limit", "reason", "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
     "reasoning_tokens", "input_cost_usd", "output_cost_usd", "cost_usd", "estimated_input_tokens",
     "max_output_tokens", "estimated_cost_usd", "prices", "latency_ms", "error", "outcome",
+    "finish_reason", "streamed", "endpoint", "raw_usage",
 }
 PLAIN_DECIMAL = re.compile(r"^\d+(\.\d+)?$")  # no exponent, no sign
 USAGE = Usage(input_tokens=100, output_tokens=10)
@@ -131,6 +132,10 @@ def test_one_record_is_one_event_with_every_field_exact(backend_url, clock):
         "max_output_tokens": 100,
         "estimated_cost_usd": estimate_usd("gpt-4o-mini", d.estimated_input_tokens, 100),
         "prices": prices,
+        "finish_reason": "stop",
+        "streamed": None,
+        "endpoint": None,
+        "raw_usage": response["usage"],  # as reported: counts only, no text
         "latency_ms": event["latency_ms"],
         "error": None,
         "outcome": "ok",

@@ -172,8 +172,7 @@ def baseline_job(engine: Engine, hour: datetime, alert_of: Callable[[Alert], Job
     """
     cfg = engine.config.anomaly
     stamp = f"{hour:%Y%m%d%H}"
-    org = f"{engine.config.key_prefix}:{{org}}:"
-    keys = tuple(f"{org}hist:{hour - timedelta(days=k):%Y%m%d}" for k in range(1, cfg.baseline_days + 1))
+    keys = tuple(engine.keys.history(hour - timedelta(days=k)) for k in range(1, cfg.baseline_days + 1))
     reply = yield ScriptCall("lookup", keys, ("hours", f"{hour:%H}"))
     if isinstance(reply, BaseException):
         engine.anomaly_baselines.pop(stamp, None)  # try again on a later settle
@@ -184,7 +183,7 @@ def baseline_job(engine: Engine, hour: datetime, alert_of: Callable[[Alert], Job
     engine.anomaly_baselines[stamp] = found
     if found is None:
         return
-    spent = yield ScriptCall("lookup", (f"{org}hist:{hour:%Y%m%d}",), ("spike", f"{hour:%H}", found.threshold_nano))
+    spent = yield ScriptCall("lookup", (engine.keys.history(hour),), ("spike", f"{hour:%H}", found.threshold_nano))
     if not isinstance(spent, BaseException) and int(spent):
         yield from alert_of(engine.anomaly_alert(hour, int(spent)))
 
@@ -200,15 +199,14 @@ def forecast_job(engine: Engine, now: datetime, alert_of: Callable[[Alert], Job]
     if cap is None:
         return
     month = engine.windows_now(now).m
-    org = f"{engine.config.key_prefix}:{{org}}:"
     first_day = month.start.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     days = []
     day = first_day
     while day <= now:
         days.append(day)
         day += timedelta(days=1)
-    month_key = f"{org}{month.stamp}"
-    reply = yield ScriptCall("lookup", (*(f"{org}hist:{d:%Y%m%d}" for d in days), month_key), ("days",))
+    month_key = engine.keys.org_window(month.stamp)
+    reply = yield ScriptCall("lookup", (*(engine.keys.history(d) for d in days), month_key), ("days",))
     if isinstance(reply, BaseException):
         return
     hours: dict[datetime, int] = {}
