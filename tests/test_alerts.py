@@ -406,6 +406,7 @@ def test_alerts_for_any_user_id_reach_every_sink(backend_url, clock):
     with receiver() as rx:
         data = alerts_config(rx, org={"alert_at": []}, tiers={"t": {"hourly_usd": 4, "alert_at": [0.5]}},
                              default_tier="t")
+        data["alerts"]["slack"] = {**data["alerts"]["slack"], "scopes": ["org", "user"]}  # users only when asked
         g = make_guard(backend_url, clock, data)
         charge(g, odd, 3)
         assert g.flush()
