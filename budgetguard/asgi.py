@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .decision import Decision
+from .details import CallDetails, details_from_response
 from .errors import InvalidArgument, InvalidArgumentType
 from .guard import BudgetGuard
 from .redact import printable
@@ -467,6 +468,7 @@ class _Exchange:
         self.tracker: StreamUsage | None = None
         self.strip_usage_chunk = False
         self.json_body: bytearray | None = None
+        self.details = CallDetails()  # finish reason and usage object of a JSON answer
 
     # -- request -----------------------------------------------------------------------
 
@@ -687,7 +689,9 @@ class _Exchange:
             return self.tracker.fallback(d.estimated_input_tokens), True, None
         if self.json_body is not None and self.finished:
             try:
-                return usage_from_body(json.loads(self.json_body)), False, None
+                answer = json.loads(self.json_body)
+                self.details = details_from_response(answer)
+                return usage_from_body(answer), False, None
             except (ValueError, TypeError) as exc:
                 reason = str(exc)
         else:
@@ -719,13 +723,14 @@ class _Exchange:
             if usage is None:
                 await guard.arelease(decision, error=why)
                 return
+            details = self.details.merged(CallDetails(streamed=self.tracker is not None, endpoint=self.endpoint))
             try:
-                await guard.arecord(decision, usage, incomplete=incomplete)
+                await guard.arecord(decision, usage, incomplete=incomplete, details=details)
             except (InvalidArgument, InvalidArgumentType) as exc:
                 log.warning("usage %s of user %s is not recordable (%s); charging the reserved worst case", usage,
                             printable(decision.user), printable(exc))
                 await guard.arecord(decision, Usage(decision.estimated_input_tokens, decision.max_output_tokens),
-                                    incomplete=incomplete)
+                                    incomplete=incomplete, details=details)
         except Exception:
             log.exception("settling reservation %s of user %s failed", decision.reservation_id,
                           printable(decision.user))

@@ -1,8 +1,9 @@
 """Usage events: one JSON object per settled call or denial, for cost attribution.
 
-An event carries who (user, tier, tags), what (provider, requested and used model),
-how much (tokens, exact decimal costs, the prices used) and how it went (outcome,
-latency, estimate). It never carries prompt or completion text. The Redis Stream copy
+An event carries who (user, tier, tags), what (provider, requested and used model,
+endpoint), how much (tokens, exact decimal costs, the prices used, the provider's usage
+object as reported) and how it went (outcome, finish reason, streamed, latency,
+estimate). It never carries prompt or completion text. The Redis Stream copy
 is written by the settle script itself, so an event exists exactly when its spend was
 counted; the JSON Lines file and callbacks receive the same object in the background.
 
@@ -31,6 +32,7 @@ from .pricing import nano_to_usd
 
 if TYPE_CHECKING:
     from .decision import Decision
+    from .details import CallDetails
     from .usage import Usage
 
 __all__ = ["EVENT_VERSION", "MAX_ID", "MAX_TAG_KEY", "MAX_TAG_VALUE", "MAX_TEXT", "JsonlSink", "denial_event",
@@ -105,7 +107,7 @@ def _base(decision: Decision, now: datetime, kind: str, provider: str | None) ->
 
 def usage_event(decision: Decision, now: datetime, *, usage: Usage | None, input_cost_nano: int,
                 cost_nano: int, prices: Mapping[str, str] | None, provider: str | None,
-                latency_ms: int | None, error: str | None) -> Event:
+                latency_ms: int | None, error: str | None, details: CallDetails | None = None) -> Event:
     """The event of a settle, without its outcome (the settle script decides "expired")."""
     event = _base(decision, now, "usage", provider)
     event.update(
@@ -123,6 +125,11 @@ def usage_event(decision: Decision, now: datetime, *, usage: Usage | None, input
         prices=dict(prices) if prices else None,
         latency_ms=latency_ms,
         error=_cut(error),
+        # Bounded by budgetguard.details: a short reason, an endpoint name, a capped usage object.
+        finish_reason=details.finish_reason if details else None,
+        streamed=details.streamed if details else None,
+        endpoint=details.endpoint if details else None,
+        raw_usage=details.raw_usage if details else None,
     )
     return event
 
@@ -135,7 +142,8 @@ def denial_event(decision: Decision, now: datetime, *, provider: str | None) -> 
         estimated_input_tokens=decision.estimated_input_tokens,
         max_output_tokens=decision.max_output_tokens,
         estimated_cost_usd=f"{decision.estimated_cost_usd.normalize():f}",
-        prices=None, latency_ms=None, error=None, outcome="denied",
+        prices=None, latency_ms=None, error=None, finish_reason=None, streamed=None, endpoint=None, raw_usage=None,
+        outcome="denied",
     )
     return event
 

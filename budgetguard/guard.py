@@ -25,6 +25,7 @@ from .alerts.jobs import Invoke, Job, RetryPolicy, Sleep, alert_job, baseline_jo
 from .alerts.model import Alert
 from .config import Config, load_config
 from .decision import Decision, Status
+from .details import CallDetails, details_from_response
 from .engine import CheckPlan, Engine, Settled, SettlePlan
 from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
 from .events import Event, JsonlSink, to_json
@@ -355,13 +356,15 @@ class BudgetGuard:
 
     # -- settle ------------------------------------------------------------------------
 
-    def _record_plan(self, decision: Decision, response_or_usage: Any, incomplete: bool) -> SettlePlan:
+    def _record_plan(self, decision: Decision, response_or_usage: Any, incomplete: bool,
+                     details: CallDetails | None = None) -> SettlePlan:
         if isinstance(decision, Decision) and not decision.allowed:
             raise InvalidArgument(f"cannot record usage for a denied decision (limit {decision.limit}); "
                                   "nothing was reserved for it")
         usage = Usage.from_response(response_or_usage)
+        found = details_from_response(response_or_usage).merged(details)
         return self._engine.settle_call(decision, usage, outcome="stream_incomplete" if incomplete else "ok",
-                                        latency_ms=_latency_ms(decision))
+                                        latency_ms=_latency_ms(decision), details=found)
 
     def _release_plan(self, decision: Decision, error: BaseException | str | None) -> SettlePlan | None:
         # A denial reserved nothing, except a fail-closed one: its script may have run
@@ -391,12 +394,15 @@ class BudgetGuard:
         except StoreUnavailable:
             return False
 
-    def record(self, decision: Decision, response_or_usage: Any, *, incomplete: bool = False) -> bool:
+    def record(self, decision: Decision, response_or_usage: Any, *, incomplete: bool = False,
+               details: CallDetails | None = None) -> bool:
         """Replace the reservation with the actual cost. Applies once; True if this call applied it.
 
-        ``incomplete=True`` marks usage counted from a stream that ended early.
+        ``incomplete=True`` marks usage counted from a stream that ended early. The usage
+        event takes the finish reason and usage object of a response; ``details`` adds or
+        overrides them (``streamed``, ``endpoint``).
         """
-        return self._settled(decision, self._record_plan(decision, response_or_usage, incomplete))
+        return self._settled(decision, self._record_plan(decision, response_or_usage, incomplete, details))
 
     def release(self, decision: Decision, *, error: BaseException | str | None = None) -> bool:
         """Give the reservation back (the call failed). Applies once; True if this call applied it.
@@ -406,8 +412,9 @@ class BudgetGuard:
         plan = self._release_plan(decision, error)
         return plan is not None and self._settled(decision, plan)
 
-    async def arecord(self, decision: Decision, response_or_usage: Any, *, incomplete: bool = False) -> bool:
-        return await self._asettled(decision, self._record_plan(decision, response_or_usage, incomplete))
+    async def arecord(self, decision: Decision, response_or_usage: Any, *, incomplete: bool = False,
+                      details: CallDetails | None = None) -> bool:
+        return await self._asettled(decision, self._record_plan(decision, response_or_usage, incomplete, details))
 
     async def arelease(self, decision: Decision, *, error: BaseException | str | None = None) -> bool:
         plan = self._release_plan(decision, error)

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .details import CallDetails
 from .errors import InvalidArgument, InvalidArgumentType
 from .redact import printable
 from .tokens import count_text_tokens
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("budgetguard")
+
+_STREAMED = CallDetails(streamed=True)
 
 #: An SSE event larger than this has its data dropped (it is still passed on untouched);
 #: usage events are a few kB, and even a ``response.completed`` with the whole output is
@@ -340,7 +343,7 @@ class _Settler:
         self.settled = True
         usage, incomplete = self.usage()
         try:
-            self.guard.record(self.decision, usage, incomplete=incomplete)
+            self.guard.record(self.decision, usage, incomplete=incomplete, details=_STREAMED)
         except (InvalidArgument, InvalidArgumentType):
             log.exception("recording a stream's usage for user %s failed", printable(self.decision.user))
 
@@ -373,7 +376,7 @@ class _Settler:
 
 async def _arecord(guard: BudgetGuard, decision: Decision, usage: Usage, incomplete: bool) -> None:
     try:
-        await guard.arecord(decision, usage, incomplete=incomplete)
+        await guard.arecord(decision, usage, incomplete=incomplete, details=_STREAMED)
     except (InvalidArgument, InvalidArgumentType):
         log.exception("recording a stream's usage for user %s failed", printable(decision.user))
 

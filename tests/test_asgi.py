@@ -146,6 +146,16 @@ def test_chat_json_records_the_reported_usage_exactly(env):
     assert env.outcomes(1) == ["ok"]
 
 
+def test_events_carry_the_endpoint_streamed_and_finish_reason(env):
+    env.openai().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=300)
+    list(env.openai().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=300, stream=True))
+    assert env.outcomes(2) == ["ok", "ok"]
+    json_event, stream_event = env.events
+    assert (json_event["endpoint"], json_event["streamed"]) == ("chat", False)
+    assert json_event["finish_reason"] is not None and json_event["raw_usage"]["prompt_tokens"] == env.up.prompt_tokens
+    assert (stream_event["endpoint"], stream_event["streamed"]) == ("chat", True)
+
+
 def test_remaining_header_is_the_headroom_after_the_reservation(env):
     env.plug(env.make_guard(tiers={"default": {"hourly_usd": "1.00"}}))
     raw = env.openai().chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=300)
