@@ -55,7 +55,9 @@ CLIENT_RETRY_MAX_S = 60
 # A JSON answer is copied (not held back) up to this size to read its usage.
 _MAX_JSON_RESPONSE_BYTES = 64 * 1024 * 1024
 
-Identify = Callable[[Request], "str | Awaitable[str | None] | None"]
+# A user id, or (user id, plans: budget name -> plan, e.g. {"user": "pro"}), or None.
+Identified = str | tuple[str, Mapping[str, str]] | None
+Identify = Callable[[Request], "Identified | Awaitable[Identified]"]
 Tags = Callable[[Request, Mapping[str, Any]], "Mapping[str, str] | None"]
 
 
@@ -375,7 +377,9 @@ class BudgetMiddleware:
     """Budget enforcement for the OpenAI and Anthropic routes of an ASGI app.
 
     ``identify(request)`` (sync or async) returns the user id from the app's own auth,
-    or None; the request it sees has no body access (the body has not been read yet).
+    or ``(user id, plans)`` when the app decides the user's plan at run time (``plans``
+    as for ``guard.check``: ``{"user": "pro"}``), or None; the request it sees has no
+    body access (the body has not been read yet).
     ``routes`` maps paths to the API they speak (:data:`DEFAULT_ROUTES`); every other
     path, and every method but POST, passes through untouched. ``default_user`` is
     charged for requests ``identify`` cannot name (otherwise they get 401).
@@ -477,6 +481,9 @@ class _Exchange:
         user = self.mw.identify(request)
         if inspect.isawaitable(user):
             user = await user
+        plans = None
+        if isinstance(user, tuple) and len(user) == 2:
+            user, plans = user
         if user is None or (isinstance(user, str) and not user.strip()):
             user = self.mw.default_user
         if user is None:
@@ -492,7 +499,7 @@ class _Exchange:
             tags = self.mw.tags(request, parsed) if self.mw.tags is not None else None
             decision = await self.mw.guard.acheck(
                 user, call.model, call.messages, max_tokens=call.max_tokens, tags=tags, tools=call.tools,
-                prompt=call.prompt, system=call.system, fetched_input=call.fetched_input)
+                prompt=call.prompt, system=call.system, fetched_input=call.fetched_input, plans=plans)
         except _BadRequest as exc:
             await self.error(400, "invalid_request_error", exc.message, exc.code, param=exc.param)
             return

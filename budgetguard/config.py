@@ -220,6 +220,10 @@ class ApiKey(_Strict):
     sha256: str
     user: str
     name: str | None = None  # a label for people and the usage log (tag ``api_key``)
+    # The caller's plans (``{user: pro}``: its tier) and tags (``{tenant: acme}``) for every
+    # call made with the key.
+    plans: dict[str, str] = Field(default_factory=dict, max_length=8)
+    tags: dict[str, str] = Field(default_factory=dict, max_length=16)
     # A key `budgetguard hash-key --generate` made (bg-...): worthless to a provider, so the
     # proxy warns at start when no upstream key would replace it.
     generated: bool = False
@@ -632,6 +636,14 @@ def _check_references(config: Config) -> None:
         if j != i:
             # Two users for one key would make the charge depend on list order.
             raise ConfigError(f"api_keys.{i}.sha256: the same key as api_keys.{j}.sha256 (each key once)")
+        for budget, plan in entry.plans.items():
+            if budget != "user":
+                raise ConfigError(f"api_keys.{i}.plans.{budget}: no budget of that name has plans (budgets with "
+                                  "plans: user)")
+            if plan not in config.tiers and plan != config.default_tier:
+                raise ConfigError(f"api_keys.{i}.plans.user: tier {plan!r} is not defined under tiers")
+        if "api_key" in entry.tags:
+            raise ConfigError(f"api_keys.{i}.tags.api_key: the proxy sets this tag itself (the key's name)")
 
     if config.anomaly.min_history_days > config.anomaly.baseline_days:
         raise ConfigError(f"anomaly.min_history_days: {config.anomaly.min_history_days} exceeds baseline_days "

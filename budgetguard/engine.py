@@ -205,6 +205,25 @@ def _token_ids(prompt: Any) -> int | None:
     return count
 
 
+def _user_plan(tier: Any, plans: Any) -> str | None:
+    """The user's plan for a call: ``tier``, or ``plans["user"]`` (the user budget's plan)."""
+    if tier is not None:
+        tier = _validate_text("tier", tier, max_len=256)
+    if plans is None:
+        return tier
+    if not isinstance(plans, Mapping):
+        raise InvalidArgumentType(f"plans must be a mapping of budget name to plan, got {type(plans).__name__}")
+    for budget, plan in plans.items():
+        if budget != "user":
+            raise InvalidArgument(f"plans[{str(budget)[:64]!r}]: no budget of that name has plans (budgets with "
+                                  "plans: user)")
+        plan = _validate_text("plans['user']", plan, max_len=256)
+        if tier is not None and plan != tier:
+            raise InvalidArgument(f"tier={tier!r} and plans['user']={plan!r} disagree")
+        tier = plan
+    return tier
+
+
 def _validate_tags(tags: Any) -> Mapping[str, str]:
     if tags is None:
         return {}
@@ -299,14 +318,17 @@ class Engine:
         prompt: Any = None,
         system: Any = None,
         fetched_input: bool = False,
+        tier: Any = None,
+        plans: Any = None,
     ) -> CheckPlan:
         """Validate, apply per-request rules and build the reserve call (no I/O).
 
         ``fetched_input``: part of the input is fetched by the provider (a file, a URL, a
         stored conversation), so its size is unknown here: the tier's
         ``per_request.max_input_tokens`` is reserved for the input, and without one the
-        check is denied. Raises InvalidArgument / InvalidArgumentType on malformed input,
-        before anything is reserved.
+        check is denied. ``tier`` (or ``plans={"user": ...}``) is the user's plan for this
+        call, decided at run time. Raises InvalidArgument / InvalidArgumentType on malformed
+        input, before anything is reserved.
         """
         user = _validate_text("user", user)
         model = _validate_text("model", model, max_len=256)
@@ -315,7 +337,7 @@ class Engine:
         tags = _validate_tags(tags)
         if request_id is not None:
             request_id = _validate_text("request_id", request_id, max_len=_MAX_REQUEST_ID)
-        policy = self.policies.for_user(user)
+        policy = self.policies.for_user(user, _user_plan(tier, plans))
         max_out = max_tokens or policy.max_output_tokens or self.config.default_max_output_tokens
         # Estimating also validates messages/tools, so it runs before any early denial.
         input_tokens = self._estimate(model, messages, tools, prompt, system)
@@ -858,7 +880,7 @@ class Engine:
         # current windows: late spend is still spend.
         expired = self._ends_ms(t.windows)[0] + self._grace_ms <= now_ms
         charge = self._windows.at(now) if expired else t.windows
-        policy = self.policies.for_user(decision.user)
+        policy = self.policies.for_user(decision.user, decision.tier)
         org = t.org_prefix
         hour = f"{now:%Y%m%d%H}"  # spend history is kept by UTC hour
         prices, provider = self._snapshot(decision.model)
@@ -1003,7 +1025,7 @@ class Engine:
         live = event_part.live
         event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome) if event_part.applied else None
         d = plan.decision
-        policy = self.policies.for_user(d.user)
+        policy = self.policies.for_user(d.user, d.tier)
         alerts = []
         for raw in crossed:
             parts = raw.split("|")
@@ -1118,9 +1140,10 @@ class Engine:
 
     # -- status --------------------------------------------------------------------
 
-    def status_steps(self, user: Any) -> Steps:
-        """Read a user's and the org's windows; returns a :class:`Status`."""
+    def status_steps(self, user: Any, tier: Any = None) -> Steps:
+        """Read a user's and the org's windows (the caps of ``tier``, else the user's); returns a :class:`Status`."""
         user = _validate_text("user", user)
+        policy = self.policies.for_user(user, _user_plan(tier, None))
         now = self.now()
         windows = self._windows.at(now)
         user_prefix = self._user_prefix(user)
@@ -1133,7 +1156,7 @@ class Engine:
         else:
             u = StatusReply.parse((yield status(USER)), USER)
             reply = u.merged(StatusReply.parse((yield status(ORG)), ORG))
-        return self._read_status(user, windows, self.policies.for_user(user), reply)
+        return self._read_status(user, windows, policy, reply)
 
     def _read_status(self, user: str, windows: WindowSet, policy: UserPolicy, reply: StatusReply) -> Status:
         caps = (*policy.caps, *self.policies.org.caps)

@@ -168,11 +168,17 @@ class BudgetGuard:
               max_tokens: int | None = None, tags: Mapping[str, str] | None = None,
               request_id: str | None = None, tools: list[Any] | None = None,
               prompt: str | list[str] | None = None, system: Any = None,
-              fetched_input: bool = False) -> Decision:
-        """Reserve the call's worst case on every budget that applies. Never raises on a denial."""
+              fetched_input: bool = False, tier: str | None = None,
+              plans: Mapping[str, str] | None = None) -> Decision:
+        """Reserve the call's worst case on every budget that applies. Never raises on a denial.
+
+        ``tier`` (or ``plans={"user": ...}``) is the user's plan for this call, decided at
+        run time (the application's own record of who pays for what); the user's overrides
+        under ``users:`` apply on top. Unset, the config's ``users:``/``default_tier`` decide.
+        """
         plan = self._engine.plan_check(user, model, messages, max_tokens=max_tokens, tags=tags,
                                        request_id=request_id, tools=tools, prompt=prompt, system=system,
-                                       fetched_input=fetched_input)
+                                       fetched_input=fetched_input, tier=tier, plans=plans)
         if plan.call is None:
             return self._checked(plan, None, sync=True)
         try:
@@ -185,10 +191,11 @@ class BudgetGuard:
                      max_tokens: int | None = None, tags: Mapping[str, str] | None = None,
                      request_id: str | None = None, tools: list[Any] | None = None,
                      prompt: str | list[str] | None = None, system: Any = None,
-                     fetched_input: bool = False) -> Decision:
+                     fetched_input: bool = False, tier: str | None = None,
+                     plans: Mapping[str, str] | None = None) -> Decision:
         plan_check = functools.partial(self._engine.plan_check, user, model, messages, max_tokens=max_tokens,
                                        tags=tags, request_id=request_id, tools=tools, prompt=prompt, system=system,
-                                       fetched_input=fetched_input)
+                                       fetched_input=fetched_input, tier=tier, plans=plans)
         if input_size(messages, tools, prompt, system, limit=OFF_LOOP_CHARS) >= OFF_LOOP_CHARS:
             # Counting this much text takes milliseconds to seconds: not on the event loop,
             # where it would hold up every other request (and their Redis deadlines).
@@ -496,10 +503,12 @@ class BudgetGuard:
 
     def limit(self, user: Callable[[dict[str, Any]], str], *, model: str = "model",
               messages: str = "messages", max_tokens: str = "max_tokens",
-              tags: Callable[[dict[str, Any]], Mapping[str, str]] | None = None) -> Callable[[F], F]:
+              tags: Callable[[dict[str, Any]], Mapping[str, str]] | None = None,
+              tier: Callable[[dict[str, Any]], str | None] | None = None) -> Callable[[F], F]:
         """Decorate a sync or async function that calls an LLM.
 
-        ``user`` (and ``tags``) receive the call's arguments by name. The function's
+        ``user`` (and ``tags``, and ``tier``: the user's plan for the call) receive the
+        call's arguments by name. The function's
         ``model``, ``messages`` and ``max_tokens`` arguments are read for the check, a
         downgraded model is swapped in, and the usage of the returned response is recorded.
         A returned stream (``stream=True``: any iterator or async iterator of events) is
@@ -567,7 +576,7 @@ class BudgetGuard:
                 bound.apply_defaults()
                 a = bound.arguments
                 reservation = self.reserve(user(a), a[model], a.get(messages), max_tokens=output(bound)[0],
-                                           tags=tags(a) if tags else None)
+                                           tags=tags(a) if tags else None, tier=tier(a) if tier else None)
                 return bound, reservation
 
             if inspect.iscoroutinefunction(fn):
@@ -597,12 +606,15 @@ class BudgetGuard:
 
     # -- status / lifecycle ------------------------------------------------------------
 
-    def status(self, user: str) -> Status:
-        """Spent, reserved, cap and reset time of every window for ``user`` and the org."""
-        return self._sync.drive(self._engine.status_steps(user))  # type: ignore[no-any-return]
+    def status(self, user: str, *, tier: str | None = None) -> Status:
+        """Spent, reserved, cap and reset time of every window for ``user`` and the org.
 
-    async def astatus(self, user: str) -> Status:
-        return await self._async_store().drive(self._engine.status_steps(user))  # type: ignore[no-any-return]
+        ``tier``: show the caps of that plan (the one the user's calls pass), not the config's.
+        """
+        return self._sync.drive(self._engine.status_steps(user, tier))  # type: ignore[no-any-return]
+
+    async def astatus(self, user: str, *, tier: str | None = None) -> Status:
+        return await self._async_store().drive(self._engine.status_steps(user, tier))  # type: ignore[no-any-return]
 
     def _close_lanes(self) -> None:
         # Both lanes share one flush bound.

@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .config import Config, Downgrade, OrgConfig, PerRequest, TierConfig, UserConfig
+from .errors import InvalidArgument
 from .pricing import usd_to_nano
 
 __all__ = ["OrgPolicy", "Policies", "UserPolicy"]
@@ -85,8 +86,15 @@ class Policies:
         self.org = OrgPolicy.from_config(config.org)
         self._by_tier: dict[str, UserPolicy] = {}
         self._by_user: dict[str, UserPolicy] = {}
+        # A listed user on a tier given at run time: bounded by users x tiers in the config.
+        self._by_user_tier: dict[tuple[str, str], UserPolicy] = {}
+        self.tiers = frozenset(config.tiers) | {config.default_tier}
 
-    def for_user(self, user: str) -> UserPolicy:
+    def for_user(self, user: str, tier: str | None = None) -> UserPolicy:
+        """The user's limits: ``tier``'s (a plan decided at run time) or the one the config
+        gives the user, with the user's own overrides from ``users:`` on top either way."""
+        if tier is not None:
+            return self._on_tier(user, tier)
         policy = self._by_user.get(user)
         if policy is not None:
             return policy
@@ -95,6 +103,18 @@ class Policies:
             return self._tier(self._config.default_tier)
         policy = self._build(override.tier or self._config.default_tier, override)
         self._by_user[user] = policy
+        return policy
+
+    def _on_tier(self, user: str, tier: str) -> UserPolicy:
+        if tier not in self.tiers:
+            raise InvalidArgument(f"tier {tier[:64]!r} is not a tier of the config "
+                                  f"(tiers: {', '.join(sorted(self.tiers))})")
+        override = self._config.users.get(user)
+        if override is None:
+            return self._tier(tier)
+        policy = self._by_user_tier.get((user, tier))
+        if policy is None:
+            policy = self._by_user_tier[(user, tier)] = self._build(tier, override)
         return policy
 
     def _tier(self, name: str) -> UserPolicy:

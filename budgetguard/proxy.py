@@ -52,6 +52,7 @@ _UNBUDGETABLE = ("/v1/messages/batches", "/v1/batches", "/v1/images", "/v1/audio
                  "/v1/fine_tuning", "/v1/videos", "/v1/threads")
 _USER_KEY = "budgetguard.user"
 _LABEL_KEY = "budgetguard.key_label"
+_ENTRY_KEY = "budgetguard.key_entry"
 
 
 def hash_key(key: str) -> str:
@@ -137,7 +138,7 @@ class _Gate:
                      guarded: bool) -> None:
         headers = Headers(scope=scope)
         anthropic = _is_anthropic(route_key(path), headers)
-        user, label = self.identify(headers, method, path)
+        user, label, entry = self.identify(headers, method, path)
         if user is None:
             await send_error(send, 401, error_body(
                 "invalid_api_key", "the API key is missing or not known to the budget proxy",
@@ -155,28 +156,28 @@ class _Gate:
                 kind="permission_error", anthropic=anthropic))
             return
         target = self.anthropic if anthropic else self.openai
-        scope = {**scope, _USER_KEY: user, _LABEL_KEY: label,
+        scope = {**scope, _USER_KEY: user, _LABEL_KEY: label, _ENTRY_KEY: entry,
                  SCOPE_KEY: Forwarding(target=target, drop_headers=self.drop)}
         await self.app(scope, receive, send)
 
-    def identify(self, headers: Headers, method: str, path: str) -> tuple[str | None, str | None]:
-        """(user, label for the usage log) of a request, or (None, None) when it names nobody."""
+    def identify(self, headers: Headers, method: str, path: str) -> tuple[str | None, str | None, ApiKey | None]:
+        """(user, label for the usage log, the key's entry) of a request; user None when it names nobody."""
         if self.user_header is not None:
             user = headers.get(self.user_header, "").strip()
             if user:
-                return user, None
+                return user, None, None
         key = _caller_key(headers)
         if key is None:
             log.info("%s %s: no API key; refused with 401", method, printable(path))
-            return None, None
+            return None, None, None
         digest = hash_key(key)
         entry = self.keys.get(digest)
         if entry is None:
             # The fingerprint only: the key itself never reaches a log.
             log.warning("%s %s: unknown API key (fingerprint %s); refused with 401", method, printable(path),
                         fingerprint(digest))
-            return None, None
-        return entry.user, entry.name or fingerprint(digest)
+            return None, None, None
+        return entry.user, entry.name or fingerprint(digest), entry
 
     def passes(self, method: str, path: str) -> bool:
         """Whether an unbudgeted request may go upstream.
@@ -217,14 +218,21 @@ def _api_scope(scope: Scope) -> Scope:
             "raw_path": raw[len(encoded):] if raw is not None and raw.startswith(encoded) else None}
 
 
-def _scope_user(request: Request) -> str | None:
+def _scope_user(request: Request) -> str | tuple[str, Mapping[str, str]] | None:
     user: str | None = request.scope.get(_USER_KEY)
+    entry: ApiKey | None = request.scope.get(_ENTRY_KEY)
+    if user is not None and entry is not None and entry.plans:
+        return user, entry.plans  # the key's plans for its calls (api_keys.<n>.plans)
     return user
 
 
 def _scope_tags(request: Request, body: Mapping[str, Any]) -> dict[str, str] | None:
+    entry: ApiKey | None = request.scope.get(_ENTRY_KEY)
+    tags = dict(entry.tags) if entry is not None else {}
     label = request.scope.get(_LABEL_KEY)
-    return {"api_key": label} if label else None
+    if label:
+        tags["api_key"] = label
+    return tags or None
 
 
 def _key(name: str, given: str | None, configured: str | None) -> str | None:
