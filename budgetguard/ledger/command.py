@@ -7,12 +7,15 @@ rest of the package logs.
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -26,7 +29,10 @@ from .rows import to_event
 from .store import DEFAULT_TABLE, LedgerError, open_ledger
 
 if TYPE_CHECKING:  # the shipper's modules need the [ledger] extra: imported when a command runs
+    from ..alerts.model import Alert
     from .shipper import ShipStats
+
+log = logging.getLogger("budgetguard.ledger")
 
 __all__ = ["add_ship_arguments", "cmd_ship", "db_events", "db_report"]
 
@@ -43,6 +49,9 @@ def add_ship_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds an entry may stay pending with a consumer before another claims it (default 60)")
     p.add_argument("--lag-warn", default=0.5, type=float,
                    help="warn when unshipped events reach this share of events.stream_maxlen (default 0.5)")
+    p.add_argument("--spike-share", default=None, type=float, metavar="FRACTION",
+                   help="alert once when a user or tenant spends more than this share of org.daily_usd in one "
+                        "UTC hour, e.g. 0.01 (default: off)")
     p.add_argument("--metrics-port", default=None, type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -59,8 +68,6 @@ def _progress(stats: ShipStats) -> str:
 
 def cmd_ship(args: argparse.Namespace, config: Config, client: redis.Redis) -> int:
     """``budgetguard ship``: bad flags and an unusable database are refused before any entry is read."""
-    import math
-
     from .metrics import ShipMetrics
     from .shipper import ShipOptions, Shipper
 
@@ -77,6 +84,7 @@ def cmd_ship(args: argparse.Namespace, config: Config, client: redis.Redis) -> i
         raise LedgerError(str(exc)) from None
     if config.events.stream_maxlen == 0:
         raise LedgerError("events.stream_maxlen is 0: there is no usage stream to ship")
+    spikes = _spike_share(args, config)
     ledger = open_ledger(args.to, args.table)
     metrics = ShipMetrics()
     last_print = [time.monotonic()]
@@ -87,8 +95,16 @@ def cmd_ship(args: argparse.Namespace, config: Config, client: redis.Redis) -> i
             last_print[0] = time.monotonic()
             print(_progress(stats), file=sys.stderr, flush=True)
 
+    on_commit = None
+    if spikes is not None:
+        from .spikes import SpikeWatch
+
+        assert config.org.daily_usd is not None  # checked by _spike_share
+        watch = SpikeWatch(ledger, client, key_prefix=config.key_prefix, share=spikes,
+                           daily_usd=config.org.daily_usd, send=lambda alert: deliver_alert(alert, config))
+        on_commit = watch.after_batch
     shipper = Shipper(client, stream_key(config), ledger, options=options,
-                      stream_maxlen=config.events.stream_maxlen, on_batch=on_batch)
+                      stream_maxlen=config.events.stream_maxlen, on_batch=on_batch, on_commit=on_commit)
     if args.metrics_port is not None:
         metrics.serve(args.metrics_port)
     print(f"budgetguard ship: {stream_key(config)} -> {redact_url(args.to)} table {args.table} "
@@ -107,6 +123,37 @@ def cmd_ship(args: argparse.Namespace, config: Config, client: redis.Redis) -> i
     if not args.quiet:
         print(_progress(stats), file=sys.stderr, flush=True)
     return 0
+
+
+def _spike_share(args: argparse.Namespace, config: Config) -> Decimal | None:
+    if args.spike_share is None:
+        return None
+    if not math.isfinite(args.spike_share) or not 0 < args.spike_share <= 1:
+        raise LedgerError("--spike-share must be above 0 and at most 1 (0.01 is 1%)")
+    if config.org.daily_usd is None:
+        raise LedgerError("--spike-share is a share of org.daily_usd, which the config does not set")
+    return Decimal(str(args.spike_share))
+
+
+def deliver_alert(alert: Alert, config: Config) -> int:
+    """Post ``alert`` to each configured sink that wants it, once; how many took it."""
+    import httpx
+
+    from ..alerts.messages import deliveries
+
+    delivered = 0
+    for d in deliveries(alert, config.alerts):
+        try:
+            answer = httpx.post(d.url, content=d.body, headers=d.headers, timeout=config.alerts.timeout_s)
+        except httpx.HTTPError as exc:
+            log.error("spike alert to %s at %s failed: %s", d.sink, d.where, type(exc).__name__)
+            continue
+        if answer.status_code >= 300:
+            log.error("spike alert to %s at %s answered %d", d.sink, d.where, answer.status_code)
+        else:
+            delivered += 1
+    log.warning("%s", alert.summary)
+    return delivered
 
 
 def db_report(args: argparse.Namespace, since: datetime, until: datetime, config: Config) -> str:

@@ -120,7 +120,8 @@ class Shipper:
     """Ships one stream into one ledger table. Not thread-safe: one loop per instance."""
 
     def __init__(self, client: redis.Redis, stream: str, ledger: Ledger, *, options: ShipOptions | None = None,
-                 stream_maxlen: int = 0, on_batch: Callable[[ShipStats], None] | None = None) -> None:
+                 stream_maxlen: int = 0, on_batch: Callable[[ShipStats], None] | None = None,
+                 on_commit: Callable[[list[dict[str, Any]]], object] | None = None) -> None:
         self.client = client
         self.stream = stream
         self.ledger = ledger
@@ -129,6 +130,7 @@ class Shipper:
         self.stream_maxlen = stream_maxlen
         self.stats = ShipStats()
         self._on_batch = on_batch
+        self._on_commit = on_commit  # sees each batch's rows once they are committed and acknowledged
         self._claim_cursor = b"0-0"
         self._warned_lag = False
         self._reported_trim = 0  # unread entries found trimmed so far
@@ -195,6 +197,8 @@ class Shipper:
         self.stats.duplicates += len(rows) - inserted
         self.stats.batches += 1
         log.debug("shipped %d entries (%d new) in %.3f s", len(entries), inserted, time.monotonic() - started)
+        if self._on_commit is not None and rows:
+            self._on_commit(rows)
         if self._on_batch is not None:
             self._on_batch(self.stats)
         return inserted
