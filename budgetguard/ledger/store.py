@@ -45,7 +45,7 @@ class LedgerError(BudgetGuardError):
 
 def _require_sqlalchemy() -> None:
     if sa is None:
-        raise LedgerError("the ledger needs SQLAlchemy and psycopg: pip install 'budgetguard[ledger]'")
+        raise LedgerError("the ledger needs SQLAlchemy and psycopg: pip install 'budgetguard-redis[ledger]'")
 
 
 def _table(name: str) -> sa.Table:
