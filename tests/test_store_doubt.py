@@ -134,3 +134,21 @@ def test_a_decision_settles_only_with_the_guard_that_took_it(real_redis, real_re
     assert mine.status("alice").windows["user.daily"].reserved_usd == 0
     mine.close()
     other.close()
+
+
+def test_a_retry_that_repeats_an_attempt_in_doubt_keeps_the_reservation(any_backend_url, clock):
+    # Attempt A's reserve ran but its reply came too late (in doubt); the caller retries with
+    # the same request id (B, a repeat of A's live reservation); then A is voided. B's record
+    # must still apply: the void must not give the reservation back from under B.
+    g = guard(any_backend_url, clock, tiers={"default": {"hourly_usd": "1"}})
+    plan = g._engine.plan_check("u1", "gpt-4o", MSG, max_tokens=10, request_id="r1")
+    g._sync.run(plan.call)  # A's script ran...
+    a = g._engine.unavailable(plan, TimeoutError())  # ...and its reply came too late
+    b = g.check("u1", "gpt-4o", MSG, max_tokens=10, request_id="r1")
+    assert b.allowed and b.reservation_id == a.reservation_id
+    g.release(a)  # the void of A
+    assert g.status("u1").windows["user.hourly"].reserved_usd == b.estimated_cost_usd
+    assert g.record(b, Usage(100, 10)) is True
+    w = g.status("u1").windows["user.hourly"]
+    assert (w.spent_usd > 0, w.reserved_usd) == (True, 0)
+    g.close()

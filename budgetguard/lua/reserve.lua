@@ -48,6 +48,14 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return {3} end
 -- Only a live reservation is a repeat: a settled or lapsed request id reserves afresh.
 local prior = redis.call('GET', KEYS[1])
 if prior and string.sub(prior, 1, 1) == 'L' and tonumber(split(prior, '|')[5]) > now then
+  -- The repeat takes the live reservation over: voiding the attempt that took it (its
+  -- caller gave up on the reply) must not give it back from under this one.
+  local f = split(prior, '|')
+  if ARGV[15] ~= '1' and f[6] ~= ARGV[16] then
+    f[6] = ARGV[16]
+    prior = table.concat(f, '|')
+    redis.call('SET', KEYS[1], prior, 'KEEPTTL')
+  end
   return {2, prior}
 end
 
