@@ -191,6 +191,8 @@ def test_a_batch_committed_but_never_acknowledged_is_claimed_and_not_counted_twi
         stats = alive.run_once()
         alive.ledger.close()
         assert stats.duplicates == 500 and stats.inserted == 700 and stats.read == 1200
+        # The dead consumer, left with nothing pending, is gone from the group.
+        assert [c["name"] for c in real_redis.xinfo_consumers(STREAM, "ledger")] == [b"alive"]
         assert _count(url) == (1200, 1200)
         assert sum(_sums(url, "user").values()) == want
         assert _group(real_redis, "ledger")["pending"] == 0

@@ -241,13 +241,26 @@ class Shipper:
     # -- loops -------------------------------------------------------------------------
 
     def drain_claims(self) -> None:
-        """Ship every entry pending longer than ``claim_idle_ms``, in pages."""
+        """Ship every entry pending longer than ``claim_idle_ms``, in pages; then forget the
+        consumers left with nothing pending."""
         self._claim_cursor = b"0-0"
         while True:
             entries = self.claim()
             self.ship(entries)
             if self._claim_cursor in (b"0-0", "0-0"):
-                return
+                break
+        self._forget_idle_consumers()
+
+    def _forget_idle_consumers(self) -> None:
+        # Each restart is a new consumer (host-pid): without this the group would list every
+        # shipper that ever ran. Only consumers with nothing pending go, so no entry loses its
+        # owner; a live one that is removed is recreated by its next XREADGROUP.
+        consumers = cast(list[dict[str, Any]], self.client.xinfo_consumers(self.stream, self.options.group))
+        for c in consumers:
+            name = _text(c.get("name", b""))
+            if name != self.consumer and int(c.get("pending", 0)) == 0 and \
+                    int(c.get("idle", 0)) >= self.options.claim_idle_ms:
+                self.client.xgroup_delconsumer(self.stream, self.options.group, name)
 
     def run_once(self) -> ShipStats:
         """Claim what is stale, ship everything there is now, and return (for cron and tests)."""
