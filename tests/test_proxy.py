@@ -46,6 +46,7 @@ from .upstream import (
     create_upstream,
     fallback_cost,
     free_port,
+    wait_for_proxy,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -747,16 +748,7 @@ def test_proxy_command_serves_a_guarded_call(env, tmp_path):
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "REDIS_URL": ""})
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the proxy did not answer /healthz"
-            time.sleep(0.05)
+        wait_for_proxy(proc, port, 30)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=BOB_KEY, max_retries=0)
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
     finally:

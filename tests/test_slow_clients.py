@@ -30,7 +30,7 @@ from budgetguard.config import parse_config
 from budgetguard.proxy import proxy_app
 from budgetguard.serving import ReadTimeouts, ServingConfig, raise_open_file_limit
 
-from .upstream import MESSAGES, MODELS, Server, Switch, Upstream, create_upstream, free_port
+from .upstream import MESSAGES, MODELS, Server, Switch, Upstream, create_upstream, free_port, wait_for_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bg-slow-client-test-key-0001"
@@ -260,16 +260,7 @@ def proxy_command(tmp_path: Path, upstream_url: str, *flags: str, nofile: int | 
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "REDIS_URL": ""}, preexec_fn=limit_files)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the proxy did not answer /healthz"
-            time.sleep(0.05)
+        wait_for_proxy(proc, port, 60)
         yield port, proc
     finally:
         proc.terminate()

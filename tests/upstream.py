@@ -303,3 +303,23 @@ def fallback_cost(model: str, text: str) -> Decimal:
     from budgetguard.tokens import count_text_tokens, estimate_input_tokens
 
     return cost(model, estimate_input_tokens(model, MESSAGES), count_text_tokens(model, text))
+
+
+def wait_for_proxy(proc: Any, port: int, timeout: float = 60.0) -> None:
+    """Wait until a ``budgetguard proxy`` subprocess answers /healthz (its stderr if it died)."""
+    import subprocess
+    import time
+
+    import httpx
+
+    assert isinstance(proc, subprocess.Popen)
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the proxy did not answer /healthz"
+        time.sleep(0.05)

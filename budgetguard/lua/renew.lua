@@ -21,23 +21,21 @@ if not state or string.sub(state, 1, 1) ~= 'L' then return 0 end
 local f = split(state, '|')
 if tonumber(f[5]) <= now then return 0 end  -- lapsed: its headroom may be someone else's by now
 
+-- Moves one part's lease on if it is still live there; whether it did.
+local function renew(leases, member)
+  local score = redis.call('ZSCORE', leases, member)
+  if not score or tonumber(score) <= now then return false end
+  redis.call('ZADD', leases, 'XX', deadline, member)
+  return true
+end
+
 local k = 2
 local renewed = 0
 if with_user then
-  local score = redis.call('ZSCORE', KEYS[k], user_member)
-  if score and tonumber(score) > now then
-    redis.call('ZADD', KEYS[k], 'XX', deadline, user_member)
-    renewed = 1
-  end
+  if renew(KEYS[k], user_member) then renewed = 1 end
   k = k + 1
 end
-if with_org then
-  local score = redis.call('ZSCORE', KEYS[k], org_member)
-  if score and tonumber(score) > now then
-    redis.call('ZADD', KEYS[k], 'XX', deadline, org_member)
-    renewed = 1
-  end
-end
+if with_org and renew(KEYS[k], org_member) then renewed = 1 end
 if renewed == 1 then
   f[5] = deadline
   redis.call('SET', KEYS[1], table.concat(f, '|'), 'PX', state_ttl)
