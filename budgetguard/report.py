@@ -45,7 +45,7 @@ __all__ = [
     "render",
 ]
 
-GROUP_BY = ("user", "model", "provider", "feature", "tenant", "hour")
+GROUP_BY = ("user", "model", "provider", "feature", "tenant", "api_key", "hour")
 FORMATS = ("table", "csv", "json")
 NONE_KEY = "(none)"
 
@@ -144,7 +144,7 @@ def _parse(event: Mapping[str, Any]) -> _Event:
 def _group_key(event: _Event, by: str) -> str:
     if by == "hour":
         return f"{event.ts:%Y-%m-%dT%H}:00Z"
-    if by in ("feature", "tenant"):
+    if by in ("feature", "tenant", "api_key"):  # tags (api_key: the proxy's key name)
         value = event.tags.get(by)
         return value if isinstance(value, str) and value else NONE_KEY
     return str(getattr(event, by))

@@ -34,11 +34,15 @@ def test_money_becomes_exact_nano_and_comes_back_unchanged():
 
 def test_the_report_of_rows_read_back_equals_the_report_of_the_events():
     events = workload(800, T0)
+    for i, e in enumerate(events[::3]):
+        e["tags"]["api_key"] = f"key-{i % 4}"
     rows = [to_row(f"{i}-0", e) for i, e in enumerate(events)]
-    for by in (None, "user", "tenant", "hour"):
+    for by in (None, "user", "tenant", "api_key", "hour"):
         want = build_report(events, by=by)
         got = build_report([to_event(r) for r in rows], by=by)
         assert render(got, "csv") == render(want, "csv")
+    keys = {key for key, _ in build_report(events, by="api_key").groups}
+    assert keys == {"key-0", "key-1", "key-2", "key-3", "(none)"}
 
 
 @pytest.mark.parametrize(("change", "message"), [
