@@ -62,6 +62,7 @@ class Decision:
     tags: Mapping[str, str] = field(default_factory=dict)
     enforced: bool = True  # False when fail_mode=open let the call through without Redis
     remaining_usd: Decimal | None = None  # smallest headroom left across capped windows
+    budgets: tuple[str, ...] = ("user", "org")  # the budgets that applied to the call
     _ticket: Ticket | None = field(default=None, repr=False)
     _usage: Usage | None = field(default=None, repr=False)
     _bound: bool = field(default=False, repr=False)

@@ -32,7 +32,7 @@ def test_the_calls_tier_decides_the_caps(backend_url, clock):
     g = guard(backend_url, clock, tiers=TIERS, default_tier="free")
     assert not g.check("alice", "gpt-4o", MSG, max_tokens=2000).allowed  # $0.02 > free's $0.01
     d = g.check("alice", "gpt-4o", MSG, max_tokens=2000, tier="pro")
-    assert d.allowed and d.tier == "pro"
+    assert d.allowed and d.tier == "pro" and d.budgets == ("user", "org")
     assert g.check("alice", "gpt-4o", MSG, max_tokens=2000, plans={"user": "pro"}).tier == "pro"
     assert (caps(g, "alice"), caps(g, "alice", tier="pro")) == (Decimal("0.01"), Decimal(1))
     g.close()
