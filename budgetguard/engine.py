@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
@@ -28,7 +28,8 @@ from .decision import Decision, Status, Ticket, WindowStatus
 from .details import CallDetails
 from .errors import BudgetGuardError, InvalidArgument, InvalidArgumentType
 from .events import Event, denial_event, stream_head, usage_event
-from .keys import KeySpace, user_tag
+from .keys import KeySpace
+from .notices import Notices
 from .policy import Policies, UserPolicy
 from .pricing import ModelPrice, nano_to_usd, usd_to_nano
 from .protocol import (
@@ -55,7 +56,7 @@ from .redact import printable
 from .slices import Item, OrgSlices, Refill
 from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for
 from .usage import Usage, check_token_count
-from .windows import WINDOWS, Period, WindowClock, WindowSet, windows_at
+from .windows import WINDOWS, WindowClock, WindowSet, windows_at
 
 __all__ = ["MAX_OUTPUT_TOKENS_CEILING", "CheckPlan", "Engine", "ScriptCall", "SettlePlan", "Settled", "Steps"]
 
@@ -149,10 +150,6 @@ def _ranked(name: str) -> str:
         except UnicodeEncodeError:
             pass
     return "#" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-
-
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:] + "."
 
 
 def _ceil_share(cap: int, level: Decimal) -> int:
@@ -272,6 +269,7 @@ class Engine:
         self._stream_maxlen = str(config.events.stream_maxlen)
         # Anomaly baselines per UTC hour ("YYYYMMDDHH"), filled in the background (alerts.anomaly).
         self.anomaly_baselines: dict[str, Baseline | None] = {}
+        self.notices = Notices(config.key_prefix, self.policies.org, self.anomaly_baselines, config.anomaly.sigmas)
         self._snapshots: dict[str, tuple[dict[str, str], str | None]] = {}
         self._ends: dict[str, list[int]] = {}
         self._encodings = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
@@ -647,20 +645,9 @@ class Engine:
 
     def slice_alerts(self, crossings: Sequence[str]) -> list[Alert]:
         """Alerts of the org thresholds, resolved blocks and anomalies a slice call reported."""
-        alerts = []
         now = self.now()
-        windows = self._windows.at(now)
-        policy = self.policies.for_user("")  # org windows only: no user or tier in them
-        for raw in crossings:
-            parts = raw.split("|")
-            if parts[0] == "a":
-                alerts.append(self.anomaly_alert(now, int(parts[2])))
-            elif parts[0] == "t":
-                alerts.append(self._window_alert("threshold", int(parts[1]) - 1, windows, int(parts[3]),
-                                                 Decimal(parts[2]), "", policy, now))
-            elif parts[0] == "r":
-                alerts.append(self._resolved_alert(int(parts[1]) - 1, parts[2], windows, policy, now))
-        return alerts
+        # Org windows only: no user or tier in them.
+        return self.notices.alerts(crossings, self._windows.at(now), "", self.policies.for_user(""), now)
 
     def flush_due(self) -> bool:
         if self.slices is None:
@@ -1025,16 +1012,7 @@ class Engine:
         live = event_part.live
         event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome) if event_part.applied else None
         d = plan.decision
-        policy = self.policies.for_user(d.user, d.tier)
-        alerts = []
-        for raw in crossed:
-            parts = raw.split("|")
-            if parts[0] == "t":
-                w, level, spent = int(parts[1]) - 1, Decimal(parts[2]), int(parts[3])
-                alerts.append(self._window_alert("threshold", w, plan.windows, spent, level, d.user, policy,
-                                                 plan.now))
-            elif parts[0] == "a":
-                alerts.append(self.anomaly_alert(plan.now, int(parts[2])))
+        alerts = self.notices.alerts(crossed, plan.windows, d.user, self.policies.for_user(d.user, d.tier), plan.now)
         alerts += self.slice_alerts(flushed)  # a flush hands in spend on the windows of now
         return Settled(True, alerts, event)
 
@@ -1044,83 +1022,10 @@ class Engine:
         """The alerts a reserve reply reports: first denials by a cap, and resolved org blocks."""
         if reply.code in (REPEAT, VOIDED):
             return []
-        spent = reply.spent
-        alerts = []
-        for notice in reply.notices:
-            parts = notice.split("|")
-            if parts[0] == "a":  # from a slice refill (org.slice_usd)
-                alerts.append(self.anomaly_alert(plan.now, int(parts[2])))
-                continue
-            w = int(parts[1]) - 1
-            if parts[0] == "t":  # likewise
-                alerts.append(self._window_alert("threshold", w, plan.windows, int(parts[3]), Decimal(parts[2]),
-                                                 plan.user, plan.policy, plan.now))
-            elif parts[0] == "b":
-                alerts.append(self._window_alert("blocked", w, plan.windows, spent[w], Decimal(1), plan.user,
-                                                 plan.policy, plan.now))
-            elif parts[0] == "r":
-                alerts.append(self._resolved_alert(w, parts[2], plan.windows, plan.policy, plan.now))
-        return alerts
-
-    def _resolved_alert(self, w: int, old: str, windows: WindowSet, policy: UserPolicy, now: datetime) -> Alert:
-        spec = WINDOWS[w]
-        current = windows.of(spec.period)
-        return Alert(
-            kind="resolved", scope="org", window=spec.name, window_key=old,
-            window_start=current.start, window_end=current.end, level=Decimal(1),
-            spent_usd=Decimal(0), limit_usd=self._cap_usd(policy, w), at=now,
-            key_prefix=self._prefix, next_step=f"the {spec.name} window {current.stamp} is open",
-        )
-
-    def _cap_usd(self, policy: UserPolicy, w: int) -> Decimal | None:
-        cap = (*policy.caps, *self.policies.org.caps)[w]
-        return None if cap is None else nano_to_usd(cap)
-
-    def _window_alert(self, kind: str, w: int, windows: WindowSet, spent: int, level: Decimal, user: str,
-                      policy: UserPolicy, now: datetime) -> Alert:
-        spec = WINDOWS[w]
-        period = windows.of(spec.period)
-        scoped = spec.scope == "user"
-        return Alert(
-            kind="blocked" if kind == "blocked" else "threshold",
-            scope="user" if scoped else "org",
-            window=spec.name, window_key=period.stamp, window_start=period.start, window_end=period.end,
-            level=level, spent_usd=nano_to_usd(spent), limit_usd=self._cap_usd(policy, w), at=now,
-            key_prefix=self._prefix,
-            user=user if scoped else None, user_key=user_tag(user) if scoped else None,
-            tier=policy.tier if scoped else None,
-            next_step=self._next_step(kind, w, level, policy, period),
-        )
-
-    def _next_step(self, kind: str, w: int, level: Decimal, policy: UserPolicy, period: Period) -> str:
-        spec = WINDOWS[w]
-        resets = f"{period.end:%Y-%m-%d %H:%M %Z}"
-        blocked = f"requests that do not fit the {spec.name} cap are denied until it resets at {resets}"
-        if kind == "blocked":
-            return _sentence(blocked)
-        user_scope = spec.scope == "user"
-        routes = policy.routes if user_scope else self.policies.org.routes
-        trigger = (policy.triggers if user_scope else self.policies.org.triggers)[w if user_scope else w - 3]
-        cap = (*policy.caps, *self.policies.org.caps)[w]
-        steps = []
-        if routes and trigger is not None and cap:
-            pairs = ", ".join(f"{a} -> {b}" for a, b in routes.items())
-            at = Decimal(trigger * 100) / cap
-            now_or_then = "now" if level * 100 >= at else f"from {at:.0f}%"
-            steps.append(f"requests are routed to cheaper models {now_or_then} ({pairs})")
-        steps.append(f"at 100% {blocked}")
-        return _sentence("; ".join(steps))
+        return self.notices.alerts(reply.notices, plan.windows, plan.user, plan.policy, plan.now, reply.spent)
 
     def anomaly_alert(self, now: datetime, spent: int) -> Alert:
-        hour = now.replace(minute=0, second=0, microsecond=0)
-        baseline = self.anomaly_baselines.get(f"{now:%Y%m%d%H}")
-        detail = baseline.describe(self.config.anomaly.sigmas) if baseline else ""
-        return Alert(
-            kind="anomaly", scope="org", window="org.hour", window_key=f"h:{hour:%Y%m%d%H}00",
-            window_start=hour, window_end=hour + timedelta(hours=1), level=Decimal(1),
-            spent_usd=nano_to_usd(spent), limit_usd=None, at=now, key_prefix=self._prefix,
-            detail=detail, next_step="Nothing is blocked by this alert; check the top users and features below.",
-        )
+        return self.notices.anomaly(now, spent)
 
     def top_keys(self, alert: Alert) -> tuple[str | None, str | None]:
         """The org rankings (users, features) that name who spent in an alert's window."""
