@@ -12,7 +12,8 @@ directory; a new PostgreSQL database, dropped at the end), and one shipper ships
 whole stream with ``run_once`` in this process, as ``budgetguard ship --once`` does. The
 figure is events committed and acknowledged per second of that call (setup excluded),
 then the table is checked: as many rows as events, the sum of ``cost_nano`` equal to the
-events' own. The database runs on the same machine, sharing its CPUs with the shipper.
+events' own. Last, the time ``report --db --by model`` takes over every row. The
+database runs on the same machine, sharing its CPUs with the shipper.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from budgetguard.ledger.command import db_events
 from budgetguard.ledger.shipper import ShipOptions, Shipper
 from budgetguard.ledger.store import open_ledger
+from budgetguard.report import build_report
 from tests.eventgen import workload
 
 
@@ -97,6 +100,14 @@ def run(target: str, args: argparse.Namespace, client: redis.Redis) -> None:
         print(f"{target}: {stats.inserted} events in {seconds:.2f} s = {stats.inserted / seconds:,.0f} events/s "
               f"(batches of {args.batch}; shipper CPU {cpu_s:.2f} s = {cpu_s / seconds:.0%} of one core); "
               f"rows {rows}, sum(cost_nano) equals the events'", flush=True)
+        # The SQL report over every row: rows streamed through the report's arithmetic.
+        started = time.perf_counter()
+        events, _ = db_events(url, "usage_events", None, None)
+        report = build_report(events, by="model")
+        seconds = time.perf_counter() - started
+        assert report.totals.events == args.n
+        print(f"{target}: report --db --by model over {args.n} rows in {seconds:.2f} s "
+              f"({args.n / seconds:,.0f} rows/s)", flush=True)
     finally:
         ledger.close()
         client.delete(key)

@@ -25,7 +25,7 @@ from ..eventlog import stream_key
 from ..redact import redact_url
 from ..report import build_report, render
 from .insights import EFFICIENCY_BY, Weekly, efficiency, render_efficiency, render_weekly, slack_message, weekly
-from .rows import to_event
+from .rows import EVENT_COLUMNS, to_event
 from .store import DEFAULT_TABLE, LedgerError, open_ledger
 
 if TYPE_CHECKING:  # the shipper's modules need the [ledger] extra: imported when a command runs
@@ -205,7 +205,7 @@ def db_events(url: str, table: str, since: datetime | None,
 
     def events() -> Iterator[dict[str, Any]]:
         try:
-            for row in ledger.rows(since, until):
+            for row in ledger.rows(since, until, columns=EVENT_COLUMNS):
                 yield to_event(row)
         finally:
             ledger.close()

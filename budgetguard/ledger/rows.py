@@ -26,9 +26,10 @@ from ..eventlog import event_time
 from ..events import MAX_ID, MAX_TAG_KEY, MAX_TAG_VALUE, MAX_TEXT, shorten
 from ..pricing import nano_to_usd
 
-__all__ = ["COLUMNS", "KIND_OF_EVENT", "MAX_JSON", "MAX_TAGS", "RowError", "clean", "to_event", "to_row"]
+__all__ = ["COLUMNS", "EVENT_COLUMNS", "KIND_OF_EVENT", "MAX_JSON", "MAX_TAGS", "RowError", "clean", "to_event",
+           "to_row"]
 
-# The event's kind -> the ledger's (the vocabulary: usage, denial, admin).
+# The event's kind -> the ledger's (usage, denial, admin).
 KIND_OF_EVENT = {"usage": "usage", "denied": "denial", "admin": "admin"}
 _EVENT_OF_KIND = {v: k for k, v in KIND_OF_EVENT.items()}
 
@@ -219,6 +220,13 @@ def _utc(moment: datetime) -> str:
     # SQLite hands naive datetimes back; the ledger stores UTC only.
     moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+
+# What to_event reads: a report need not fetch (nor decode) the prices and raw usage.
+EVENT_COLUMNS = ("ts", "kind", "outcome", "user_id", "tier", "request_id", "provider", "model", "requested_model",
+                 "tags", "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
+                 "reasoning_tokens", "cost_nano", "input_cost_nano", "estimated_nano", "latency_ms", "finish_reason",
+                 "streamed")
 
 
 def to_event(row: Mapping[str, Any]) -> dict[str, Any]:
