@@ -25,7 +25,7 @@ from .proxy_defaults import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_KEEP_ALIVE_TIMEOUT,
 )
-from .report import FORMATS, GROUP_BY, ReportError, format_usd, parse_duration
+from .report import FORMATS, GROUP_BY, ReportError, check_grouping, format_usd, parse_duration
 
 # Everything heavier (pydantic, redis, httpx, uvicorn) is imported by the command that
 # needs it: `budgetguard --help` and usage errors stay fast, and the proxy's extra is
@@ -270,6 +270,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     until = _instant(args.until) if args.until else datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
     if args.top < 0:
         raise ReportError("--top must be 0 or more")
+    check_grouping(args.by)
     config = _load(args)
     since = until - span
     if args.db is not None or args.format in ("efficiency", "weekly"):
@@ -717,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(REDIS_URL / redis_url) or a JSON Lines file.")
     p.add_argument("--since", default="24h", help="how far back from --until: 90m, 24h, 7d, 30d, 2w (default 24h)")
     p.add_argument("--until", default=None, help="end of the range, ISO-8601 (default now; naive means UTC)")
-    p.add_argument("--by", choices=GROUP_BY, default=None, help="group rows by this (default: totals only)")
+    p.add_argument("--by", default=None, metavar="DIMENSION",
+                   help=f"group rows by {', '.join(GROUP_BY)} or any other tag (default: totals only)")
     p.add_argument("--format", choices=(*FORMATS, "efficiency", "weekly"), default="table",
                    help="output format (default table); efficiency and weekly read the ledger (--db)")
     p.add_argument("--file", default=None, type=Path,

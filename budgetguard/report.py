@@ -40,12 +40,16 @@ __all__ = [
     "ReportError",
     "Totals",
     "build_report",
+    "check_grouping",
     "format_usd",
     "parse_duration",
     "render",
 ]
 
+# The event's own fields; any other name groups by the tag of that name (feature, tenant, ...).
 GROUP_BY = ("user", "model", "provider", "feature", "tenant", "api_key", "hour")
+_FIELDS = frozenset({"user", "model", "provider", "hour"})
+_TAG_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 FORMATS = ("table", "csv", "json")
 NONE_KEY = "(none)"
 
@@ -144,7 +148,7 @@ def _parse(event: Mapping[str, Any]) -> _Event:
 def _group_key(event: _Event, by: str) -> str:
     if by == "hour":
         return f"{event.ts:%Y-%m-%dT%H}:00Z"
-    if by in ("feature", "tenant", "api_key"):  # tags (api_key: the proxy's key name)
+    if by not in _FIELDS:  # a tag (api_key: the proxy's key name)
         value = event.tags.get(by)
         return value if isinstance(value, str) and value else NONE_KEY
     return str(getattr(event, by))
@@ -263,12 +267,18 @@ class Report:
     source: str = ""
 
 
+def check_grouping(by: str | None) -> None:
+    """ReportError unless ``by`` is an event field (user, model, provider, hour) or a tag's name."""
+    if by is not None and by not in _FIELDS and not _TAG_NAME.fullmatch(by):
+        raise ReportError(f"cannot group by {by[:70]!r}: use one of {', '.join(sorted(_FIELDS))} or a tag's name "
+                          "(letters, digits, '_', '.', '-'; at most 64)")
+
+
 def build_report(events: Iterable[Mapping[str, Any]], *, by: str | None = None, top: int = 10,
                  since: datetime | None = None, until: datetime | None = None, skipped: int = 0,
                  source: str = "") -> Report:
     """Aggregate ``events`` (already limited to the range). Malformed events add to ``skipped``."""
-    if by is not None and by not in GROUP_BY:
-        raise ReportError(f"cannot group by {by!r}: use one of {', '.join(GROUP_BY)}")
+    check_grouping(by)
     totals = Totals()
     groups: dict[str, Totals] = {}
     users: dict[str, Totals] = {}

@@ -102,9 +102,15 @@ def test_estimate_accuracy_definition():
     assert t.requests == 3 and t.estimated_requests == 2
 
 
-def test_unknown_grouping_is_refused():
-    with pytest.raises(ReportError, match="cannot group by 'colour'"):
-        build_report([], by="colour")
+def test_any_tag_groups_and_a_name_that_cannot_be_one_is_refused():
+    from .eventgen import make_event
+
+    events = [make_event(ts=START, tags={"team": "search"}), make_event(ts=START, tags={"team": "search"}),
+              make_event(ts=START, tags={"team": "ads"}), make_event(ts=START)]
+    groups = dict(build_report(events, by="team").groups)
+    assert {key: t.requests for key, t in groups.items()} == {"search": 2, "ads": 1, "(none)": 1}
+    with pytest.raises(ReportError, match="cannot group by 'col our'"):
+        build_report([], by="col our")
 
 
 # -- readers -------------------------------------------------------------------------------
@@ -189,7 +195,7 @@ def test_cli_report_from_a_file(tmp_path, limits, events):
 
 @pytest.mark.parametrize(("args", "message"), [
     (("report", "--since", "5x"), "bad duration '5x'"),
-    (("report", "--by", "colour"), "invalid choice: 'colour'"),
+    (("report", "--by", "col our"), "cannot group by 'col our'"),
     (("report", "--format", "xml"), "invalid choice: 'xml'"),
     (("report", "--until", "soon"), "bad --until 'soon'"),
     (("report", "--file", "/nonexistent/usage.jsonl"), "cannot read /nonexistent/usage.jsonl"),
