@@ -738,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read the usage stream through a Redis consumer group and write every event "
                                    "into a SQL table, exactly once. Needs the [ledger] extra.")
     p.add_argument("--config", default=None, type=Path, help=config_help)
-    from .ledger.command import add_ship_arguments
+    from .ledger.flags import add_ship_arguments
 
     add_ship_arguments(p)
     p.set_defaults(func=cmd_ship)

@@ -26,7 +26,7 @@ from ..redact import redact_url
 from ..report import build_report, render
 from .insights import EFFICIENCY_BY, Weekly, efficiency, render_efficiency, render_weekly, slack_message, weekly
 from .rows import EVENT_COLUMNS, to_event
-from .store import DEFAULT_TABLE, LedgerError, open_ledger
+from .store import LedgerError, open_ledger
 
 if TYPE_CHECKING:  # the shipper's modules need the [ledger] extra: imported when a command runs
     from ..alerts.model import Alert
@@ -34,26 +34,7 @@ if TYPE_CHECKING:  # the shipper's modules need the [ledger] extra: imported whe
 
 log = logging.getLogger("budgetguard.ledger")
 
-__all__ = ["add_ship_arguments", "cmd_ship", "db_events", "db_report"]
-
-
-def add_ship_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--to", required=True, metavar="URL",
-                   help="the ledger database: sqlite:///path.db or postgresql://user@host/db")
-    p.add_argument("--table", default=DEFAULT_TABLE, help=f"table to write (default {DEFAULT_TABLE})")
-    p.add_argument("--once", action="store_true", help="ship what the stream holds now, then exit")
-    p.add_argument("--batch", default=5000, type=int, help="events per transaction (default 5000, at most 10000)")
-    p.add_argument("--group", default="ledger", help="Redis consumer group (default ledger)")
-    p.add_argument("--consumer", default="", help="this shipper's consumer name (default host-pid)")
-    p.add_argument("--claim-idle", default=60.0, type=float,
-                   help="seconds an entry may stay pending with a consumer before another claims it (default 60)")
-    p.add_argument("--lag-warn", default=0.5, type=float,
-                   help="warn when unshipped events reach this share of events.stream_maxlen (default 0.5)")
-    p.add_argument("--spike-share", default=None, type=float, metavar="FRACTION",
-                   help="alert once when a user or tenant spends more than this share of org.daily_usd in one "
-                        "UTC hour, e.g. 0.01 (default: off)")
-    p.add_argument("--metrics-port", default=None, type=int, help="serve Prometheus metrics on this port")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+__all__ = ["cmd_ship", "db_events", "db_report"]
 
 
 def _progress(stats: ShipStats) -> str:

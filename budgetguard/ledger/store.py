@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import BudgetGuardError
 from ..redact import redact_url
+from .flags import DEFAULT_TABLE
 
 try:
     import sqlalchemy as sa
@@ -33,7 +34,6 @@ except ImportError:  # the [ledger] extra is not installed
 
 __all__ = ["DEFAULT_TABLE", "TAG_INDEXES", "Ledger", "LedgerError", "open_ledger"]
 
-DEFAULT_TABLE = "usage_events"
 TAG_INDEXES = ("tenant", "feature", "api_key")
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 _MAX_URL = 4096
