@@ -152,3 +152,18 @@ def test_a_retry_that_repeats_an_attempt_in_doubt_keeps_the_reservation(any_back
     w = g.status("u1").windows["user.hourly"]
     assert (w.spent_usd > 0, w.reserved_usd) == (True, 0)
     g.close()
+
+
+def test_caller_text_cannot_forge_a_log_record(backend_url, clock, caplog):
+    # A model name or user id with a newline would start a second, forged log line.
+    import logging
+
+    g = guard(backend_url, clock)
+    caplog.set_level(logging.DEBUG, logger="budgetguard")
+    forged = "x\nINFO budgetguard: user=admin allowed"
+    d = g.check(forged, "gpt-4o\r\nWARNING forged", MSG, max_tokens=10)  # no price: denied, and logged
+    assert not d.allowed
+    g.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("forged" in line for line in lines)
+    assert not any("\n" in line or "\r" in line for line in lines)
