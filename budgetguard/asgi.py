@@ -730,7 +730,9 @@ class _Exchange:
             if usage is None:
                 await guard.arelease(decision, error=why)
                 return
-            details = self.details.merged(CallDetails(streamed=self.tracker is not None, endpoint=self.endpoint))
+            details = self.details.merged(CallDetails(
+                streamed=self.tracker is not None, endpoint=self.endpoint,
+                finish_reason=self.tracker.finish_reason if self.tracker is not None else None))
             try:
                 await guard.arecord(decision, usage, incomplete=incomplete, details=details)
             except (InvalidArgument, InvalidArgumentType) as exc:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .details import CallDetails
+from .details import CallDetails, details_from_response
 from .errors import InvalidArgument, InvalidArgumentType
 from .redact import printable
 from .tokens import count_text_tokens
@@ -48,7 +48,6 @@ __all__ = [
 
 log = logging.getLogger("budgetguard")
 
-_STREAMED = CallDetails(streamed=True)
 
 #: An SSE event larger than this has its data dropped (it is still passed on untouched);
 #: usage events are a few kB, and even a ``response.completed`` with the whole output is
@@ -167,7 +166,7 @@ class StreamUsage:
     forever for a stream cut short). :meth:`fallback` is what to charge otherwise.
     """
 
-    __slots__ = ("_anthropic", "_model", "_texts", "events", "final", "usage")
+    __slots__ = ("_anthropic", "_model", "_texts", "events", "final", "finish_reason", "usage")
 
     def __init__(self, model: str) -> None:
         self._model = model
@@ -179,6 +178,9 @@ class StreamUsage:
         # settled at once rather than at the end of the body.
         self.final = False
         self.events = 0
+        # Why the answer ended, as a usage event records it ("length" when the output cap cut
+        # it, whatever the provider's spelling); None until an event says.
+        self.finish_reason: str | None = None
 
     def feed_sse(self, event: SSEEvent) -> Any:
         """Read one SSE event; return its parsed JSON (None for ``[DONE]``, comments, junk)."""
@@ -208,6 +210,7 @@ class StreamUsage:
                 self._merge_anthropic(_get(_get(obj, "message"), "usage"), final=False)
                 return
             if kind == "message_delta":  # Anthropic: cumulative usage, the last word on it
+                self._finished({"stop_reason": _get(_get(obj, "delta"), "stop_reason")})
                 self._merge_anthropic(_get(obj, "usage"), final=True)
                 return
             if kind == "content_block_delta":
@@ -218,12 +221,16 @@ class StreamUsage:
             if kind.startswith("response."):  # OpenAI Responses
                 if kind.endswith(".delta"):
                     self._text(_get(obj, "delta"))
-                elif kind in _RESPONSES_FINAL and _get(_get(obj, "response"), "usage") is not None:
-                    self.usage = Usage.from_response(obj)
-                    self.final = True
+                elif kind in _RESPONSES_FINAL:
+                    self._finished(_get(obj, "response"))
+                    if _get(_get(obj, "response"), "usage") is not None:
+                        self.usage = Usage.from_response(obj)
+                        self.final = True
                 return
         choices = _get(obj, "choices")  # OpenAI chat and completions chunks
         if choices:
+            if any(_get(choice, "finish_reason") for choice in choices):
+                self._finished(obj)
             for choice in choices:
                 delta = _get(choice, "delta")
                 if delta is None:
@@ -259,6 +266,11 @@ class StreamUsage:
     @property
     def text(self) -> str:
         return "".join(self._texts)
+
+    def _finished(self, answer: object) -> None:
+        reason = details_from_response(answer).finish_reason
+        if reason is not None and self.finish_reason != "length":  # with several choices, a cut one wins
+            self.finish_reason = reason
 
     def fallback(self, estimated_input_tokens: int) -> Usage:
         """The usage to charge for a stream that ended without reporting one.
@@ -323,6 +335,9 @@ class _Settler:
         self._renewed = now
         return True
 
+    def details(self) -> CallDetails:
+        return CallDetails(streamed=True, finish_reason=self.tracker.finish_reason)
+
     def usage(self) -> tuple[Usage, bool]:
         """The usage to record and whether the stream was incomplete."""
         if self.tracker.usage is not None:
@@ -343,7 +358,7 @@ class _Settler:
         self.settled = True
         usage, incomplete = self.usage()
         try:
-            self.guard.record(self.decision, usage, incomplete=incomplete, details=_STREAMED)
+            self.guard.record(self.decision, usage, incomplete=incomplete, details=self.details())
         except (InvalidArgument, InvalidArgumentType):
             log.exception("recording a stream's usage for user %s failed", printable(self.decision.user))
 
@@ -352,7 +367,7 @@ class _Settler:
             return
         self.settled = True
         usage, incomplete = self.usage()
-        task = asyncio.ensure_future(_arecord(self.guard, self.decision, usage, incomplete))
+        task = asyncio.ensure_future(_arecord(self.guard, self.decision, usage, incomplete, self.details()))
         # A cancelled consumer must not leave the reservation behind; aclose() waits for it.
         self.guard._track(task)
         await asyncio.shield(task)
@@ -374,9 +389,10 @@ class _Settler:
             log.exception("settling an abandoned stream of user %s failed", printable(self.decision.user))
 
 
-async def _arecord(guard: BudgetGuard, decision: Decision, usage: Usage, incomplete: bool) -> None:
+async def _arecord(guard: BudgetGuard, decision: Decision, usage: Usage, incomplete: bool,
+                   details: CallDetails) -> None:
     try:
-        await guard.arecord(decision, usage, incomplete=incomplete, details=_STREAMED)
+        await guard.arecord(decision, usage, incomplete=incomplete, details=details)
     except (InvalidArgument, InvalidArgumentType):
         log.exception("recording a stream's usage for user %s failed", printable(decision.user))
 

@@ -71,3 +71,47 @@ def test_record_puts_them_in_the_usage_event(backend_url):
     assert first["raw_usage"] == {"prompt_tokens": 10, "completion_tokens": 50}
     assert "SECRET" not in json.dumps(first)
     assert (second["finish_reason"], second["raw_usage"]) == (None, None)
+
+
+@pytest.mark.parametrize(("events", "reason"), [
+    ([{"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+      {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}], "length"),
+    ([{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+      {"choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]},
+      {"choices": [{"index": 2, "delta": {}, "finish_reason": "stop"}]}], "length"),
+    ([{"type": "message_start", "message": {"usage": {"input_tokens": 5, "output_tokens": 1}}},
+      {"type": "message_delta", "delta": {"stop_reason": "max_tokens"}, "usage": {"output_tokens": 9}}], "length"),
+    ([{"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}}], "end_turn"),
+    ([{"type": "response.incomplete", "response": {"status": "incomplete",
+                                                   "incomplete_details": {"reason": "max_output_tokens"},
+                                                   "usage": {"input_tokens": 5, "output_tokens": 9}}}], "length"),
+    ([{"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}], None),
+])
+def test_a_streams_finish_reason_is_read_from_its_events(events, reason):
+    from budgetguard.streams import StreamUsage
+
+    tracker = StreamUsage("gpt-4o")
+    for event in events:
+        tracker.feed(event)
+    assert tracker.finish_reason == reason
+
+
+def test_a_proxied_stream_records_its_finish_reason(upstream_server, real_redis, real_redis_url, clock):
+    import time
+
+    from .test_proxy import Env
+    from .upstream import MESSAGES
+
+    env = Env(upstream_server, real_redis_url, clock)
+    try:
+        env.start()
+        chunks = list(env.openai().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=30,
+                                                           stream=True))
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        env.settled()
+        deadline = time.monotonic() + 10
+        while not env.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (env.events[0]["finish_reason"], env.events[0]["streamed"]) == ("stop", True)
+    finally:
+        env.close()
