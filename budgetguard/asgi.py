@@ -461,6 +461,8 @@ class _Exchange:
         self.receive = receive
         self.send = send
         self.decision: Decision | None = None
+        self.renewal: asyncio.TimerHandle | None = None
+        self.renewing: asyncio.Future[None] | None = None
         self.body = b""
         self.body_sent = False
         # The answer.
@@ -516,21 +518,29 @@ class _Exchange:
             await self.error(400, "invalid_request_error", exc.message, exc.code, param=exc.param)
             return
         self.decision = decision
-        renewing = asyncio.ensure_future(self.renew(decision))
+        # While the answer is in flight its lease is renewed, a third of its ttl at a time. A
+        # timer, not a task: most answers end long before the first renewal is due.
+        self.renewal = asyncio.get_running_loop().call_later(self.renew_every, self.renew_due, decision)
         try:
             await self.mw.app(self.downstream_scope(), self.replay, self.send_wrapper)
         finally:
-            renewing.cancel()
+            self.renewal.cancel()
+            if self.renewing is not None:
+                self.renewing.cancel()
             if not self.settled:
                 await self.settle()
 
+    @property
+    def renew_every(self) -> float:
+        return self.mw.guard.config.reservation_ttl_s / 3
+
+    def renew_due(self, decision: Decision) -> None:
+        if not self.settled:
+            self.renewing = asyncio.ensure_future(self.renew(decision))
+
     async def renew(self, decision: Decision) -> None:
-        """While the answer is in flight, keep its lease from lapsing (a third of its ttl at a time)."""
-        every = self.mw.guard.config.reservation_ttl_s / 3
-        while not self.settled:
-            await asyncio.sleep(every)
-            if self.settled or not await self.mw.guard.arenew(decision):
-                return
+        if await self.mw.guard.arenew(decision) and not self.settled:
+            self.renewal = asyncio.get_running_loop().call_later(self.renew_every, self.renew_due, decision)
 
     async def read_body(self) -> bytes | None:
         """The whole request body, or None once an answer (or nothing, for a gone client) is due."""
