@@ -6,11 +6,14 @@ Pure ASGI, in the manner of Starlette's own middlewares: it wraps ``receive`` an
 1. names the user with ``identify(request)`` (401 when it cannot and no
    ``default_user`` is set);
 2. reads the JSON body once (bounded by ``max_body_bytes``), validates it (400 on a
-   bad body, the app not called, nothing reserved), estimates and reserves;
+   bad body, and on work no reservation can bound: per-call tools, audio, background
+   responses; the app not called, nothing reserved), estimates and reserves;
 3. answers a denial itself (429, or 400 for per-request caps, 403 for a model the
    tier may not use, 503 when the store is down under ``fail_mode: closed``), or
-   replays the body downstream, identical unless the model was routed or OpenAI's
-   ``stream_options.include_usage`` had to be switched on;
+   replays the body downstream, identical unless the model was routed, the output cap
+   the reservation was priced on had to be set, or OpenAI's
+   ``stream_options.include_usage`` had to be switched on; while the answer is in
+   flight the reservation's lease is renewed;
 4. reads the usage from the JSON answer or from the SSE events as they pass, and
    settles the reservation before the usage event (or the answer's last byte) goes
    out, so a client that has the whole answer sees its spend counted. Error answers (status >= 400)
