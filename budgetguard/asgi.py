@@ -161,14 +161,18 @@ _COMPLETION_TOKENS_MODELS = re.compile(r"(?:.*/)?(?:o\d|gpt-5)", re.IGNORECASE)
 
 
 # Work a reservation cannot bound: priced per call or per second rather than per token
-# (built-in tools, audio), adding to the input whatever the provider fetches (remote tools),
-# or running on after the connection ends (background responses).
+# (built-in tools, audio, search models), adding to the input whatever the provider fetches
+# (remote tools), or running on after the connection ends (background responses).
 _FEE_TOOLS = ("web_search", "image_generation", "code_interpreter", "file_search", "code_execution", "web_fetch",
               "mcp")
-_FETCHED_PARTS = frozenset({"input_file", "file", "document", "container_upload"})
+_FEE_MODELS = re.compile(r".*-search-(?:preview|api)", re.IGNORECASE)  # a web search on every call
+_FILE_PARTS = frozenset({"input_file", "file", "document", "container_upload"})
+# Body fields billed as input besides messages, system, tools and prompt (a JSON schema's
+# descriptions, a prediction, a suffix): counted with the rest.
+_BILLED_FIELDS = ("response_format", "text", "output_format", "output_config", "prediction", "suffix")
 
 
-def _refuse_unbounded(body: Mapping[str, Any]) -> None:
+def _refuse_unbounded(body: Mapping[str, Any], model: str, parts: list[dict[str, Any]]) -> None:
     def refuse(what: str, param: str) -> None:
         raise _BadRequest(f"{what} cannot be bounded by a budget reservation; the budget refuses it", param,
                           "not_budgetable")
@@ -180,6 +184,8 @@ def _refuse_unbounded(body: Mapping[str, Any]) -> None:
         refuse("audio output, priced per audio token,", "modalities")
     if body.get("web_search_options") is not None:
         refuse("web search, priced per call,", "web_search_options")
+    if _FEE_MODELS.match(model):
+        refuse(f"the search model {printable(model, 60)!r}, priced per call,", "model")
     if body.get("mcp_servers"):
         refuse("a remote MCP server, whose results add to the input,", "mcp_servers")
     tools = body.get("tools")
@@ -187,45 +193,49 @@ def _refuse_unbounded(body: Mapping[str, Any]) -> None:
         kind = tool.get("type") if isinstance(tool, dict) else None
         if isinstance(kind, str) and kind.startswith(_FEE_TOOLS):
             refuse(f"the built-in tool {printable(kind, 60)!r}", f"tools[{i}]")
-    for part in _parts(body):
-        if part.get("type") == "input_audio":
+    for part in parts:
+        if part.get("type") == "input_audio" or (part.get("role") == "assistant" and part.get("audio") is not None):
             refuse("audio input, priced per audio token,", "messages")
 
 
-def _parts(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The content parts and input items of a body's messages (or Responses input), flattened."""
+def _parts(items: Any) -> list[dict[str, Any]]:
+    """Every mapping in a request's messages (or Responses input), at any depth: the items,
+    their content parts, the parts of tool results and tool outputs."""
     found: list[dict[str, Any]] = []
-    items = body.get("messages") if "messages" in body else body.get("input")
-    for item in items if isinstance(items, list) else ():
-        if not isinstance(item, dict):
-            continue
-        found.append(item)
-        content = item.get("content")
-        for part in content if isinstance(content, list) else ():
-            if isinstance(part, dict):
-                found.append(part)
-                nested = part.get("content")  # tool_result blocks hold parts of their own
-                found.extend(p for p in (nested if isinstance(nested, list) else ()) if isinstance(p, dict))
+    stack = [items]
+    while stack and len(found) < 100_000:  # bounded: a body is at most max_body_bytes anyway
+        node = stack.pop()
+        if isinstance(node, dict):
+            found.append(node)
+            stack.extend(v for k, v in node.items() if k in ("content", "output") and isinstance(v, list))
+        elif isinstance(node, list):
+            stack.extend(node)
     return found
 
 
-def _fetches_input(body: Mapping[str, Any]) -> bool:
+def _fetches_input(body: Mapping[str, Any], parts: list[dict[str, Any]]) -> bool:
+    """Whether the provider adds input the body does not hold, or bills a file by its pages."""
     if any(body.get(k) is not None for k in ("previous_response_id", "conversation")):
         return True
     if isinstance(body.get("prompt"), dict):  # a stored prompt (Responses), not a completions prompt
         return True
-    for part in _parts(body):
+    for part in parts:
         kind = part.get("type")
+        if not isinstance(kind, str):
+            continue
         if kind == "item_reference":
             return True
-        if kind in _FETCHED_PARTS:
-            source = part.get("source")
-            if isinstance(source, dict) and source.get("type") in ("url", "file"):
-                return True  # Anthropic: fetched by URL or from the Files API
-            if any(part.get(k) for k in ("file_id", "file_url")) or (
-                    isinstance(part.get("file"), dict) and part["file"].get("file_id")):
-                return True  # OpenAI: a stored file
+        if kind in _FILE_PARTS:
+            # A file is billed by what the provider makes of it (pages as text and images),
+            # fetched or inline: never by the length of its reference or its base64.
+            return True
     return False
+
+
+def _billed_extra(body: Mapping[str, Any]) -> str | None:
+    """The fields billed as input besides the ones estimated on their own, as one JSON text."""
+    extra = {k: body[k] for k in _BILLED_FIELDS if body.get(k) is not None}
+    return json.dumps(extra, ensure_ascii=False, separators=(",", ":")) if extra else None
 
 
 class _Call:
@@ -258,10 +268,22 @@ class _Call:
         self.choices = 1
         self.cap_fields: tuple[str, ...] = ()
         getattr(self, f"_{endpoint}")(body)
-        _refuse_unbounded(body)
+        parts = _parts(self.messages)
+        _refuse_unbounded(body, self.model, parts)
         # Input the provider fetches itself (a file, a URL, a stored conversation or prompt)
         # is reserved at the tier's input cap: its size is not in the body.
-        self.fetched_input = _fetches_input(body)
+        self.fetched_input = _fetches_input(body, parts)
+        extra = _billed_extra(body)
+        if extra is not None:
+            if self.prompt is None:
+                self.prompt = extra
+            elif isinstance(self.prompt, str):
+                self.prompt = [self.prompt, extra]
+            elif all(isinstance(p, str) for p in self.prompt):
+                self.prompt = [*self.prompt, extra]
+            else:  # token ids: a text cannot join them
+                raise _BadRequest("a suffix with a prompt of token ids cannot be estimated; send the prompt as text",
+                                  "suffix", "not_budgetable")
 
     def _chat(self, body: dict[str, Any]) -> None:
         self.messages = _list(body, "messages", required=True)

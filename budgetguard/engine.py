@@ -386,6 +386,10 @@ class Engine:
             # Most routes stay within a tokenizer family: count again only if it differs.
             same = self._tokenizer(target) == self._tokenizer(model)
             tokens = input_tokens if same else self._estimate(target, messages, tools, prompt, system)
+            if fetched_input and policy.max_input_tokens is not None:
+                tokens = max(tokens, policy.max_input_tokens)  # the floor holds for every model
+            if policy.max_input_tokens is not None and tokens > policy.max_input_tokens:
+                continue  # counted with its own tokenizer, the input is over the cap for this model
             amount = target_price.estimate_nano(tokens, max_out)
             candidates.append(Candidate(target, target_price, tokens, amount, route))
         if policy.max_cost_nano is not None:

@@ -844,6 +844,8 @@ def _count_part(tally: _Tally, part: object, parent: str, j: int) -> None:
         raise InvalidArgumentType(f"{parent}[{j}] must be a dict, got {_type_name(part)}")
     tok = tally.tok
     kind = part.get("type")
+    if not isinstance(kind, str):
+        kind = None  # counted as the JSON it is, below (a list or a dict cannot be looked up)
     if kind in _TEXT_PARTS:
         tally.units += tok._raw(_required_str(part, "text", f"{parent}[{j}]"))
     elif kind in _IMAGE_PARTS:

@@ -453,3 +453,65 @@ def test_a_long_answer_keeps_its_reservation(upstream_server, real_redis, real_r
     assert first.status_code == 200 and "data: [DONE]" in rest
     assert second.status_code == 429
     g.close()
+
+
+# ------------------------------------------------------------------------- a second review
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 10, "messages": MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+                                                                       "description": "word " * 5000}}}}),
+    ("/v1/responses", {"model": "gpt-4o", "max_output_tokens": 10, "input": "hi", "text": {
+        "format": {"type": "json_schema", "name": "x", "schema": {"description": "word " * 5000}}}}),
+    ("/v1/completions", {"model": "gpt-4o", "max_tokens": 10, "prompt": "hi", "suffix": "word " * 5000}),
+])
+def test_body_fields_billed_as_input_count_against_the_input_cap(env, path, body):
+    env.start(guard_overrides={"tiers": {"default": {"per_request": {"max_input_tokens": 1000}}}})
+    status, _, answer = raw(env.url, "POST", path, body)
+    assert status == 400 and "request.max_input_tokens" in answer.decode()
+    assert env.up.received == []
+
+
+@pytest.mark.parametrize("body", [
+    # A tool's output holding a stored file.
+    {"model": "gpt-4o", "max_output_tokens": 10, "input": [
+        {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_file", "file_id": "f-1"}]}]},
+    # A stray "messages" key must not hide the input items.
+    {"model": "gpt-4o", "max_output_tokens": 10, "messages": None, "input": [
+        {"role": "user", "content": [{"type": "input_file", "file_url": "https://example.invalid/a.pdf"}]}]},
+    # An inline PDF is billed by its pages, not by the length of its base64.
+    {"model": "gpt-4o", "max_output_tokens": 10, "input": [
+        {"role": "user", "content": [{"type": "input_file", "filename": "a.pdf", "file_data": "JVBERi0="}]}]},
+])
+def test_files_anywhere_in_the_input_are_reserved_at_the_input_cap(env, body):
+    env.start(guard_overrides={"tiers": {"default": {"per_request": {"max_input_tokens": 40_000},
+                                                     "hourly_usd": 1}}})
+    status, _, _ = raw(env.url, "POST", "/v1/responses", body)
+    assert status == 200
+    deadline = time.monotonic() + 10
+    while not env.events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert env.events[0]["estimated_input_tokens"] == 40_000
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "gpt-4o-mini-search-preview", "messages": MESSAGES, "max_tokens": 10}, "model"),
+    ({"model": "gpt-4o", "max_tokens": 10, "messages": [*MESSAGES, {"role": "assistant", "audio": {"id": "a1"}}]},
+     "messages"),
+])
+def test_search_models_and_stored_audio_are_refused(env, body, param):
+    env.start()
+    status, _, answer = raw(env.url, "POST", "/v1/chat/completions", body)
+    assert status == 400
+    assert (json.loads(answer)["error"]["code"], json.loads(answer)["error"]["param"]) == ("not_budgetable", param)
+    assert env.up.received == []
+
+
+@pytest.mark.parametrize("kind", [["input_file"], {"a": 1}, 7])
+def test_a_part_whose_type_is_not_a_string_is_no_5xx(env, kind):
+    env.start()
+    status, _, _ = raw(env.url, "POST", "/v1/chat/completions", {
+        "model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": [{"type": kind, "x": 1}]}]})
+    assert status < 500
+    assert env.window()[1] == 0

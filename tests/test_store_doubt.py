@@ -167,3 +167,14 @@ def test_caller_text_cannot_forge_a_log_record(backend_url, clock, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert any("forged" in line for line in lines)
     assert not any("\n" in line or "\r" in line for line in lines)
+
+
+def test_a_route_to_another_tokenizer_keeps_the_fetched_input_floor(backend_url, clock):
+    g = guard(backend_url, clock, models={"gpt-4-turbo": {"input_per_mtok": "10", "output_per_mtok": "30"}},
+              tiers={"default": {"hourly_usd": 1, "per_request": {"max_input_tokens": 100_000},
+                                 "downgrade": {"at": 0.5, "routes": {"gpt-4-turbo": "gpt-4o-mini"}}}})
+    files = [{"role": "user", "content": [{"type": "input_file", "file_id": "file-abc"}]}]
+    d = g.check("u1", "gpt-4-turbo", files, max_tokens=100, fetched_input=True)
+    assert d.allowed and d.model == "gpt-4o-mini"  # the dear model does not fit; its cl100k route does
+    assert d.estimated_input_tokens == 100_000
+    g.close()
