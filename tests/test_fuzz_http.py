@@ -108,7 +108,7 @@ def wrapped(upstream_server: tuple[Server, Switch], real_redis: Any, real_redis_
     guard = BudgetGuard(parse_config(CONFIG, env={}), redis_url=real_redis_url)
     switch.app = BudgetMiddleware(provider, guard=guard, identify=lambda request: "alice")
     yield srv.url, guard
-    guard.close()
+    switch.close_guard(guard)
 
 
 @pytest.mark.parametrize("target", ["proxied", "wrapped"])

@@ -155,7 +155,7 @@ def middleware_app(upstream_server, real_redis, real_redis_url, clock) -> Iterat
     g = BudgetGuard(config(models=MODELS), redis_url=real_redis_url, clock=clock)
     switch.app = BudgetMiddleware(_catch_all(seen), guard=g, identify=lambda r: "alice")
     yield srv.url, seen, g
-    g.close()
+    switch.close_guard(g)
 
 
 @pytest.mark.parametrize(("method", "target"), BUDGETED)
@@ -393,7 +393,7 @@ def test_the_middleware_budgets_an_app_mounted_under_a_prefix(upstream_server, r
     assert status == 200 and headers["x-budget-limit"] == "none"
     assert seen == ["/llm/v1/chat/completions"]
     assert g.status("alice").windows["user.daily"].spent_usd > 0
-    g.close()
+    switch.close_guard(g)
 
 
 def test_the_apps_budget_headers_and_length_are_not_passed_on(upstream_server, real_redis, real_redis_url, clock):
@@ -418,7 +418,7 @@ def test_the_apps_budget_headers_and_length_are_not_passed_on(upstream_server, r
     chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert chunks == [{"choices": [{"index": 0, "delta": {"content": "hi"}}]}]
     assert g.status("alice").windows["user.daily"].spent_usd > 0
-    g.close()
+    switch.close_guard(g)
 
 
 def test_a_long_answer_keeps_its_reservation(upstream_server, real_redis, real_redis_url):
@@ -452,7 +452,7 @@ def test_a_long_answer_keeps_its_reservation(upstream_server, real_redis, real_r
         rest = list(lines)
     assert first.status_code == 200 and "data: [DONE]" in rest
     assert second.status_code == 429
-    g.close()
+    switch.close_guard(g)
 
 
 # ------------------------------------------------------------------------- a second review

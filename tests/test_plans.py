@@ -106,7 +106,7 @@ def test_identify_may_name_the_users_plan(upstream_server, real_redis, real_redi
         pro = http.post(f"{srv.url}/v1/chat/completions", json=body, headers={"x-user": "alice"})
         free = http.post(f"{srv.url}/v1/chat/completions", json=body, headers={"x-user": "carol"})
     assert (pro.status_code, free.status_code) == (200, 429)
-    g.close()
+    switch.close_guard(g)
 
 
 def test_an_api_key_carries_plans_and_tags(upstream_server, real_redis, real_redis_url, clock):

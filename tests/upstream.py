@@ -238,6 +238,13 @@ class Switch:
         self.loop = asyncio.get_running_loop()
         await self.app(scope, receive, send)
 
+    def close_guard(self, guard: Any) -> None:
+        """Close a guard the plugged-in app used: on the server's loop, where its async
+        clients and background tasks live, then its sync side."""
+        if self.loop is not None and self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(guard.aclose(), self.loop).result(10)
+        guard.close()
+
 
 class Server:
     """uvicorn serving ``app`` on 127.0.0.1 in a background thread."""
