@@ -166,7 +166,6 @@ _COMPLETION_TOKENS_MODELS = re.compile(r"(?:.*/)?(?:o\d|gpt-5)", re.IGNORECASE)
 _FEE_TOOLS = ("web_search", "image_generation", "code_interpreter", "file_search", "code_execution", "web_fetch",
               "mcp")
 _FEE_MODELS = re.compile(r".*-search-(?:preview|api)", re.IGNORECASE)  # a web search on every call
-_FILE_PARTS = frozenset({"input_file", "file", "document", "container_upload"})
 # Body fields billed as input besides messages, system, tools and prompt (a JSON schema's
 # descriptions, a prediction, a suffix): counted with the rest.
 _BILLED_FIELDS = ("response_format", "text", "output_format", "output_config", "prediction", "suffix")
@@ -213,23 +212,12 @@ def _parts(items: Any) -> list[dict[str, Any]]:
     return found
 
 
-def _fetches_input(body: Mapping[str, Any], parts: list[dict[str, Any]]) -> bool:
-    """Whether the provider adds input the body does not hold, or bills a file by its pages."""
+def _fetches_input(body: Mapping[str, Any]) -> bool:
+    """Whether the body points at stored input it does not hold (files in the messages
+    are the engine's to see: :func:`budgetguard.tokens.uncountable_input`)."""
     if any(body.get(k) is not None for k in ("previous_response_id", "conversation")):
         return True
-    if isinstance(body.get("prompt"), dict):  # a stored prompt (Responses), not a completions prompt
-        return True
-    for part in parts:
-        kind = part.get("type")
-        if not isinstance(kind, str):
-            continue
-        if kind == "item_reference":
-            return True
-        if kind in _FILE_PARTS:
-            # A file is billed by what the provider makes of it (pages as text and images),
-            # fetched or inline: never by the length of its reference or its base64.
-            return True
-    return False
+    return isinstance(body.get("prompt"), dict)  # a stored prompt (Responses), not a completions prompt
 
 
 def _billed_extra(body: Mapping[str, Any]) -> str | None:
@@ -272,7 +260,7 @@ class _Call:
         _refuse_unbounded(body, self.model, parts)
         # Input the provider fetches itself (a file, a URL, a stored conversation or prompt)
         # is reserved at the tier's input cap: its size is not in the body.
-        self.fetched_input = _fetches_input(body, parts)
+        self.fetched_input = _fetches_input(body)
         extra = _billed_extra(body)
         if extra is not None:
             if self.prompt is None:

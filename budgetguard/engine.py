@@ -54,7 +54,7 @@ from .protocol import (
 from .protocol import Status as StatusCall
 from .redact import printable
 from .slices import Item, OrgSlices, Refill
-from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for
+from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for, uncountable_input
 from .usage import Usage, check_token_count
 from .windows import WINDOWS, WindowClock, WindowSet, windows_at
 
@@ -359,6 +359,9 @@ class Engine:
             return self._deny_local(plan, input_tokens, "request.max_output_tokens",
                                     f"max_tokens={max_out} exceeds the per-request cap of "
                                     f"{policy.max_output_tokens}")
+        # Files and stored items in the messages are billed by what the provider makes of
+        # them: whoever calls, they are reserved at the tier's input cap like fetched input.
+        fetched_input = fetched_input or uncountable_input(messages)
         if fetched_input:
             if policy.max_input_tokens is None:
                 return self._deny_local(plan, input_tokens, "request.max_input_tokens",

@@ -117,6 +117,7 @@ __all__ = [
     "input_size",
     "load_problems",
     "tokenizer_for",
+    "uncountable_input",
 ]
 
 logger = logging.getLogger("budgetguard.tokens")
@@ -593,6 +594,30 @@ def _clear_caches() -> None:
 
 
 # --------------------------------------------------------------------------- counting
+
+
+# Parts whose tokens the provider decides, not their text: a file is billed by what the
+# provider makes of it (pages as text and images), fetched by URL or id or sent inline;
+# an item reference stands for a stored item the body does not hold.
+_UNCOUNTABLE_PARTS = frozenset({"input_file", "file", "document", "container_upload", "item_reference"})
+
+
+def uncountable_input(messages: object) -> bool:
+    """Whether ``messages`` hold input no local estimate can count (see ``_UNCOUNTABLE_PARTS``),
+    at any depth: content parts, tool results, tool outputs. Bounded, never raises."""
+    stack = [messages]
+    seen = 0
+    while stack and seen < 100_000:
+        node = stack.pop()
+        seen += 1
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if isinstance(kind, str) and kind in _UNCOUNTABLE_PARTS:
+                return True
+            stack.extend(v for k, v in node.items() if k in ("content", "output") and isinstance(v, list))
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def count_text_tokens(model: str, text: str) -> int:

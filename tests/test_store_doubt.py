@@ -178,3 +178,21 @@ def test_a_route_to_another_tokenizer_keeps_the_fetched_input_floor(backend_url,
     assert d.allowed and d.model == "gpt-4o-mini"  # the dear model does not fit; its cl100k route does
     assert d.estimated_input_tokens == 100_000
     g.close()
+
+
+@pytest.mark.parametrize("part", [{"type": "input_file", "file_id": "file-1"},
+                                  {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                                  "data": "JVBERi0="}}])
+def test_a_library_check_reserves_files_at_the_input_cap(backend_url, clock, part):
+    # Not only through the middleware: a file in the messages is billed by its pages.
+    files = [{"role": "user", "content": [part, {"type": "text", "text": "Summarise."}]}]
+    capped = guard(backend_url, clock, tiers={"default": {"per_request": {"max_input_tokens": 40_000}}})
+    held = capped.check("u1", "gpt-4o", files, max_tokens=10)
+    assert held.estimated_input_tokens == 40_000
+    capped.release(held)
+    capped.close()
+    uncapped = guard(backend_url, clock)
+    d = uncapped.check("u1", "gpt-4o", files, max_tokens=10)
+    assert (d.allowed, d.limit) == (False, "request.max_input_tokens")
+    assert uncapped.status("u1").windows["user.daily"].reserved_usd == 0
+    uncapped.close()
