@@ -61,7 +61,7 @@ def summarize(config: Config) -> str:
     prices = Pricebook(config.models)
     # The models the config names, priced as a call would be: limits.yaml's overrides, else
     # the pricing library (genai-prices), whose source each line shows.
-    for name in sorted(_named_models(config)):
+    for name in sorted(config.named_models()):
         p = prices.resolve(name)
         if p is None:
             fate = "denied" if config.unknown_model == "deny" else f"priced as {config.unknown_model}"
@@ -110,23 +110,6 @@ def summarize(config: Config) -> str:
                      f"{'set' if px.upstream_api_key or px.anthropic_api_key else 'callers own (pass-through)'}, "
                      f"passthrough {px.passthrough}")
     return "\n".join(lines)
-
-
-def _named_models(config: Config) -> set[str]:
-    """Every model limits.yaml names: prices, allow-lists, routes (both ends), the fallback."""
-    names = set(config.models)
-    plans = [*config.tiers.values(), *config.users.values(), config.org]
-    for plan in plans:
-        allowed = getattr(plan, "models", None)
-        if allowed:
-            names.update(allowed)
-        downgrade = getattr(plan, "downgrade", None)
-        if downgrade is not None and downgrade.routes:
-            names.update(downgrade.routes)
-            names.update(downgrade.routes.values())
-    if config.unknown_model != "deny":
-        names.add(config.unknown_model)
-    return names
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -499,7 +482,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .tokens import _clear_caches, bundled_encodings, load_problems
 
     wanted = [(name, m.tokenizer) for name, m in config.models.items()]
-    wanted += [(name, None) for name in sorted(_named_models(config)) if name not in config.models]
+    wanted += [(name, None) for name in sorted(config.named_models()) if name not in config.models]
     wanted += [("gpt-4o", None), ("gpt-4", None)]
     missing = load_problems(wanted)
     if missing and args.fetch_encodings:
@@ -523,7 +506,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .pricing import Pricebook
 
     prices = Pricebook(config.models)
-    unpriced = sorted(n for n in _named_models(config) if prices.resolve(n) is None)
+    unpriced = sorted(n for n in config.named_models() if prices.resolve(n) is None)
     if unpriced and config.unknown_model != "deny":
         report(True, f"prices: {', '.join(unpriced)} have no price of their own and are charged as "
                      f"unknown_model ({config.unknown_model})")

@@ -340,6 +340,21 @@ class Config(_Strict):
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     api_keys: list[ApiKey] = Field(default_factory=list, max_length=MAX_API_KEYS)  # at most 10,000
 
+    def named_models(self) -> frozenset[str]:
+        """Every model name the configuration mentions: ``models:``, ``unknown_model``, the
+        tiers', users' and org's allowed models and both ends of their downgrade routes."""
+        names = set(self.models)
+        if self.unknown_model != "deny":
+            names.add(self.unknown_model)
+        scopes: list[Any] = [*self.tiers.values(), *self.users.values(), self.org]
+        for scope in scopes:
+            names.update(getattr(scope, "models", None) or ())
+            downgrade = getattr(scope, "downgrade", None)
+            if downgrade is not None:
+                names.update(downgrade.routes)
+                names.update(downgrade.routes.values())
+        return frozenset(names)
+
     @field_validator("redis_url")
     @classmethod
     def _known_scheme(cls, value: str | None) -> str | None:

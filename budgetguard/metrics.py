@@ -48,19 +48,8 @@ def _label(value: Any) -> str:
 
 
 def config_models(config: Config) -> frozenset[str]:
-    """Every model name a configuration mentions: ``models:``, ``unknown_model``, the
-    tiers', users' and org's allowed models and their downgrade routes."""
-    names = set(config.models)
-    if config.unknown_model != "deny":
-        names.add(config.unknown_model)
-    scopes: list[Any] = [*config.tiers.values(), *config.users.values(), config.org]
-    for scope in scopes:
-        names.update(getattr(scope, "models", None) or ())
-        downgrade = getattr(scope, "downgrade", None)
-        if downgrade is not None:
-            names.update(downgrade.routes)
-            names.update(downgrade.routes.values())
-    return frozenset(names)
+    """Every model name a configuration mentions (:meth:`Config.named_models`)."""
+    return config.named_models()
 
 
 class _SpendCollector(Collector):

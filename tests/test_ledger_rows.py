@@ -55,6 +55,8 @@ def test_the_report_of_rows_read_back_equals_the_report_of_the_events():
     ({"input_tokens": 2**63}, "input_tokens is not a count"),
     ({"ts": "2026-03-10T12:00:00"}, "ts: ts has no timezone"),
     ({"kind": None}, "kind is not usage"),
+    ({"kind": []}, "kind is not usage"),
+    ({"cost_usd": "1e999999999"}, "cost_usd is not a decimal string"),
     ({"outcome": None}, "outcome is missing"),
     ({"user": 5}, "user is not a string"),
     ({"routed": "yes"}, "routed is not true or false"),

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from ..protocol import ScriptCall
     from ..store import AsyncStore, SyncStore, ThreadedStore
 
-__all__ = ["AsyncDriver", "Dispatcher", "ThreadDriver"]
+__all__ = ["AsyncDriver", "Dispatcher", "ThreadDriver", "sink_traffic"]
 
 log = logging.getLogger("budgetguard.alerts")
 
@@ -102,7 +102,7 @@ logging.getLogger("httpx").addFilter(_SINK_FILTER)
 
 
 @contextlib.contextmanager
-def _sink_traffic() -> Iterator[None]:
+def sink_traffic() -> Iterator[None]:
     token = _SINK_TRAFFIC.set(True)
     try:
         yield
@@ -126,7 +126,7 @@ def _http_error(exc: BaseException) -> Sent:
 
 def _post(http: httpx.Client, d: Delivery) -> Sent:
     try:
-        with _sink_traffic():
+        with sink_traffic():
             return _http_result(http.post(d.url, content=d.body, headers=d.headers))
     except _SEND_ERRORS as exc:
         return _http_error(exc)
@@ -134,7 +134,7 @@ def _post(http: httpx.Client, d: Delivery) -> Sent:
 
 async def _apost(http: httpx.AsyncClient, d: Delivery) -> Sent:
     try:
-        with _sink_traffic():
+        with sink_traffic():
             return _http_result(await http.post(d.url, content=d.body, headers=d.headers))
     except _SEND_ERRORS as exc:
         return _http_error(exc)

@@ -120,12 +120,14 @@ def deliver_alert(alert: Alert, config: Config) -> int:
     """Post ``alert`` to each configured sink that wants it, once; how many took it."""
     import httpx
 
+    from ..alerts.dispatch import sink_traffic
     from ..alerts.messages import deliveries
 
     delivered = 0
     for d in deliveries(alert, config.alerts):
         try:
-            answer = httpx.post(d.url, content=d.body, headers=d.headers, timeout=config.alerts.timeout_s)
+            with sink_traffic():  # httpx's request log would print the webhook URL, a secret
+                answer = httpx.post(d.url, content=d.body, headers=d.headers, timeout=config.alerts.timeout_s)
         except httpx.HTTPError as exc:
             log.error("spike alert to %s at %s failed: %s", d.sink, d.where, type(exc).__name__)
             continue
@@ -167,11 +169,14 @@ def db_report(args: argparse.Namespace, since: datetime, until: datetime, config
 def _send_slack(config: Config, summary: Weekly) -> None:
     import httpx
 
+    from ..alerts.dispatch import sink_traffic
+
     sink = config.alerts.slack
     if sink is None or not sink.webhook_url:
         raise LedgerError("--send slack: alerts.slack.webhook_url is not set in the config")
     try:
-        answer = httpx.post(sink.webhook_url, json=slack_message(summary), timeout=config.alerts.timeout_s)
+        with sink_traffic():  # httpx's request log would print the webhook URL, a secret
+            answer = httpx.post(sink.webhook_url, json=slack_message(summary), timeout=config.alerts.timeout_s)
     except httpx.HTTPError as exc:
         raise LedgerError(f"--send slack: {redact_url(sink.webhook_url)}: {type(exc).__name__}") from None
     if answer.status_code >= 300:

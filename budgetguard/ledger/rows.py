@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from ..eventlog import event_time
@@ -96,7 +96,7 @@ def _nano(event: Mapping[str, Any], key: str) -> int:
         raise RowError(f"{key} is not a decimal string")
     try:
         amount = Decimal(value) * _NANO
-    except InvalidOperation:
+    except ArithmeticError:  # InvalidOperation, and the Overflow of an exponent like 1e999999999
         raise RowError(f"{key} is not a decimal string") from None
     if not amount.is_finite() or amount != amount.to_integral_value():
         raise RowError(f"{key} is not a whole number of nano-USD")
@@ -168,7 +168,8 @@ def _ts(event: Mapping[str, Any]) -> datetime:
 
 def to_row(event_id: str, event: Mapping[str, Any]) -> dict[str, Any]:
     """The ``usage_events`` row of one event; RowError naming the field when it is malformed."""
-    kind = KIND_OF_EVENT.get(event.get("kind"))  # type: ignore[arg-type]
+    raw_kind = event.get("kind")
+    kind = KIND_OF_EVENT.get(raw_kind) if isinstance(raw_kind, str) else None
     if kind is None:
         raise RowError("kind is not usage, denied or admin")
     outcome = _text(event, "outcome", MAX_SHORT)

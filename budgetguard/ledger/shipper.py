@@ -189,6 +189,8 @@ class Shipper:
                 rows.append(to_row(event_id, event))
             except RowError as exc:
                 self._malformed(event_id, str(exc))
+            except Exception as exc:  # whatever else an entry holds, it must not stop the rest
+                self._malformed(event_id, f"unreadable ({type(exc).__name__})")
         started = time.monotonic()
         inserted = self.ledger.insert(rows)
         self.client.xack(self.stream, self.options.group, *[entry_id for entry_id, _ in entries])
