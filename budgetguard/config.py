@@ -25,7 +25,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .errors import ConfigError
 
 __all__ = [
+    "BUILTIN_BUDGETS",
     "AlertsConfig",
+    "BudgetConfig",
+    "BudgetValue",
     "AnomalyConfig",
     "ApiKey",
     "Config",
@@ -34,6 +37,7 @@ __all__ = [
     "ModelOverride",
     "OrgConfig",
     "PerRequest",
+    "PlanConfig",
     "ProxyConfig",
     "TierConfig",
     "UserConfig",
@@ -55,6 +59,10 @@ MAX_TIERS = 1_000
 MAX_USERS = 10_000  # users without overrides need no entry: unlisted users get default_tier
 MAX_API_KEYS = 10_000
 MAX_HEADERS = 64  # alerts.webhook.headers
+# Every budget that applies is a part of each check's one script: a few dozen windows at most.
+MAX_BUDGETS = 16
+MAX_PLANS = 100
+MAX_BUDGET_VALUES = 10_000  # static `values:` of one budget; the rest are assigned at run time
 _MAX_PROBLEMS = 20  # a ConfigError lists this many problems and counts the rest
 
 
@@ -70,6 +78,8 @@ Usd = Annotated[Decimal, Field(ge=0, le=9_000_000, decimal_places=9), BeforeVali
 Threshold = Annotated[Decimal, Field(gt=0, le=1), BeforeValidator(_not_bool)]
 TokenCount = Annotated[int, Field(gt=0, le=100_000_000), BeforeValidator(_not_bool)]
 Count = Annotated[int, BeforeValidator(_not_bool)]
+# A rate or a concurrency cap: a whole number of requests or tokens, never a fraction.
+Rate = Annotated[int, Field(gt=0, le=1_000_000_000_000), BeforeValidator(_not_bool)]
 PerMTok = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=9), BeforeValidator(_not_bool)]
 AlertLevels = Annotated[list[Threshold], Field(max_length=MAX_ALERT_LEVELS)]
 ModelList = Annotated[list[str], Field(max_length=MAX_MODELS)]
@@ -90,11 +100,21 @@ class Downgrade(_Strict):
     routes: dict[str, str] = Field(default_factory=dict, max_length=MAX_MODELS)  # at most 1,000 routes
 
 
-class _TierFields(_Strict):
-    per_request: PerRequest | None = None
+class _Windows(_Strict):
+    """The window limits any budget may carry (see :mod:`budgetguard.limits`)."""
+
     hourly_usd: Usd | None = None
     daily_usd: Usd | None = None
+    weekly_usd: Usd | None = None  # the ISO week (from Monday 00:00) in `timezone`
     monthly_usd: Usd | None = None
+    total_usd: Usd | None = None  # never resets: a prepaid balance
+    requests_per_minute: Rate | None = None
+    tokens_per_minute: Rate | None = None  # estimated input + max output, settled to the reported total
+    max_concurrent: Rate | None = None  # reservations in flight
+
+
+class _TierFields(_Windows):
+    per_request: PerRequest | None = None
     models: ModelList | None = None  # allow-list, at most 1,000 models
     downgrade: Downgrade | None = None
     alert_at: AlertLevels | None = None  # at most 16 levels
@@ -110,9 +130,67 @@ class UserConfig(_TierFields):
     tier: str | None = None
 
 
-class OrgConfig(_Strict):
-    daily_usd: Usd | None = None
-    monthly_usd: Usd | None = None
+BUILTIN_BUDGETS = frozenset({"user", "org", "request", "model", "store"})
+_BUDGET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# A dimension a budget may be kept `per:` or filtered `when:` on: a tag name (the call's
+# tags), or one of the call's own: the user, the requested model, the model's provider.
+_DIMENSION = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+CALL_DIMENSIONS = frozenset({"user", "model", "provider"})
+
+
+class PlanConfig(_TierFields):
+    """One plan of a budget: like a tier, its windows, per-request caps, allow-list, routing."""
+
+
+class BudgetValue(_TierFields):
+    """A budget value listed in ``values:``: its plan and overrides of any plan field."""
+
+    plan: str | None = None
+
+
+WhenValues = Annotated[list[str], Field(min_length=1, max_length=MAX_MODELS)]
+
+
+class BudgetConfig(_TierFields):
+    """A named budget under ``budgets:`` (see DESIGN section 6)."""
+
+    per: str | None = None
+    when: dict[str, str | WhenValues] = Field(default_factory=dict, max_length=16)
+    default_plan: str | None = None
+    plans: dict[str, PlanConfig] = Field(default_factory=dict, max_length=MAX_PLANS)
+    values: dict[str, BudgetValue] = Field(default_factory=dict, max_length=MAX_BUDGET_VALUES)
+
+    @field_validator("per")
+    @classmethod
+    def _dimension(cls, value: str | None) -> str | None:
+        if value is not None and not _DIMENSION.match(value):
+            raise ValueError(f"{value[:64]!r} is not a dimension: a tag name ([a-z][a-z0-9_]*) or one of "
+                             f"{', '.join(sorted(CALL_DIMENSIONS))}")
+        return value
+
+    @field_validator("when")
+    @classmethod
+    def _dimensions(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not _DIMENSION.match(name):
+                raise ValueError(f"{name[:64]!r} is not a dimension: a tag name ([a-z][a-z0-9_]*) or one of "
+                                 f"{', '.join(sorted(CALL_DIMENSIONS))}")
+        return value
+
+    def matches(self, dims: Mapping[str, str]) -> bool:
+        """Whether a call with these dimensions (tags, user, model, provider) is in this budget."""
+        for name, allowed in self.when.items():
+            value = dims.get(name)
+            if value is None or (value != allowed if isinstance(allowed, str) else value not in allowed):
+                return False
+        return True
+
+    def limit_fields(self) -> set[str]:
+        """The limit fields set on the budget itself (not in its plans)."""
+        return self.model_fields_set - {"per", "when", "default_plan", "plans", "values"}
+
+
+class OrgConfig(_Windows):
     alert_at: AlertLevels = Field(default_factory=list)  # at most 16 levels
     downgrade: Downgrade | None = None
     forecast: bool = False  # alert once a month when the spend rate would exhaust monthly_usd early
@@ -143,14 +221,15 @@ def _check_url(value: str) -> str:
     return value
 
 
-Scope = Literal["org", "user"]
+Scope = Literal["org", "user", "budget"]
 
 
 class _Sink(_Strict):
     # Which alerts a sink receives: at or above min_level, for these scopes.
     min_level: Threshold | None = None
-    # Two scopes exist, so a longer list only repeats them.
-    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org", "user"]), min_length=1, max_length=2)
+    # Three scopes exist (every budget under `budgets:` is "budget"), so a longer list only repeats them.
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org", "user", "budget"]), min_length=1,
+                                max_length=3)
 
 
 class SlackConfig(_Sink):
@@ -339,6 +418,7 @@ class Config(_Strict):
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     api_keys: list[ApiKey] = Field(default_factory=list, max_length=MAX_API_KEYS)  # at most 10,000
+    budgets: dict[str, BudgetConfig] = Field(default_factory=dict, max_length=MAX_BUDGETS)  # at most 16
 
     def named_models(self) -> frozenset[str]:
         """Every model name the configuration mentions: ``models:``, ``unknown_model``, the
@@ -347,6 +427,8 @@ class Config(_Strict):
         if self.unknown_model != "deny":
             names.add(self.unknown_model)
         scopes: list[Any] = [*self.tiers.values(), *self.users.values(), self.org]
+        for budget in self.budgets.values():
+            scopes += [budget, *budget.plans.values(), *budget.values.values()]
         for scope in scopes:
             names.update(getattr(scope, "models", None) or ())
             downgrade = getattr(scope, "downgrade", None)
@@ -652,14 +734,13 @@ def _check_references(config: Config) -> None:
             # Two users for one key would make the charge depend on list order.
             raise ConfigError(f"api_keys.{i}.sha256: the same key as api_keys.{j}.sha256 (each key once)")
         for budget, plan in entry.plans.items():
-            if budget != "user":
-                raise ConfigError(f"api_keys.{i}.plans.{budget}: no budget of that name has plans (budgets with "
-                                  "plans: user)")
-            if plan not in config.tiers and plan != config.default_tier:
-                raise ConfigError(f"api_keys.{i}.plans.user: tier {plan!r} is not defined under tiers")
+            problem = plan_problem(config, budget, plan)
+            if problem:
+                raise ConfigError(f"api_keys.{i}.plans.{budget}: {problem}")
         if "api_key" in entry.tags:
             raise ConfigError(f"api_keys.{i}.tags.api_key: the proxy sets this tag itself (the key's name)")
 
+    _check_budgets(config)
     if config.anomaly.min_history_days > config.anomaly.baseline_days:
         raise ConfigError(f"anomaly.min_history_days: {config.anomaly.min_history_days} exceeds baseline_days "
                           f"({config.anomaly.baseline_days}), so the detector could never speak")
@@ -681,6 +762,10 @@ def _check_references(config: Config) -> None:
     scopes: list[tuple[str, _TierFields | OrgConfig]] = [(f"tiers.{n}", t) for n, t in config.tiers.items()]
     scopes += [(f"users.{n}", u) for n, u in config.users.items()]
     scopes.append(("org", config.org))
+    for name, budget in config.budgets.items():
+        scopes.append((f"budgets.{name}", budget))
+        scopes += [(f"budgets.{name}.plans.{p}", plan) for p, plan in budget.plans.items()]
+        scopes += [(f"budgets.{name}.values.{v}", value) for v, value in budget.values.items()]
     for where, scope in scopes:
         allowed = getattr(scope, "models", None)
         for i, model in enumerate(allowed or ()):
@@ -700,6 +785,64 @@ def _check_references(config: Config) -> None:
             if (target_price.input.base > source_price.input.base
                     or target_price.output.base > source_price.output.base):
                 raise ConfigError(f"{here}: route target {target!r} costs more than {source!r}")
+
+
+def budgets_with_plans(config: Config) -> list[str]:
+    return ["user", *(name for name, budget in config.budgets.items() if budget.plans)]
+
+
+def plan_problem(config: Config, budget: str, plan: Any) -> str | None:
+    """Why ``plan`` is not a plan of ``budget`` (None when it is). The user budget's plans are the tiers."""
+    if not isinstance(plan, str):
+        return f"a plan name is a string, got {type(plan).__name__}"
+    if budget == "user":
+        if plan in config.tiers or plan == config.default_tier:
+            return None
+        known = sorted({*config.tiers, config.default_tier})
+        return f"tier {plan[:64]!r} is not defined under tiers (tiers: {', '.join(known)})"
+    found = config.budgets.get(budget)
+    if found is None or not found.plans:
+        return (f"no budget of that name has plans (budgets with plans: "
+                f"{', '.join(budgets_with_plans(config))})")
+    if plan not in found.plans:
+        return f"{plan[:64]!r} is not a plan of budget {budget!r} (plans: {', '.join(found.plans)})"
+    return None
+
+
+def _check_budgets(config: Config) -> None:
+    if config.org.slice_usd is not None:
+        other = sorted(config.org.model_fields_set & {"hourly_usd", "weekly_usd", "total_usd", "requests_per_minute",
+                                                      "tokens_per_minute", "max_concurrent"})
+        if other:
+            raise ConfigError(f"org.{other[0]}: org slices (slice_usd) hold the org's daily and monthly windows "
+                              "only; drop slice_usd to cap other org windows")
+    for name, budget in config.budgets.items():
+        where = f"budgets.{name}"
+        if not _BUDGET_NAME.match(name):
+            raise ConfigError(f"{where}: a budget name is [a-z][a-z0-9_]{{0,31}}")
+        if name in BUILTIN_BUDGETS:
+            raise ConfigError(f"{where}: {name!r} is a built-in name ({', '.join(sorted(BUILTIN_BUDGETS))}); "
+                              "the user's and the org's budgets are `tiers:`/`users:` and `org:`")
+        if budget.plans:
+            direct = sorted(budget.limit_fields())
+            if direct:
+                raise ConfigError(f"{where}.{direct[0]}: a budget with plans carries its limits in its plans")
+            if budget.default_plan is None:
+                raise ConfigError(f"{where}.default_plan: required when the budget has plans "
+                                  f"(plans: {', '.join(budget.plans)})")
+            if budget.default_plan not in budget.plans:
+                raise ConfigError(f"{where}.default_plan: {budget.default_plan!r} is not a plan of the budget "
+                                  f"(plans: {', '.join(budget.plans)})")
+        elif budget.default_plan is not None:
+            raise ConfigError(f"{where}.default_plan: the budget has no plans")
+        if budget.values and budget.per is None:
+            raise ConfigError(f"{where}.values: the budget has one shared set of counters (no `per:`), "
+                              "so it has no values to list")
+        for value, entry in budget.values.items():
+            if entry.plan is not None and entry.plan not in budget.plans:
+                raise ConfigError(f"{where}.values.{value}.plan: {entry.plan!r} is not a plan of the budget"
+                                  + (f" (plans: {', '.join(budget.plans)})" if budget.plans else
+                                     " (it has no plans)"))
 
 
 def _check_encoding(where: str, name: str) -> None:

@@ -1,4 +1,4 @@
-"""The values budgetguard hands back: :class:`Decision` and :class:`Status`."""
+"""The values budgetguard hands back: :class:`Decision`, :class:`Status` and :class:`BudgetStatus`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .usage import Usage
-from .windows import WindowSet
 
-__all__ = ["Decision", "Status", "Ticket", "WindowStatus"]
+if TYPE_CHECKING:
+    from .scopes import Scope, Window
+
+__all__ = ["BudgetStatus", "CountStatus", "Decision", "Status", "Ticket", "WindowStatus"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,28 +21,20 @@ class Ticket:
     """Where a request's reservation lives, so settling needs no lookup."""
 
     request_key: str
-    user_prefix: str
-    org_prefix: str
-    windows: WindowSet  # the windows the reservation was taken on
+    scopes: tuple[Scope, ...]  # the budget values it was reserved on, the user's first, the org's last
+    windows: tuple[Window, ...]  # the windows it was reserved on
+    ranges: tuple[tuple[int, int], ...]  # per scope: (its first window, how many)
+    members: tuple[str, ...]  # per scope: its lease member (what it holds, window by window)
     amount_nano: int
     candidate: int  # 1-based index of the chosen candidate (the Lua calling convention)
-    # On a cluster the user's windows may hold more than the org's: the user part is
-    # reserved before the org's routing picks a cheaper model. None: the same amount.
-    user_amount_nano: int | None = None
     org_local: bool = False  # the org's part was held in this process's slice (org.slice_usd)
-    org_own: bool = False  # a repeat holding an org reservation of its own (see Engine.check_steps)
+    own: frozenset[int] = frozenset()  # a repeat's scopes holding a reservation of its own (Engine.check_steps)
     # The engine that took the decision: only it may settle it (its prices, its store).
     owner: object = None
     attempt: str = ""  # this check's attempt id, by which a reserve in doubt is voided
     # The reserve was sent but its reply never came (fail_mode applied): it may run later,
     # so settling voids it (see settle.lua).
     in_doubt: bool = False
-
-    def members(self, rid: str) -> tuple[str, str]:
-        w = self.windows
-        user_amount = self.amount_nano if self.user_amount_nano is None else self.user_amount_nano
-        return (f"{rid}|{user_amount}|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}",
-                f"{rid}|{self.amount_nano}|{w.d.stamp}|{w.m.stamp}")
 
 
 @dataclass(slots=True, eq=False)
@@ -89,10 +83,12 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class WindowStatus:
+    """A money window: dollars spent, reserved by calls in flight, and its cap."""
+
     spent_usd: Decimal
     reserved_usd: Decimal
     limit_usd: Decimal | None
-    resets_at: datetime
+    resets_at: datetime | None  # None: a balance (total_usd), which never resets
 
     @property
     def utilization(self) -> Decimal | None:
@@ -102,7 +98,37 @@ class WindowStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class CountStatus:
+    """A count window (``.rpm``, ``.tpm``, ``.concurrent``): requests or tokens, never dollars."""
+
+    used: int  # settled this window (for .concurrent: always 0, calls in flight are `reserved`)
+    reserved: int  # held by calls in flight
+    limit: int | None
+    resets_at: datetime | None  # None: calls in flight have no period
+    unit: str  # "requests" or "tokens"
+
+    @property
+    def utilization(self) -> Decimal | None:
+        if not self.limit:
+            return None
+        return Decimal(self.used + self.reserved) / self.limit
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
+    """Every window of every budget that applies to a user's calls, keyed by limit name."""
+
     user: str
     tier: str
-    windows: dict[str, WindowStatus]
+    windows: dict[str, WindowStatus | CountStatus]
+    budgets: tuple[str, ...] = ("user", "org")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """One budget value's windows (``guard.budget_status``)."""
+
+    budget: str
+    value: str | None
+    plan: str | None
+    windows: dict[str, WindowStatus | CountStatus]

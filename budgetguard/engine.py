@@ -24,21 +24,21 @@ from typing import Any
 from .alerts.anomaly import Baseline
 from .alerts.model import Alert
 from .config import Config
-from .decision import Decision, Status, Ticket, WindowStatus
+from .decision import BudgetStatus, CountStatus, Decision, Status, Ticket, WindowStatus
 from .details import CallDetails
 from .errors import BudgetGuardError, InvalidArgument, InvalidArgumentType
 from .events import Event, denial_event, stream_head, usage_event
 from .keys import KeySpace
 from .notices import Notices
-from .policy import Policies, UserPolicy
+from .limits import Limits
+from .policy import Policies
 from .pricing import ModelPrice, nano_to_usd, usd_to_nano
 from .protocol import (
-    BOTH,
     DENIED,
-    ORG,
+    LOCAL,
     REPEAT,
     RESERVED,
-    USER,
+    STALE,
     VOIDED,
     Log,
     Renew,
@@ -50,13 +50,16 @@ from .protocol import (
     Slice,
     SliceReply,
     StatusReply,
+    renumbered,
 )
 from .protocol import Status as StatusCall
 from .redact import printable
+from .runtime import Known, Runtime
+from .scopes import Scope, Scopes, Window, member, need, plans_argument
 from .slices import Item, OrgSlices, Refill
 from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for, uncountable_input
 from .usage import Usage, check_token_count
-from .windows import WINDOWS, WindowClock, WindowSet, windows_at
+from .windows import WindowClock, WindowSet, windows_at
 
 __all__ = ["MAX_OUTPUT_TOKENS_CEILING", "CheckPlan", "Engine", "ScriptCall", "SettlePlan", "Settled", "Steps"]
 
@@ -67,16 +70,17 @@ MAX_OUTPUT_TOKENS_CEILING = 10_000_000
 _MAX_TAGS = 32
 _MAX_REQUEST_ID = 256
 
-# Route kinds in the reserve script's calling convention.
-_REQUESTED, _USER_ROUTE, _ORG_ROUTE, BOTH_ROUTES = 0, 1, 2, 3
-_ORG_WINDOWS_MASK = 0b11000  # org.daily and org.monthly: their first denial always alerts
-_USER_WINDOWS_MASK = 0b00111
+# A candidate's route bits: 0 is the requested model; else the scopes whose routes lead to it.
+_REQUESTED = 0
 _DAY_MS = 86_400_000
 # A void marker outlives the lease its reserve would take by this much (a reserve that runs
 # later still would take a lease that has lapsed by then).
 _VOID_MARGIN_MS = 60_000
 # Long ids stay out of the per-user spend rankings' members (they are hashed instead).
 _MAX_SPENDER = 200
+# A check planned again this often on fresh runtime state meets operators changing the
+# same budget faster than it can read it: it stops there.
+_REPLANS = 8
 
 
 # An operation as a sequence of script calls: each reply is sent back in, and the
@@ -95,16 +99,18 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class SettlePlan:
-    calls: tuple[Settle, ...]  # one; on a cluster the user's part, then the org's
+    calls: tuple[Settle, ...]  # one; on a cluster one per part, from the user's to the org's
     decision: Decision
     event: Event  # without "outcome" until the script's reply says whether the lease had lapsed
     state: str  # the settled state this call writes (its own resend finds it)
     outcome: str
     lapsed_outcome: str
-    windows: WindowSet  # the windows charged
+    windows: tuple[Window, ...]  # the windows charged
+    scopes: tuple[Scope, ...]
     now: datetime
     cost: int | None = None  # None: a release
     ranks: tuple[str, str] = ("", "")  # the spender and feature in the org's rankings
+    own: tuple[Settle, ...] = ()  # a repeat's own parts: given back if the original settled
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,23 +128,33 @@ class CheckPlan:
 
     user: str
     requested: str
-    policy: UserPolicy
+    policy: Limits  # the user's
     tags: Mapping[str, str]
     max_output_tokens: int
     rid: str
     now: datetime
     windows: WindowSet
-    user_prefix: str
+    scopes: tuple[Scope, ...]
+    wins: tuple[Window, ...] = ()  # every scope's windows, in order
+    ranges: tuple[tuple[int, int], ...] = ()  # per scope: (its first window, how many)
+    specs: tuple[str, ...] = ()  # per window: its packed reserve argument
     candidates: list[Candidate] = field(default_factory=list)
     dropped_for_cost: bool = False
     call: ScriptCall | None = None  # the first (on a single Redis, the only) reserve call
-    parts: str = BOTH  # the parts ``call`` reserves
     decision: Decision | None = None
-    user_amount: int | None = None  # on a cluster: what the user part holds
+    # Per scope: the (candidate, amount) it holds. On a cluster a part reserved before a
+    # later part routed to a cheaper model holds more than that one.
+    choices: dict[int, tuple[int, int]] = field(default_factory=dict)
+    held: list[int] = field(default_factory=list)  # on a cluster: the scopes this call reserved
+    own: set[int] = field(default_factory=set)  # a repeat's scopes reserved afresh by this call
     org_local: bool = False  # the org's part came from this process's slice
-    org_own: bool = False  # a repeat whose user part is the original's but whose org reservation is its own
     # Names this attempt's void marker: a caller that gave up on the reply voids the reserve.
     attempt: str = field(default_factory=lambda: os.urandom(8).hex())
+    args: dict[str, Any] = field(default_factory=dict)  # plan_check's arguments, to plan again
+
+    @property
+    def user_prefix(self) -> str:
+        return self.scopes[0].prefix
 
 
 def _ranked(name: str) -> str:
@@ -202,25 +218,6 @@ def _token_ids(prompt: Any) -> int | None:
     return count
 
 
-def _user_plan(tier: Any, plans: Any) -> str | None:
-    """The user's plan for a call: ``tier``, or ``plans["user"]`` (the user budget's plan)."""
-    if tier is not None:
-        tier = _validate_text("tier", tier, max_len=256)
-    if plans is None:
-        return tier
-    if not isinstance(plans, Mapping):
-        raise InvalidArgumentType(f"plans must be a mapping of budget name to plan, got {type(plans).__name__}")
-    for budget, plan in plans.items():
-        if budget != "user":
-            raise InvalidArgument(f"plans[{str(budget)[:64]!r}]: no budget of that name has plans (budgets with "
-                                  "plans: user)")
-        plan = _validate_text("plans['user']", plan, max_len=256)
-        if tier is not None and plan != tier:
-            raise InvalidArgument(f"tier={tier!r} and plans['user']={plan!r} disagree")
-        tier = plan
-    return tier
-
-
 def _validate_tags(tags: Any) -> Mapping[str, str]:
     if tags is None:
         return {}
@@ -236,10 +233,37 @@ def _validate_tags(tags: Any) -> Mapping[str, str]:
     return dict(tags)
 
 
-class Engine:
-    """``split``: run each operation per hash slot (user part, then org part), for Redis Cluster."""
+def _who(scope: Scope) -> str:
+    """A scope as denial reasons name it: "tier 'pro'", "tenant 'acme' (plan 'standard')", "the org"."""
+    if scope.budget == "user":
+        return f"tier {scope.limits.tier!r}"
+    if scope.org:
+        return "the org"
+    name = scope.budget if scope.value is None else f"{scope.budget} {printable(scope.value)[:64]!r}"
+    return name + (f" (plan {scope.limits.plan!r})" if scope.limits.plan else "")
 
-    def __init__(self, config: Config, clock: Callable[[], datetime], *, split: bool = False) -> None:
+
+def _tightest(scopes: Sequence[Scope], attr: str) -> tuple[int | None, Scope | None]:
+    """The smallest per-request cap ``attr`` among the scopes, and whose it is."""
+    found: tuple[int | None, Scope | None] = (None, None)
+    for scope in scopes:
+        value = getattr(scope.limits, attr)
+        if value is not None and (found[0] is None or value < found[0]):
+            found = (value, scope)
+    return found
+
+
+def _usd_or_count(window: Window, value: int) -> str:
+    return _fmt(value) if window.money else f"{value:,} {window.limit.kind.unit}"
+
+
+class Engine:
+    """``split``: run each operation per hash slot (one part per scope, the user's first), for Redis Cluster."""
+
+    def __init__(self, config: Config, clock: Callable[[], datetime], *, split: bool = False,
+                 before: Engine | None = None) -> None:
+        """``before``: the engine this one replaces (``guard.reload``): its decisions stay
+        this one's to settle, and its slices, runtime state and baselines carry over."""
         from .pricing import Pricebook
 
         self.config = config
@@ -248,30 +272,36 @@ class Engine:
         # calls become one per slice, so it runs split even on a single Redis.
         self.slices = OrgSlices(usd_to_nano(org.slice_usd), int(org.slice_flush_s * 1000),
                                 config.reservation_ttl_s * 1000) if org.slice_usd else None
+        if before is not None and before.slices is not None and self.slices is not None:
+            self.slices = before.slices  # what this process holds of the org's windows stays held
         self.split = split or self.slices is not None
+        # Decisions carry their owner: only the engine that took them (or its reloads) settles them.
+        self.owner: object = before.owner if before is not None else object()
+        # The runtime state (budgetguard.runtime) this process last saw, per budget value.
+        self.known: Known = before.known if before is not None else Known()
         self.prices = Pricebook(config.models)
         self.policies = Policies(config)
         self._clock = clock
         self._windows = WindowClock(config.tz)
-        self._prefix = config.key_prefix
         self.keys = KeySpace(config.key_prefix)
+        self.scopes = Scopes(config, self.keys, self.policies)
         self._org_prefix = self.keys.org
         # A settled request's state outlives its lease so that retries and late
         # records still find it; window keys outlive their window by a day.
         self._state_ms = (2 * config.reservation_ttl_s + 3600) * 1000
         self._grace_ms = (config.reservation_ttl_s + 86_400) * 1000
         self._lease_ms = config.reservation_ttl_s * 1000
-        # Per (policy, hour): the packed "cap,threshold,end" argument, built once.
-        self._specs: dict[tuple[int, str], str] = {}
-        self._thresholds: dict[int, str] = {}  # per policy: the settle script's alert thresholds
+        # Per (limits, scope index, hour, minute): a scope's windows and their packed reserve
+        # arguments, built once.
+        self._specs: dict[tuple[Any, ...], tuple[tuple[Window, ...], tuple[str, ...]]] = {}
+        self._thresholds: dict[tuple[int, ...], tuple[tuple[int, str, int], ...]] = {}
         # Spend history feeds anomaly baselines and forecasts: keep a baseline and a month.
         self._history_ms = (max(config.anomaly.baseline_days, 31) + 2) * _DAY_MS
         self._stream_maxlen = str(config.events.stream_maxlen)
         # Anomaly baselines per UTC hour ("YYYYMMDDHH"), filled in the background (alerts.anomaly).
-        self.anomaly_baselines: dict[str, Baseline | None] = {}
-        self.notices = Notices(config.key_prefix, self.policies.org, self.anomaly_baselines, config.anomaly.sigmas)
+        self.anomaly_baselines: dict[str, Baseline | None] = before.anomaly_baselines if before else {}
+        self.notices = Notices(config.key_prefix, self.anomaly_baselines, config.anomaly.sigmas)
         self._snapshots: dict[str, tuple[dict[str, str], str | None]] = {}
-        self._ends: dict[str, list[int]] = {}
         self._encodings = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
 
     # -- time ------------------------------------------------------------------------
@@ -286,20 +316,52 @@ class Engine:
     def windows_now(self, now: datetime) -> WindowSet:
         return self._windows.at(now)
 
-    def _ends_ms(self, windows: WindowSet) -> list[int]:
-        # The hour names the whole set (the day and month contain it): compute once per hour.
-        ends = self._ends.get(windows.h.stamp)
-        if ends is None:
-            if len(self._ends) > 64:
-                self._ends.clear()
-            ends = self._ends[windows.h.stamp] = [_epoch_ms(windows.of(spec.period).end) for spec in WINDOWS]
-        return ends
+    # -- scopes and their windows ----------------------------------------------------
 
-    def _user_prefix(self, user: str) -> str:
-        return self.keys.user(user)
+    def _scope_windows(self, index: int, scope: Scope, at: WindowSet, now: datetime) -> tuple[tuple[Window, ...],
+                                                                                             tuple[str, ...]]:
+        limits = scope.limits
+        minute = now.replace(second=0, microsecond=0) if any(w.kind.period in "qk" for w in limits.windows) else None
+        key = (id(limits), index, scope.org, at.h.stamp, minute)
+        found = self._specs.get(key)
+        if found is None:
+            if len(self._specs) > 4096:  # a new hour (or many overridden values): start over
+                self._specs.clear()
+            wins = tuple(dataclasses.replace(w, scope=index) for w in Scopes.windows((scope,), at, now))
+            # A first denial alerts where the budget asks for alerts (alert_at); the org's always.
+            alert = "1" if scope.org or limits.alert_at else "0"
+            specs = tuple(
+                f"{w.suffix},{w.code},{-1 if w.limit.cap is None else w.limit.cap},"
+                f"{-1 if w.limit.trigger is None else w.limit.trigger},{w.end_ms},{alert if w.money else '0'}"
+                for w in wins)
+            found = self._specs[key] = (wins, specs)
+        return found
 
-    def _part_keys(self, user_prefix: str, windows: WindowSet, parts: str) -> tuple[str, ...]:
-        return self.keys.parts(user_prefix, windows, parts)
+    def _layout(self, scopes: Sequence[Scope], at: WindowSet, now: datetime) -> tuple[
+            tuple[Window, ...], tuple[tuple[int, int], ...], tuple[str, ...]]:
+        """The check's windows, each scope's (first window, count), the packed window specs."""
+        wins: list[Window] = []
+        specs: list[str] = []
+        ranges = []
+        for i, scope in enumerate(scopes):
+            w, s = self._scope_windows(i, scope, at, now)
+            ranges.append((len(wins), len(w)))
+            wins += w
+            specs += s
+        return tuple(wins), tuple(ranges), tuple(specs)
+
+    def _part_keys(self, plan_scopes: Sequence[Scope], wins: Sequence[Window], ranges: Sequence[tuple[int, int]],
+                   lo: int, hi: int, cfg: bool = False) -> tuple[str, ...]:
+        """Per scope: its lease set, its runtime state (``cfg``: for reserve and status), its windows."""
+        keys: list[str] = []
+        for k in range(lo, hi):
+            prefix = plan_scopes[k].prefix
+            first, count = ranges[k]
+            keys.append(prefix + "leases")
+            if cfg:
+                keys.append(prefix + "cfg")
+            keys += [prefix + w.suffix for w in wins[first:first + count]]
+        return tuple(keys)
 
     # -- check ---------------------------------------------------------------------
 
@@ -322,12 +384,15 @@ class Engine:
         """Validate, apply per-request rules and build the reserve call (no I/O).
 
         ``fetched_input``: part of the input is fetched by the provider (a file, a URL, a
-        stored conversation), so its size is unknown here: the tier's
+        stored conversation), so its size is unknown here: the tightest
         ``per_request.max_input_tokens`` is reserved for the input, and without one the
         check is denied. ``tier`` (or ``plans={"user": ...}``) is the user's plan for this
-        call, decided at run time. Raises InvalidArgument / InvalidArgumentType on malformed
-        input, before anything is reserved.
+        call and ``plans`` other budgets', decided at run time. Raises InvalidArgument /
+        InvalidArgumentType on malformed input, before anything is reserved.
         """
+        args = dict(user=user, model=model, messages=messages, max_tokens=max_tokens, tags=tags,
+                    request_id=request_id, tools=tools, prompt=prompt, system=system, fetched_input=fetched_input,
+                    tier=tier, plans=plans)
         user = _validate_text("user", user)
         model = _validate_text("model", model, max_len=256)
         if max_tokens is not None:
@@ -335,53 +400,63 @@ class Engine:
         tags = _validate_tags(tags)
         if request_id is not None:
             request_id = _validate_text("request_id", request_id, max_len=_MAX_REQUEST_ID)
-        policy = self.policies.for_user(user, _user_plan(tier, plans))
-        max_out = max_tokens or policy.max_output_tokens or self.config.default_max_output_tokens
+        plans = plans_argument(tier, plans)
+        self.scopes.check_plans(plans)
+        for budget, plan_name in plans.items():  # every plan named is checked, whether its budget applies or not
+            self.policies.check_plan(budget, plan_name)
+        price = self._price(model)
+        now = self.now()
+        scopes = self.scopes.of_call(user, plans, tags, model, None if price is None else price.provider,
+                                     self.known.get, _epoch_ms(now))
+        policy = scopes[0].limits
+        max_output_cap, _ = _tightest(scopes, "max_output_tokens")
+        max_out = max_tokens or max_output_cap or self.config.default_max_output_tokens
         # Estimating also validates messages/tools, so it runs before any early denial.
         input_tokens = self._estimate(model, messages, tools, prompt, system)
 
-        user_prefix = self._user_prefix(user)
+        user_prefix = scopes[0].prefix
         if request_id is None:
             rid = os.urandom(16).hex()
         else:  # scoped to the user: two users' "req-1" are two requests
             rid = hashlib.sha256(f"{user_prefix}\0{request_id}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        now = self.now()
-        plan = CheckPlan(user, model, policy, tags, max_out, rid, now, self._windows.at(now), user_prefix)
+        at = self._windows.at(now)
+        plan = CheckPlan(user, model, policy, tags, max_out, rid, now, at, scopes, args=args)
 
-        if not policy.allows(model):
+        refusing = next((s for s in scopes if not s.limits.allows(model)), None)
+        if refusing is not None:
             return self._deny_local(plan, input_tokens, "model.not_allowed",
-                                    f"model {model!r} is not allowed for tier {policy.tier!r}")
-        price = self._price(model)
+                                    f"model {model!r} is not allowed for {_who(refusing)}")
         if price is None:
             return self._deny_local(plan, input_tokens, "model.unknown_price",
                                     f"no price is known for model {model!r} (unknown_model: deny)")
-        if policy.max_output_tokens is not None and max_out > policy.max_output_tokens:
+        if max_output_cap is not None and max_out > max_output_cap:
             return self._deny_local(plan, input_tokens, "request.max_output_tokens",
-                                    f"max_tokens={max_out} exceeds the per-request cap of "
-                                    f"{policy.max_output_tokens}")
+                                    f"max_tokens={max_out} exceeds the per-request cap of {max_output_cap}")
+        max_input, input_scope = _tightest(scopes, "max_input_tokens")
         # Files and stored items in the messages are billed by what the provider makes of
-        # them: whoever calls, they are reserved at the tier's input cap like fetched input.
+        # them: whoever calls, they are reserved at the input cap like fetched input.
         fetched_input = fetched_input or uncountable_input(messages)
         if fetched_input:
-            if policy.max_input_tokens is None:
+            if max_input is None:
                 return self._deny_local(plan, input_tokens, "request.max_input_tokens",
                                         "part of the input is fetched by the provider (a file, a URL, a stored "
-                                        "conversation), so only a per-request input cap bounds it; tier "
-                                        f"{policy.tier!r} sets none")
-            input_tokens = max(input_tokens, policy.max_input_tokens)
-        if policy.max_input_tokens is not None and input_tokens > policy.max_input_tokens:
+                                        "conversation), so only a per-request input cap bounds it; "
+                                        f"{_who(scopes[0])} sets none")
+            input_tokens = max(input_tokens, max_input)
+        if max_input is not None and input_tokens > max_input:
             return self._deny_local(plan, input_tokens, "request.max_input_tokens",
-                                    f"the input is about {input_tokens} tokens; the per-request cap is "
-                                    f"{policy.max_input_tokens}")
+                                    f"the input is about {input_tokens} tokens; the per-request cap is {max_input}")
 
         candidates = [Candidate(model, price, input_tokens, price.estimate_nano(input_tokens, max_out), _REQUESTED)]
-        routes = ((_USER_ROUTE, policy.routes.get(model)), (_ORG_ROUTE, self.policies.org.routes.get(model)))
-        for route, target in routes:
-            if target is None or not policy.allows(target) or target == model:
+        for scope in scopes:
+            target = scope.limits.routes.get(model)
+            if target is None or target == model or not all(s.limits.allows(target) for s in scopes):
                 continue
             same_target = next((i for i, c in enumerate(candidates) if c.model == target), None)
-            if same_target is not None:  # the tier and the org route alike: either may trigger it
-                candidates[same_target] = dataclasses.replace(candidates[same_target], route=BOTH_ROUTES)
+            if same_target is not None:  # routes of several scopes alike: any of them may trigger it
+                c = candidates[same_target]
+                if c.route != _REQUESTED:
+                    candidates[same_target] = dataclasses.replace(c, route=c.route | scope.route_bit)
                 continue
             target_price = self._price(target)
             if target_price is None:  # config validation makes this unreachable; stay safe
@@ -389,24 +464,25 @@ class Engine:
             # Most routes stay within a tokenizer family: count again only if it differs.
             same = self._tokenizer(target) == self._tokenizer(model)
             tokens = input_tokens if same else self._estimate(target, messages, tools, prompt, system)
-            if fetched_input and policy.max_input_tokens is not None:
-                tokens = max(tokens, policy.max_input_tokens)  # the floor holds for every model
-            if policy.max_input_tokens is not None and tokens > policy.max_input_tokens:
+            if fetched_input and max_input is not None:
+                tokens = max(tokens, max_input)  # the floor holds for every model
+            if max_input is not None and tokens > max_input:
                 continue  # counted with its own tokenizer, the input is over the cap for this model
             amount = target_price.estimate_nano(tokens, max_out)
-            candidates.append(Candidate(target, target_price, tokens, amount, route))
-        if policy.max_cost_nano is not None:
-            affordable = [c for c in candidates if c.amount_nano <= policy.max_cost_nano]
+            candidates.append(Candidate(target, target_price, tokens, amount, scope.route_bit))
+        max_cost, _ = _tightest(scopes, "max_cost_nano")
+        if max_cost is not None:
+            affordable = [c for c in candidates if c.amount_nano <= max_cost]
             if not affordable:
                 cheapest = min(c.amount_nano for c in candidates)
                 return self._deny_local(plan, input_tokens, "request.max_cost",
                                         f"the worst-case cost {_fmt(cheapest)} exceeds the per-request cap of "
-                                        f"{_fmt(policy.max_cost_nano)}", cheapest)
+                                        f"{_fmt(max_cost)}", cheapest)
             plan.dropped_for_cost = affordable[0] is not candidates[0]
             candidates = affordable
         plan.candidates = candidates
-        plan.parts = USER if self.split else BOTH
-        plan.call = self._reserve(plan, plan.parts).call()
+        plan.wins, plan.ranges, plan.specs = self._layout(scopes, at, now)
+        plan.call = self._reserve(plan, 0, 1 if self.split else len(scopes)).call()
         return plan
 
     def _estimate(self, model: str, messages: Any, tools: Any, prompt: Any, system: Any) -> int:
@@ -426,166 +502,223 @@ class Engine:
             price = self.prices.resolve(self.config.unknown_model)
         return price
 
-    def _window_spec(self, policy: UserPolicy, windows: WindowSet) -> str:
-        key = (id(policy), windows.h.stamp)  # the hour fixes the day and month too
-        spec = self._specs.get(key)
-        if spec is None:
-            if len(self._specs) > 4096:  # a new hour (or many overridden users): start over
-                self._specs.clear()
-            caps = (*policy.caps, *self.policies.org.caps)
-            triggers = (*policy.triggers, *self.policies.org.triggers)
-            spec = self._specs[key] = ",".join(
-                f"{-1 if cap is None else cap},{-1 if trigger is None else trigger},{end}"
-                for cap, trigger, end in zip(caps, triggers, self._ends_ms(windows), strict=True)
-            )
-        return spec
+    def _tokens(self, plan: CheckPlan, c: Candidate) -> int:
+        """What a candidate takes from a tokens-per-minute window: its input and output bound."""
+        return c.input_tokens + plan.max_output_tokens
 
-    def _reserve(self, plan: CheckPlan, parts: str, offered: Sequence[bool] | None = None,
-                 user_triggered: bool = False, probe: bool = False) -> Reserve:
-        prefix, w = plan.user_prefix, plan.windows
+    def _reserve(self, plan: CheckPlan, lo: int, hi: int, offered: Sequence[bool] | None = None, routed: int = 0,
+                 probe: bool = False) -> Reserve:
+        """The reserve call of the scopes ``lo`` .. ``hi - 1``."""
+        scopes, ranges, specs = plan.scopes, plan.ranges, plan.specs
+        first = ranges[lo][0]
+        last = ranges[hi - 1][0] + ranges[hi - 1][1]
+        slot = scopes[lo].prefix
         now_ms = _epoch_ms(plan.now)
-        slot = self._org_prefix if parts == ORG else prefix
+        org = scopes[hi - 1].org
         return Reserve(
             state_key=KeySpace.request(slot, plan.rid), void_key=KeySpace.void(slot, plan.attempt),
-            part_keys=self._part_keys(prefix, w, parts),
-            blocked_key=None if parts == USER else self.keys.blocked,
+            part_keys=self._part_keys(scopes, plan.wins, ranges, lo, hi, cfg=True),
+            blocked_key=self.keys.blocked if org else None,
             now_ms=now_ms, lease_deadline_ms=now_ms + self._lease_ms, state_ttl_ms=self._state_ms,
-            grace_ms=self._grace_ms, user_prefix=prefix, org_prefix=self._org_prefix,
-            user_suffixes=f"|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}", org_suffixes=f"|{w.d.stamp}|{w.m.stamp}",
-            rid=plan.rid, windows=self._window_spec(plan.policy, w),
-            candidates=",".join(f"{c.amount_nano if offered is None or offered[i] else -1},{c.route}"
-                                for i, c in enumerate(plan.candidates)),
-            # A tier opts its users into alerts with alert_at; the org's blocks always alert.
-            alert_mask=_ORG_WINDOWS_MASK | (_USER_WINDOWS_MASK if plan.policy.alert_at else 0),
-            parts=parts, user_triggered=user_triggered, probe=probe, attempt=plan.attempt)
+            grace_ms=self._grace_ms, rid=plan.rid, attempt=plan.attempt, probe=probe, routed=routed,
+            candidates=";".join(f"{c.amount_nano if offered is None or offered[i] else -1},{self._tokens(plan, c)},"
+                                f"{c.route}" for i, c in enumerate(plan.candidates)),
+            parts=";".join(f"{scopes[k].prefix},{ranges[k][1]},{scopes[k].route_bit},{1 if scopes[k].org else 0},"
+                           f"{scopes[k].version}" for k in range(lo, hi)),
+            windows=";".join(specs[first:last]), first=first, total=len(plan.wins))
+
+    def _parse(self, plan: CheckPlan, raw: Any, lo: int, hi: int) -> Reserved:
+        first = plan.ranges[lo][0]
+        count = plan.ranges[hi - 1][0] + plan.ranges[hi - 1][1] - first
+        return Reserved.parse(raw, first, count, len(plan.wins), lo)
+
+    def learn(self, scopes: Sequence[Scope], stale: Sequence[tuple[int, tuple[str, ...]]]) -> None:
+        """Keep the runtime state a script answered with, for the scopes it names."""
+        for index, fields in stale:
+            self.known.put(scopes[index].prefix, Runtime.parse(fields))
 
     def check_steps(self, plan: CheckPlan) -> Steps:
         """The reserve calls of a planned check; returns the :class:`Reserved` over all windows.
 
-        On a cluster the user part goes first. The org part is offered only the candidates
-        the user part could hold (no dearer than what it holds), so its choice is what one
-        script would choose, and a denial there gives the user part back before returning.
-        A denial by the user part still probes the org part, so that the denial names the
-        window that resets last and claims the org's first-denial alert, as one script would
-        (not with org slices, which make the org's windows look full).
+        A budget value whose runtime state changed since this process last saw it (an
+        operator's assignment, override, grant...) answers "stale" with the new state: the
+        check is planned again on it and sent again.
+        """
+        for _ in range(_REPLANS):
+            reply = yield from self._check_once(plan)
+            if reply.code != STALE:
+                return reply
+            self.learn(plan.scopes, reply.stale)
+            fresh = self.plan_check(**plan.args)
+            for f in dataclasses.fields(CheckPlan):
+                setattr(plan, f.name, getattr(fresh, f.name))
+            if plan.decision is not None:
+                return Reserved(LOCAL)
+        raise BudgetGuardError(f"the runtime state of budgets of user {printable(plan.user)!r} changed on each of "
+                               f"{_REPLANS} attempts to check a call; try again")
+
+    def _check_once(self, plan: CheckPlan) -> Steps:
+        """The reserve calls of a planned check; returns the :class:`Reserved` over all windows.
+
+        On a cluster the scopes go one by one, the user's first, the org's last. Each later
+        part is offered only the candidates the earlier ones could hold (no dearer than what
+        they hold), so its choice is what one script would choose, and a denial gives the
+        earlier parts back before returning. A denial still probes the parts after it, so
+        that the denial names the window that resets last and claims their first-denial
+        alerts, as one script would (not with org slices, which make the org's windows look
+        full).
         """
         assert plan.call is not None
+        n = len(plan.scopes)
         if not self.split:
-            return Reserved.parse((yield plan.call), plan.parts)
-        user = Reserved.parse((yield plan.call), USER)
-        if user.code == VOIDED:
-            return user
-        if user.code == DENIED and self.slices is not None:
-            # The org's windows hold every process's slice in full: probing them would name
-            # (and alert on) an org cap that other calls may still have room under.
-            return user
-        if user.code == DENIED:
-            cheapest = min(range(len(plan.candidates)), key=lambda i: plan.candidates[i].amount_nano)
-            try:
-                raw = yield self._reserve(plan, ORG, [i == cheapest for i in range(len(plan.candidates))],
-                                          probe=True).call()
-                probed = Reserved.parse(raw, ORG)
-            except BudgetGuardError:
-                probed = None
-            if probed is None or probed.code == REPEAT:  # unreachable, or a live reservation of this id: no news
-                probed = Reserved(DENIED)
-            return user.merged(probed, code=DENIED, chosen=0, blockers=user.blockers | probed.blockers,
-                               triggered=user.triggered | probed.triggered, notices=user.notices + probed.notices)
-        if user.code == REPEAT:  # a live request id: the org part holds the model it chose, if it got that far
-            state = user.state.split("|")
-            plan.user_amount = int(state[2])
-            held = self.slices.held_for(plan.rid) if self.slices is not None else None
-            if held is not None:  # held in this process's slice
-                plan.org_local = True
-                return Reserved(REPEAT, state=f"L|{held[0]}|{held[1]}|{state[3]}|{state[4]}")
-            # Otherwise the org part is asked in Redis: a live org reservation of this id
-            # answers as a repeat; one held in another process's slice is reserved again
-            # (the settle that applies the user part charges the org, once).
-            offered = [c.amount_nano <= plan.user_amount for c in plan.candidates]
-        else:
-            plan.user_amount = plan.candidates[user.chosen - 1].amount_nano
-            used = [s + r for s, r in zip(user.spent[:3], user.reserved[:3], strict=True)]
-            offered = [c.amount_nano <= plan.user_amount
-                       and all(cap is None or u + c.amount_nano <= cap
-                               for cap, u in zip(plan.policy.caps, used, strict=True))
-                       for c in plan.candidates]
-        user_triggered = user.code == RESERVED and user.triggered & _USER_WINDOWS_MASK != 0
-        org = None
-        crossings: tuple[str, ...] = ()
-        if self.slices is not None and user.code == RESERVED:
-            org, crossings = yield from self._slice_part(plan, offered, user_triggered)
-        if org is None:
-            try:
-                org = Reserved.parse((yield self._reserve(plan, ORG, offered, user_triggered).call()), ORG)
-            except BudgetGuardError:
-                if user.code == RESERVED:  # a repeat's user part belongs to the call that reserved it
-                    yield from self._give_back_user_part(plan)
-                raise
-        if org.code == VOIDED:
-            if user.code == RESERVED:
-                yield from self._give_back_user_part(plan)
-            return org
-        if org.code == REPEAT:
-            return org
-        if user.code == REPEAT and org.code == RESERVED:
-            # A repeat whose org part was held elsewhere (another process's slice, or a
-            # process that died between the parts): it stands as a repeat, with an org
-            # reservation of its own that its settle gives back if the user part was
-            # settled by the original call.
-            plan.org_own = True
-            state = user.state.split("|")
-            return Reserved(REPEAT, state=f"L|{org.chosen}|{plan.candidates[org.chosen - 1].amount_nano}|"
-                                          f"{state[3]}|{state[4]}")
-        if org.code == DENIED and user.code == RESERVED:
-            yield from self._give_back_user_part(plan)
-        mine = user if user.code == RESERVED else Reserved(DENIED)  # a repeat's user figures are not news
-        return mine.merged(org, blockers=org.blockers | (user.blockers if mine is user and org.code == RESERVED
-                                                          else 0),
-                           triggered=org.triggered | mine.triggered, notices=org.notices + crossings)
+            reply = self._parse(plan, (yield plan.call), 0, n)
+            if reply.code == RESERVED:
+                amount = plan.candidates[reply.chosen - 1].amount_nano
+                plan.choices = dict.fromkeys(range(n), (reply.chosen, amount))
+            return reply
+        total = len(plan.wins)
+        offered = [True] * len(plan.candidates)
+        routed = 0
+        spent, reserved = (0,) * total, (0,) * total
+        blockers: tuple[int, ...] = ()
+        triggered: tuple[int, ...] = ()
+        notices: tuple[str, ...] = ()
+        repeat: list[str] | None = None  # the first part's live reservation of this request id
+        chosen = 0
+        for k in range(n):
+            scope = plan.scopes[k]
+            reply: Reserved | None = None
+            if scope.org and self.slices is not None:
+                if repeat is not None:
+                    held = self.slices.held_for(plan.rid)
+                    if held is not None:  # held in this process's slice
+                        plan.org_local = True
+                        plan.choices[k] = held
+                        return Reserved(REPEAT, state=f"L|{held[0]}|{held[1]}|{repeat[3]}|{repeat[4]}")
+                else:
+                    reply, crossings = yield from self._slice_part(plan, k, offered, routed)
+                    notices += tuple(renumbered(c, plan.ranges[k][0]) for c in crossings)
+            if reply is None:
+                call = plan.call if k == 0 else self._reserve(plan, k, k + 1, offered, routed).call()
+                try:
+                    reply = self._parse(plan, (yield call), k, k + 1)
+                except BudgetGuardError:
+                    yield from self._give_back(plan)
+                    raise
+            if reply.code in (VOIDED, STALE):
+                yield from self._give_back(plan)
+                return reply
+            if reply.code == REPEAT:
+                f = reply.state.split("|")
+                plan.choices[k] = (int(f[1]), int(f[2]))
+                if k > 0 and repeat is None:  # a later part's live reservation: it stands, as before
+                    return reply
+                repeat = repeat or f
+                # The parts after it hold the model it chose, if it got that far: a live
+                # reservation of this id there answers as a repeat; one held in another
+                # process's slice is reserved again (the settle that applies the first part
+                # charges the rest, once).
+                offered = [o and c.amount_nano <= int(f[2]) for o, c in zip(offered, plan.candidates, strict=True)]
+                continue
+            spent, reserved = reply.plus(Reserved(0, spent=spent, reserved=reserved))
+            triggered += reply.triggered
+            notices += reply.notices
+            if reply.code == DENIED:
+                yield from self._give_back(plan)
+                blockers += reply.blockers
+                if repeat is None:
+                    probed = yield from self._probe(plan, k + 1)
+                    blockers += probed.blockers
+                    triggered += probed.triggered
+                    notices += probed.notices
+                    spent, reserved = probed.plus(Reserved(0, spent=spent, reserved=reserved))
+                return Reserved(DENIED, 0, blockers, triggered, spent, reserved, notices)
+            c = plan.candidates[reply.chosen - 1]
+            plan.choices[k] = (reply.chosen, c.amount_nano)
+            chosen = reply.chosen
+            if repeat is not None:
+                plan.own.add(k)
+            else:
+                blockers += reply.blockers
+            plan.held.append(k)
+            first, count = plan.ranges[k]
+            for w in reply.triggered:
+                routed |= plan.scopes[plan.wins[w].scope].route_bit
+            part = plan.wins[first:first + count]
+            offered = [o and c2.amount_nano <= c.amount_nano and all(
+                w.limit.cap is None or reply.spent[first + j] + reply.reserved[first + j]
+                + need(w, c2.amount_nano, self._tokens(plan, c2)) <= w.limit.cap
+                for j, w in enumerate(part)) for o, c2 in zip(offered, plan.candidates, strict=True)]
+        if repeat is not None:
+            last = plan.choices[n - 1]
+            return Reserved(REPEAT, state=f"L|{last[0]}|{last[1]}|{repeat[3]}|{repeat[4]}")
+        return Reserved(RESERVED, chosen, blockers, triggered, spent, reserved, notices)
 
-    def _slice_part(self, plan: CheckPlan, offered: Sequence[bool], user_triggered: bool) -> Steps:
+    def _probe(self, plan: CheckPlan, lo: int) -> Steps:
+        """After a part denied on a cluster: what the later parts say of the cheapest candidate."""
+        total = len(plan.wins)
+        out = Reserved(DENIED, spent=(0,) * total, reserved=(0,) * total)
+        cheapest = min(range(len(plan.candidates)), key=lambda i: plan.candidates[i].amount_nano)
+        only = [i == cheapest for i in range(len(plan.candidates))]
+        for k in range(lo, len(plan.scopes)):
+            if plan.scopes[k].org and self.slices is not None:
+                # The org's windows hold every process's slice in full: probing them would name
+                # (and alert on) an org cap that other calls may still have room under.
+                continue
+            try:
+                probed = self._parse(plan, (yield self._reserve(plan, k, k + 1, only, probe=True).call()), k, k + 1)
+            except BudgetGuardError:
+                continue
+            if probed.code != DENIED:  # a live reservation of this id, or voided: no news
+                continue
+            spent, reserved = out.plus(probed)
+            out = Reserved(DENIED, 0, out.blockers + probed.blockers, out.triggered + probed.triggered, spent,
+                           reserved, out.notices + probed.notices)
+        return out
+
+    def _slice_part(self, plan: CheckPlan, k: int, offered: Sequence[bool], routed: int) -> Steps:
         """The org's part from this process's slice, refilled once if short.
 
-        Returns (reply or None: ask Redis, crossings a refill reported).
+        Returns (reply or None: ask Redis, crossings a refill reported, in the org's own numbering).
         """
         slices = self.slices
         assert slices is not None
         w = plan.windows
         stamps = (w.d.stamp, w.m.stamp)
         now_ms = _epoch_ms(plan.now)
+        first, count = plan.ranges[k]
+        org = plan.scopes[k]
         crossings: tuple[str, ...] = ()
+        total = len(plan.wins)
         for attempt in (0, 1):
             spent_d, spent_m, reserved_d, reserved_m = slices.figures
-            triggered = 0
-            for bit, (used, trigger) in enumerate(zip((spent_d + reserved_d, spent_m + reserved_m),
-                                                      self.policies.org.triggers, strict=True), start=3):
-                if trigger is not None and used >= trigger:
-                    triggered |= 1 << bit
-            first = self._first_choice(plan, offered, user_triggered, triggered != 0)
-            if first is None:
+            used = (spent_d + reserved_d, spent_m + reserved_m)
+            triggered = tuple(first + j for j, (u, wl) in enumerate(zip(used, org.limits.windows, strict=True))
+                              if wl.trigger is not None and u >= wl.trigger)
+            picked = self._first_choice(plan, offered, routed | (org.route_bit if triggered else 0))
+            if picked is None:
                 break
-            if slices.take(plan.rid, stamps, first, now_ms, now_ms + self._lease_ms):
+            if slices.take(plan.rid, stamps, picked, now_ms, now_ms + self._lease_ms):
                 plan.org_local = True
                 spent_d, spent_m, reserved_d, reserved_m = slices.figures
-                return Reserved(RESERVED, first[0], 0, triggered, (0, 0, 0, spent_d, spent_m),
-                                (0, 0, 0, reserved_d, reserved_m)), crossings
-            refill = slices.begin(stamps, now_ms, extra=first[1]) if attempt == 0 else None
+                spent, reserved = [0] * total, [0] * total
+                spent[first:first + count] = [spent_d, spent_m]
+                reserved[first:first + count] = [reserved_d, reserved_m]
+                return Reserved(RESERVED, picked[0], (), triggered, tuple(spent), tuple(reserved)), crossings
+            refill = slices.begin(stamps, now_ms, extra=picked[1]) if attempt == 0 else None
             if refill is None:
                 break
             crossings = yield from self._refill(refill)
         return None, crossings
 
     @staticmethod
-    def _first_choice(plan: CheckPlan, offered: Sequence[bool], user_triggered: bool,
-                      org_triggered: bool) -> tuple[int, int] | None:
+    def _first_choice(plan: CheckPlan, offered: Sequence[bool], routed: int) -> tuple[int, int] | None:
         """The candidate (1-based index, amount) reserve.lua tries first: a triggered route, else
         the requested model, else another route."""
         def rank(c: Candidate) -> int:
             if c.route == _REQUESTED:
                 return 1
-            triggered = ((c.route in (_USER_ROUTE, BOTH_ROUTES) and user_triggered)
-                         or (c.route in (_ORG_ROUTE, BOTH_ROUTES) and org_triggered))
-            return 0 if triggered else 2
+            return 0 if c.route & routed else 2
 
         offered_ones = [(rank(c), i + 1, c.amount_nano) for i, c in enumerate(plan.candidates) if offered[i]]
         if not offered_ones:
@@ -611,13 +744,16 @@ class Engine:
         slices.done(refill, reply.granted, reply.spent, reply.reserved, call.deadline_ms)
         return reply.crossings
 
+    def _org_windows(self, now: datetime) -> tuple[Window, ...]:
+        """The org's windows alone (numbered from 0): a slice call's numbering."""
+        org = self.scopes.of_budget("org", None, None, self.known.get, _epoch_ms(now))
+        return self._scope_windows(0, org, self._windows.at(now), now)[0]
+
     def _slice(self, refill: Refill, now: datetime) -> Slice:
         org = self._org_prefix
-        windows = self._windows.at(now)
         d, m = refill.stamps
         hour = f"{now:%Y%m%d%H}"
-        ends = self._ends_ms(windows)
-        caps = self.policies.org.caps
+        wins = self._org_windows(now)
         baseline = self.anomaly_baselines.get(hour)
         now_ms = _epoch_ms(now)
         return Slice(
@@ -626,8 +762,10 @@ class Engine:
                       *self.keys.rankings(now, d, m), self.keys.blocked),
             now_ms=now_ms, grace_ms=self._grace_ms, state_ttl_ms=self._state_ms, org_prefix=org,
             org_suffixes=f"|{d}|{m}", release=",".join(refill.release), slice_id=refill.id,
-            deadline_ms=now_ms + self._lease_ms, want=refill.want, need=refill.need, ends=f"{ends[3]},{ends[4]}",
-            caps=",".join("-1" if cap is None else str(cap) for cap in caps), thresholds=self._org_thresholds(),
+            deadline_ms=now_ms + self._lease_ms, want=refill.want, need=refill.need,
+            ends=",".join(str(w.end_ms) for w in wins),
+            caps=",".join("-1" if w.limit.cap is None else str(w.limit.cap) for w in wins),
+            thresholds=",".join(f"{w + 1},{level},{nano}" for w, level, nano in self._levels(wins)),
             history_field=hour[8:], history_ttl_ms=self._history_ms,
             anomaly_nano=None if baseline is None else baseline.threshold_nano, stream_maxlen=self._stream_maxlen,
             items=tuple(v for item in refill.batch for v in (item.cost, item.spender, item.feature, item.event)))
@@ -653,8 +791,8 @@ class Engine:
     def slice_alerts(self, crossings: Sequence[str]) -> list[Alert]:
         """Alerts of the org thresholds, resolved blocks and anomalies a slice call reported."""
         now = self.now()
-        # Org windows only: no user or tier in them.
-        return self.notices.alerts(crossings, self._windows.at(now), "", self.policies.for_user(""), now)
+        org = self.scopes.of_budget("org", None, None, self.known.get, _epoch_ms(now))
+        return self.notices.alerts(crossings, self._org_windows(now), (org,), "", now)
 
     def flush_due(self) -> bool:
         if self.slices is None:
@@ -663,44 +801,61 @@ class Engine:
         w = self._windows.at(now)
         return self.slices.due((w.d.stamp, w.m.stamp), _epoch_ms(now))
 
-    def _give_back_user_part(self, plan: CheckPlan) -> Steps:
-        """Compensate a cluster check whose org part denied or failed: release the user part."""
-        assert plan.user_amount is not None
-        w = plan.windows
-        member = f"{plan.rid}|{plan.user_amount}|{w.h.stamp}|{w.d.stamp}|{w.m.stamp}"
-        call = Settle(
-            state_key=KeySpace.request(plan.user_prefix, plan.rid),
-            void_key=KeySpace.void(plan.user_prefix, plan.attempt),
-            part_keys=self._part_keys(plan.user_prefix, w, USER), org_keys=(), now_ms=_epoch_ms(self.now()),
-            state_ttl_ms=self._state_ms, grace_ms=self._grace_ms, user_prefix=plan.user_prefix,
-            org_prefix=self._org_prefix, user_member=member, org_member="", cost=None,
-            ends=",".join(map(str, self._ends_ms(w))), settled_state=_GIVEN_BACK + os.urandom(4).hex(),
+    def _release_call(self, scope: Scope, wins: Sequence[Window], rid: str, member_text: str, state: str,
+                      attempt: str = "", void_ttl_ms: int | None = None, first: int = 0) -> Settle:
+        """A settle call that gives one part's lease back (no charge, no event)."""
+        return Settle(
+            state_key=KeySpace.request(scope.prefix, rid), void_key=KeySpace.void(scope.prefix, attempt),
+            part_keys=(scope.prefix + "leases", *(scope.prefix + w.suffix for w in wins)), org_keys=(),
+            now_ms=_epoch_ms(self.now()), state_ttl_ms=self._state_ms, grace_ms=self._grace_ms,
+            parts=f"{scope.prefix},{len(wins)},0", members=member_text,
+            windows=";".join(f"{w.suffix},{w.end_ms},-" for w in wins), cost=None, settled_state=state,
             thresholds="", history_field="", history_ttl_ms=self._history_ms, spender="", feature="",
             anomaly_nano=None, event_head="", outcome="released", lapsed_outcome="released",
-            stream_maxlen=self._stream_maxlen, parts=USER, void_ttl_ms=None, attempt="")
-        try:
-            yield call.call()
-        except BudgetGuardError as exc:
-            log.error("could not give back the user part of reservation %s of user %s (%s); it lapses after "
-                      "reservation_ttl_s", plan.rid, printable(plan.user), exc)
+            stream_maxlen=self._stream_maxlen, void_ttl_ms=void_ttl_ms, attempt=attempt, org_ends="0,0", first=first)
+
+    def _member(self, plan: CheckPlan, k: int, choice: tuple[int, int], wins: Sequence[Window] | None = None) -> str:
+        c = plan.candidates[choice[0] - 1] if 0 < choice[0] <= len(plan.candidates) else None
+        tokens = self._tokens(plan, c) if c is not None else 0
+        first, count = plan.ranges[k]
+        return member(plan.rid, choice[1], tokens, (wins or plan.wins)[first:first + count])
+
+    def _give_back(self, plan: CheckPlan) -> Steps:
+        """Compensate a cluster check a later part denied (or failed): release the parts it took."""
+        for k in reversed(plan.held):
+            first, count = plan.ranges[k]
+            call = self._release_call(plan.scopes[k], plan.wins[first:first + count], plan.rid,
+                                      self._member(plan, k, plan.choices[k]), _GIVEN_BACK + os.urandom(4).hex())
+            try:
+                yield call.call()
+            except BudgetGuardError as exc:
+                log.error("could not give back the %s part of reservation %s of user %s (%s); it lapses after "
+                          "reservation_ttl_s", plan.scopes[k].budget, plan.rid, printable(plan.user), exc)
+        plan.held.clear()
 
     def _decision(self, plan: CheckPlan, candidate: Candidate | None, *, allowed: bool, reason: str,
                   limit: str | None, retry_after: int | None = None, amount: int | None = None,
                   input_tokens: int | None = None, enforced: bool = True, in_doubt: bool = False,
-                  remaining: int | None = None, windows: WindowSet | None = None) -> Decision:
+                  remaining: int | None = None, wins: tuple[Window, ...] | None = None) -> Decision:
         if amount is None:
             amount = candidate.amount_nano if candidate else 0
+        index = (plan.candidates.index(candidate) + 1) if candidate in plan.candidates else 0
+        wins = wins or plan.wins
+        members: tuple[str, ...] = ()
+        if plan.ranges:
+            members = tuple(self._member(plan, k, plan.choices.get(k, (index, amount)), wins)
+                            for k in range(len(plan.scopes)))
         ticket = Ticket(
             request_key=KeySpace.request(plan.user_prefix, plan.rid),
-            user_prefix=plan.user_prefix,
-            org_prefix=self._org_prefix,
-            windows=windows or plan.windows,
+            scopes=plan.scopes,
+            windows=wins,
+            ranges=plan.ranges,
+            members=members,
             amount_nano=amount,
-            candidate=(plan.candidates.index(candidate) + 1) if candidate in plan.candidates else 0,
-            user_amount_nano=plan.user_amount,
+            candidate=index,
             org_local=plan.org_local,
-            org_own=plan.org_own,
-            owner=self,
+            own=frozenset(plan.own),
+            owner=self.owner,
             attempt=plan.attempt,
             in_doubt=in_doubt,
         )
@@ -720,6 +875,7 @@ class Engine:
             tags=plan.tags,
             enforced=enforced,
             remaining_usd=None if remaining is None else nano_to_usd(remaining),
+            budgets=tuple(s.budget for s in plan.scopes),
             _ticket=ticket,
         )
 
@@ -730,56 +886,63 @@ class Engine:
         return plan
 
     def read_check(self, plan: CheckPlan, reply: Reserved) -> Decision:
+        if reply.code == LOCAL:
+            assert plan.decision is not None
+            return plan.decision
         if reply.code == REPEAT:
             return self._repeat(plan, reply.state)
         if reply.code == VOIDED:  # only a reserve that ran after its caller gave up on it (and voided it) reads this
             return self._decision(plan, None, allowed=False, limit="store.unavailable",
                                   reason="denied: this check was voided after the budget store answered too late")
-        mask, triggered, spent, reserved = reply.blockers, reply.triggered, reply.spent, reply.reserved
-        used = [s + r for s, r in zip(spent, reserved, strict=True)]
-        caps = (*plan.policy.caps, *self.policies.org.caps)
+        wins, spent, reserved = plan.wins, reply.spent, reply.reserved
 
         if reply.code == DENIED:
             cheapest = min(plan.candidates, key=lambda c: c.amount_nano)
-            w = self._latest_reset(mask, plan.windows)
-            spec = WINDOWS[w]
-            cap = caps[w]
+            tokens = self._tokens(plan, cheapest)
+            w = self._latest_reset(reply.blockers, wins, plan.now)
+            win = wins[w]
+            cap = win.limit.cap
             assert cap is not None
-            end = plan.windows.of(spec.period).end
-            # Waiting helps only if the request fits every capped window when empty.
-            fits_empty = all(c is None or cheapest.amount_nano <= c for c in caps)
-            retry = math.ceil((end - plan.now).total_seconds()) if fits_empty else None
-            reason = (f"denied: {spec.name} cap {_fmt(cap)} would be exceeded "
-                      f"(spent {_fmt(spent[w])} + reserved {_fmt(reserved[w])} + this request "
-                      f"{_fmt(cheapest.amount_nano)})")
-            blocking = [i for i in range(len(WINDOWS)) if mask >> i & 1]
-            if retry is not None and all(spent[i] + cheapest.amount_nano <= (caps[i] or 0) for i in blocking):
-                # Only calls in flight stand in the way: they settle when they end, and their
-                # leases lapse within reservation_ttl_s at the latest; the reset is no wait to name.
-                retry = min(retry, self.config.reservation_ttl_s)
-                reason += "; calls in flight hold the rest and settle when they end"
-            return self._decision(plan, None, allowed=False, reason=reason, limit=spec.name,
+            this = need(win, cheapest.amount_nano, tokens)
+            reason = (f"denied: {win.name} cap {_usd_or_count(win, cap)} would be exceeded "
+                      f"(spent {_usd_or_count(win, spent[w])} + reserved {_usd_or_count(win, reserved[w])} + this "
+                      f"request {_usd_or_count(win, this)})")
+            # Waiting helps only if the request fits every capped window when empty, and
+            # a balance (total) never empties by itself.
+            fits_empty = all(x.limit.cap is None or need(x, cheapest.amount_nano, tokens) <= x.limit.cap for x in wins)
+            blocking = set(reply.blockers)
+            retry = None
+            if fits_empty and not any(wins[i].code == "m" and wins[i].end is None for i in blocking):
+                retry = max(1, math.ceil((win.end - plan.now).total_seconds())) if win.end is not None else 1
+                only_in_flight = all(
+                    spent[i] + need(wins[i], cheapest.amount_nano, tokens) <= (wins[i].limit.cap or 0)
+                    for i in blocking)
+                if only_in_flight and win.code != "c":
+                    # Only calls in flight stand in the way: they settle when they end, and their
+                    # leases lapse within reservation_ttl_s at the latest; the reset is no wait to name.
+                    retry = min(retry, self.config.reservation_ttl_s)
+                    reason += "; calls in flight hold the rest and settle when they end"
+            return self._decision(plan, None, allowed=False, reason=reason, limit=win.name,
                                   retry_after=retry, amount=cheapest.amount_nano,
                                   input_tokens=cheapest.input_tokens)
 
         chosen = plan.candidates[reply.chosen - 1]
-        remaining = min((cap - u - chosen.amount_nano for cap, u in zip(caps, used, strict=True) if cap is not None),
-                        default=None)
+        remaining = min((x.limit.cap - spent[i] - reserved[i] - chosen.amount_nano for i, x in enumerate(wins)
+                         if x.money and x.limit.cap is not None), default=None)
         if chosen.route == _REQUESTED:
             return self._decision(plan, chosen, allowed=True, reason="allowed", limit=None, remaining=remaining)
         if plan.dropped_for_cost:
             limit = "request.max_cost"
             why = f"the worst case for {plan.requested} exceeds the per-request cap"
-        elif mask > 0:
-            limit = WINDOWS[self._latest_reset(mask, plan.windows)].name
+        elif reply.blockers:
+            limit = wins[self._latest_reset(reply.blockers, wins, plan.now)].name
             why = f"{plan.requested} would exceed {limit}, {chosen.model} fits"
         else:
-            scopes = {_USER_ROUTE: ("user",), _ORG_ROUTE: ("org",)}.get(chosen.route, ("user", "org"))
-            w = next(i for i, spec in enumerate(WINDOWS) if spec.scope in scopes and triggered >> i & 1)
-            limit = WINDOWS[w].name
-            cap = caps[w]
+            w = next(i for i in reply.triggered if plan.scopes[wins[i].scope].route_bit & chosen.route)
+            limit = wins[w].name
+            cap = wins[w].limit.cap
             assert cap is not None
-            why = f"{limit} is at {Decimal(used[w] * 100) / cap:.0f}% of {_fmt(cap)}"
+            why = f"{limit} is at {Decimal((spent[w] + reserved[w]) * 100) / cap:.0f}% of {_fmt(cap)}"
         return self._decision(plan, chosen, allowed=True, limit=limit, remaining=remaining,
                               reason=f"routed {plan.requested} -> {chosen.model}: {why}")
 
@@ -796,19 +959,30 @@ class Engine:
             raise InvalidArgument("request_id is already in use by a live reservation for a different request "
                                   "(another model or size); use a new request_id")
         candidate = plan.candidates[i]
-        windows = windows_at(datetime.fromtimestamp(int(reserved_ms) / 1000, UTC), self.config.tz)
-        return self._decision(plan, candidate, allowed=True, limit=None, amount=int(amount), windows=windows,
+        at = datetime.fromtimestamp(int(reserved_ms) / 1000, UTC)
+        wins = self._layout(plan.scopes, windows_at(at, self.config.tz), at)[0]
+        for k in range(len(plan.scopes)):
+            plan.choices.setdefault(k, (i + 1, int(amount)))
+        return self._decision(plan, candidate, allowed=True, limit=None, amount=int(amount), wins=wins,
                               reason="allowed: a repeat of a live reservation (same request id), which stands")
 
     @staticmethod
-    def _latest_reset(mask: int, windows: WindowSet) -> int:
-        """Of the windows in ``mask``, the one that resets last: waiting for it is what helps."""
-        blocking = [i for i in range(len(WINDOWS)) if mask >> i & 1]
-        return max(blocking, key=lambda i: (windows.of(WINDOWS[i].period).end, i))
+    def _latest_reset(blockers: Sequence[int], wins: Sequence[Window], now: datetime) -> int:
+        """Of the blocking windows, the one that resets last: waiting for it is what helps.
+        A balance never resets; calls in flight free up any moment."""
+        def reset(i: int) -> tuple[float, int]:
+            w = wins[i]
+            if w.end is not None:
+                return (w.end.timestamp(), i)
+            return (math.inf if w.code == "m" else now.timestamp(), i)
+
+        return max(blockers, key=reset)
 
     def unavailable(self, plan: CheckPlan, error: BaseException) -> Decision:
         """The decision when Redis cannot answer, per ``fail_mode``."""
         candidate = plan.candidates[0]
+        amount = candidate.amount_nano
+        plan.choices = {k: (1, amount) for k in range(len(plan.scopes))}
         # The reserve may still run once Redis catches up: settling the decision voids it.
         if self.config.fail_mode == "open":
             return self._decision(plan, candidate, allowed=True, enforced=False, limit="store.unavailable",
@@ -844,13 +1018,25 @@ class Engine:
         if not isinstance(decision, Decision) or decision._ticket is None:
             raise InvalidArgumentType(f"expected a Decision from check(), got {type(decision).__name__}")
         t = decision._ticket
-        if t.owner is not self:
+        if t.owner is not self.owner:
             # Another guard's decision would be charged at this guard's prices on this guard's
             # ledger, and its own reservation left to lapse.
             raise InvalidArgument(f"this decision (reservation {decision.reservation_id}) was taken by another "
-                                  f"BudgetGuard (key prefix {t.user_prefix.split(':', 1)[0]!r}); settle it with "
+                                  f"BudgetGuard (key prefix {t.request_key.split(':', 1)[0]!r}); settle it with "
                                   "the guard that took it")
         return t
+
+    def _levels(self, wins: Sequence[Window], scopes: Sequence[Scope] | None = None) -> tuple[tuple[int, str, int],
+                                                                                          ...]:
+        """The alert thresholds of money windows: (window, level, nano-USD), from each scope's alert_at."""
+        out = []
+        for i, w in enumerate(wins):
+            cap = w.limit.cap
+            if not w.money or cap is None:
+                continue
+            levels = scopes[w.scope].limits.alert_at if scopes is not None else self.policies.org.alert_at
+            out += [(i, f"{level.normalize():f}", _ceil_share(cap, level)) for level in levels]
+        return tuple(out)
 
     def settle_call(self, decision: Decision, usage: Usage | None, *, outcome: str | None = None,
                     error: str | None = None, latency_ms: int | None = None, logged: bool = True,
@@ -861,21 +1047,20 @@ class Engine:
         ``logged=False`` writes no usage event (a void nobody asked for).
         """
         t = self.ticket(decision)
-        cost, input_cost = None, 0
+        cost, input_cost, tokens = None, 0, 0
         if usage is not None:
             price = self._price(decision.model)
             if price is None:
                 raise InvalidArgument(f"cannot price usage: no price is known for model {decision.model!r}")
             input_cost, cost = price.cost_parts_nano(usage)
+            tokens = usage.input_tokens + usage.output_tokens
         now = self.now()
         now_ms = _epoch_ms(now)
-        user_member, org_member = t.members(decision.reservation_id)
-        # A record that arrives after the reservation's hour key has expired charges the
-        # current windows: late spend is still spend.
-        expired = self._ends_ms(t.windows)[0] + self._grace_ms <= now_ms
-        charge = self._windows.at(now) if expired else t.windows
-        policy = self.policies.for_user(decision.user, decision.tier)
-        org = t.org_prefix
+        # A record that arrives after the reservation's earliest window has expired charges
+        # the current windows: late spend is still spend.
+        ends = [w.end_ms for w in t.windows if w.end_ms]
+        expired = bool(ends) and min(ends) + self._grace_ms <= now_ms
+        charge = self._layout(t.scopes, self._windows.at(now), now)[0] if expired else t.windows
         hour = f"{now:%Y%m%d%H}"  # spend history is kept by UTC hour
         prices, provider = self._snapshot(decision.model)
         outcome = outcome or ("ok" if usage is not None else "released")
@@ -886,57 +1071,77 @@ class Engine:
         state = settled_state(t.candidate, cost)
         # Without a lease (fail_mode open let it through), a lapse is no news.
         lapsed = "expired" if decision.enforced and outcome in ("ok", "released") else outcome
-        org_keys = self.keys.rankings(now, charge.d.stamp, charge.m.stamp)
+        org_first, org_count = t.ranges[-1]
+        org_wins = {w.limit.kind.name: w for w in charge[org_first:org_first + org_count]}
+        org_day, org_month = org_wins["daily"], org_wins["monthly"]
+        org_keys = self.keys.rankings(now, org_day.suffix, org_month.suffix)
         head = stream_head(event) if self._stream_maxlen != "0" and logged else ""
         feature = _ranked(decision.tags.get("feature", ""))
-        part = functools.partial(
-            Settle, org_keys=(), now_ms=now_ms, state_ttl_ms=self._state_ms, grace_ms=self._grace_ms,
-            user_prefix=t.user_prefix, org_prefix=org, user_member=user_member, org_member=org_member, cost=cost,
-            ends=",".join(map(str, self._ends_ms(charge))), settled_state=state,
-            thresholds=self._alert_thresholds(policy), history_field=hour[8:], history_ttl_ms=self._history_ms,
-            spender=spender, feature=feature, anomaly_nano=None if baseline is None else baseline.threshold_nano,
-            event_head="", outcome=outcome, lapsed_outcome=lapsed, stream_maxlen=self._stream_maxlen,
-            void_ttl_ms=self._lease_ms + _VOID_MARGIN_MS if t.in_doubt else None, attempt=t.attempt)
-        ranks = (spender, feature)
-        user_void, org_void = KeySpace.void(t.user_prefix, t.attempt), KeySpace.void(org, t.attempt)
-        user_call = part(state_key=t.request_key, void_key=user_void,
-                         part_keys=self._part_keys(t.user_prefix, charge, USER), parts=USER)
-        if t.org_local:  # the org's part is settled in memory, after the user's
-            return SettlePlan((user_call,), decision, event, state, outcome, lapsed, charge, now, cost, ranks)
+        charges = [("-" if w.code == "c" else str(cost) if w.code == "m" else "1" if w.code == "q" else str(tokens))
+                   for w in charge]
+        levels = self._levels(charge, t.scopes)
+        n = len(t.scopes)
+
+        def part(lo: int, hi: int) -> Settle:
+            first, last = t.ranges[lo][0], t.ranges[hi - 1][0] + t.ranges[hi - 1][1]
+            scopes = t.scopes[lo:hi]
+            org = scopes[-1].org
+            prefix = scopes[0].prefix
+            return Settle(
+                state_key=t.request_key if lo == 0 else KeySpace.request(prefix, decision.reservation_id),
+                void_key=KeySpace.void(prefix, t.attempt),
+                part_keys=self._part_keys(t.scopes, charge, t.ranges, lo, hi), org_keys=org_keys if org else (),
+                now_ms=now_ms, state_ttl_ms=self._state_ms, grace_ms=self._grace_ms,
+                parts=";".join(f"{s.prefix},{t.ranges[lo + i][1]},{1 if s.org else 0}" for i, s in enumerate(scopes)),
+                members=";".join(t.members[lo:hi]),
+                windows=";".join(f"{w.suffix},{w.end_ms},{c}" for w, c in zip(charge[first:last],
+                                                                               charges[first:last], strict=True)),
+                cost=cost, settled_state=state,
+                thresholds=",".join(f"{w - first + 1},{level},{nano}" for w, level, nano in levels
+                                    if first <= w < last),
+                history_field=hour[8:], history_ttl_ms=self._history_ms, spender=spender, feature=feature,
+                anomaly_nano=None if baseline is None else baseline.threshold_nano,
+                event_head=head if org else "", outcome=outcome, lapsed_outcome=lapsed,
+                stream_maxlen=self._stream_maxlen,
+                void_ttl_ms=self._lease_ms + _VOID_MARGIN_MS if t.in_doubt else None, attempt=t.attempt,
+                org_ends=f"{org_day.end_ms},{org_month.end_ms}", first=first)
+
         if not self.split:
-            calls: tuple[Settle, ...] = (part(
-                state_key=t.request_key, void_key=user_void, part_keys=self._part_keys(t.user_prefix, charge, BOTH),
-                org_keys=org_keys, event_head=head, parts=BOTH),)
+            calls: tuple[Settle, ...] = (part(0, n),)
         else:
             # The user's part first: its request state decides whether this settle applies,
-            # so the org (and the usage event with it) is charged once, by whoever got there.
-            calls = (user_call, part(
-                state_key=KeySpace.request(org, decision.reservation_id), void_key=org_void,
-                part_keys=self._part_keys(t.user_prefix, charge, ORG), org_keys=org_keys, event_head=head,
-                parts=ORG))
-        return SettlePlan(calls, decision, event, state, outcome, lapsed, charge, now, cost, ranks)
+            # so the other parts (and the usage event with the org's) are charged once, by
+            # whoever got there. The org's part is settled in memory when a slice held it.
+            calls = tuple(part(k, k + 1) for k in range(n) if not (t.org_local and t.scopes[k].org))
+        own = tuple(dataclasses.replace(calls[k], cost=None, event_head="", thresholds="")
+                    for k in sorted(t.own) if k < len(calls))
+        return SettlePlan(calls, decision, event, state, outcome, lapsed, charge, t.scopes, now, cost,
+                          (spender, feature), own)
 
     def renew_steps(self, decision: Decision) -> Steps:
         """Move a live reservation's lease on by ``reservation_ttl_s``; returns whether it was live."""
         t = self.ticket(decision)
-        if not decision.allowed or not decision.enforced:
+        if not decision.allowed or not decision.enforced or not t.members:
             return False
         now_ms = _epoch_ms(self.now())
-        user_member, org_member = t.members(decision.reservation_id)
-        org = t.org_prefix
+        deadline = now_ms + self._lease_ms
+        rid = decision.reservation_id
 
-        def renew(state_key: str, lease_keys: tuple[str, ...], parts: str) -> ScriptCall:
-            return Renew(state_key, lease_keys, now_ms, now_ms + self._lease_ms, self._state_ms, user_member,
-                         org_member, parts).call()
+        def renew(lo: int, hi: int) -> ScriptCall:
+            state_key = t.request_key if lo == 0 else KeySpace.request(t.scopes[lo].prefix, rid)
+            return Renew(state_key, tuple(s.prefix + "leases" for s in t.scopes[lo:hi]), now_ms, deadline,
+                         self._state_ms, ";".join(t.members[lo:hi])).call()
 
+        n = len(t.scopes)
         if not self.split:
-            return int((yield renew(t.request_key, (KeySpace.leases(t.user_prefix), KeySpace.leases(org)), BOTH))) == 1
-        renewed = int((yield renew(t.request_key, (KeySpace.leases(t.user_prefix),), USER))) == 1
-        if t.org_local and self.slices is not None:
-            return self.slices.renew(decision.reservation_id, now_ms + self._lease_ms) and renewed
-        org_renewed = int((yield renew(KeySpace.request(org, decision.reservation_id), (KeySpace.leases(org),),
-                                       ORG))) == 1
-        return renewed and org_renewed
+            return int((yield renew(0, n))) == 1
+        renewed = True
+        for k in range(n):
+            if t.scopes[k].org and t.org_local and self.slices is not None:
+                renewed = self.slices.renew(rid, deadline) and renewed
+            else:
+                renewed = int((yield renew(k, k + 1))) == 1 and renewed
+        return renewed
 
     @staticmethod
     def void_steps(plan: SettlePlan) -> Steps:
@@ -947,79 +1152,63 @@ class Engine:
             yield call.call()
 
     def settle_steps(self, plan: SettlePlan) -> Steps:
-        """The settle calls of ``plan``; returns (the event-carrying part's :class:`SettleReply`,
-        the user part's or None on a single Redis, crossings of a slice flush it ran).
+        """The settle calls of ``plan``; returns (each part's :class:`SettleReply`, the
+        crossings of a slice flush it ran). The last reply is the one carrying the event.
 
-        On a cluster the org's part runs only when the user's applied for this call.
+        On a cluster the later parts run only when the user's applied for this call.
         """
         t = plan.decision._ticket
+        first = plan.calls[0]
+        replies = [SettleReply.parse((yield first.call()), first.first)]
         if not self.split:
-            return SettleReply.parse((yield plan.calls[0].call())), None, ()
-        user = SettleReply.parse((yield plan.calls[0].call()))
-        mine = user.own(plan.state)
-        org = SettleReply(False)  # settled before: the org's part went with that settle
+            return replies, ()
+        mine = replies[0].own(plan.state, first.first)
         crossings: tuple[str, ...] = ()
-        if not mine.applied and t is not None and t.org_own:
-            # The original call settled the user part (and charged the org): give back
-            # the org reservation this repeat took for itself.
-            org_release = dataclasses.replace(plan.calls[1], cost=None, event_head="")
-            with contextlib.suppress(BudgetGuardError):  # else it lapses with its lease
-                yield org_release.call()
-        elif mine.applied and (t is None or not t.org_local or self.slices is None):
-            try:
-                org = SettleReply.parse((yield plan.calls[1].call()))
-            except BudgetGuardError as exc:
-                # The user part is settled and a new settle would not run again: as if the
-                # process had died between the parts, the org misses this one request.
-                log.error("settling the org part of reservation %s of user %s failed (%s): the user was "
-                          "charged, the org's counters and the usage stream miss this request, and its org "
-                          "reservation lapses after reservation_ttl_s", plan.decision.reservation_id,
-                          printable(plan.decision.user), exc)
-        elif mine.applied and self.slices is not None:
-            outcome = plan.outcome if mine.live else plan.lapsed_outcome
-            line = stream_head(plan.event) + outcome + '"}' if self._stream_maxlen != "0" else ""
-            self.slices.settle(plan.decision.reservation_id,
-                               Item(plan.cost or 0, plan.ranks[0], plan.ranks[1], line))
-            org = SettleReply(True, mine.live)
-            if self.flush_due():
-                crossings = yield from self.flush_steps()
-        return org, user, crossings
+        if not mine.applied and plan.own:
+            # The original call settled the first part (and charged the rest): give back
+            # the reservations this repeat took for itself.
+            for call in plan.own:
+                with contextlib.suppress(BudgetGuardError):  # else it lapses with its lease
+                    yield call.call()
+        elif mine.applied:
+            for call in plan.calls[1:]:
+                try:
+                    replies.append(SettleReply.parse((yield call.call()), call.first))
+                except BudgetGuardError as exc:
+                    # The user part is settled and a new settle would not run again: as if the
+                    # process had died between the parts, this part misses this one request.
+                    replies.append(SettleReply(False))
+                    log.error("settling the %s part of reservation %s of user %s failed (%s): the user was "
+                              "charged, that part's counters (and, for the org, the usage stream) miss this "
+                              "request, and its reservation lapses after reservation_ttl_s",
+                              call.parts.split(",", 1)[0], plan.decision.reservation_id,
+                              printable(plan.decision.user), exc)
+            if t is not None and t.org_local and self.slices is not None:
+                outcome = plan.outcome if mine.live else plan.lapsed_outcome
+                line = stream_head(plan.event) + outcome + '"}' if self._stream_maxlen != "0" else ""
+                self.slices.settle(plan.decision.reservation_id,
+                                   Item(plan.cost or 0, plan.ranks[0], plan.ranks[1], line))
+                replies.append(SettleReply(True, mine.live))
+                if self.flush_due():
+                    crossings = yield from self.flush_steps()
+        return replies, crossings
 
-    def _org_thresholds(self) -> str:
-        org = self.policies.org
-        return ",".join(f"{w + 4},{level.normalize():f},{_ceil_share(cap, level)}"
-                        for w, cap in enumerate(org.caps) if cap is not None for level in org.alert_at)
-
-    def _alert_thresholds(self, policy: UserPolicy) -> str:
-        packed = self._thresholds.get(id(policy))
-        if packed is None:
-            caps = (*policy.caps, *self.policies.org.caps)
-            levels = (policy.alert_at,) * 3 + (self.policies.org.alert_at,) * 2
-            packed = self._thresholds[id(policy)] = ",".join(
-                f"{w + 1},{level.normalize():f},{_ceil_share(cap, level)}"
-                for w, (cap, at) in enumerate(zip(caps, levels, strict=True)) if cap is not None
-                for level in at
-            )
-        return packed
-
-    def read_settle(self, plan: SettlePlan,
-                    replies: tuple[SettleReply, SettleReply | None, tuple[str, ...]]) -> Settled:
+    def read_settle(self, plan: SettlePlan, replies: tuple[list[SettleReply], tuple[str, ...]]) -> Settled:
         """Whether this settlement applied, the alerts it crossed, and its event.
 
-        ``replies`` is what :meth:`settle_steps` returns: the part that carries the event,
-        the user's part (None on a single Redis), and the crossings of a slice flush.
+        ``replies`` is what :meth:`settle_steps` returns: each part's reply (the last carries
+        the event), and the crossings of a slice flush.
         """
-        first, user, flushed = replies
-        event_part = first.own(plan.state)
-        user_part = user.own(plan.state) if user is not None else SettleReply(False)
-        if not (event_part.applied or user_part.applied):
+        parts, flushed = replies
+        read = [r.own(plan.state, plan.calls[i].first) if i < len(plan.calls) else r for i, r in enumerate(parts)]
+        if not any(r.applied for r in read):
             return Settled(False, [], None)
-        crossed = (event_part.crossings if event_part.applied else ()) + (
-            user_part.crossings if user_part.applied else ())
-        live = event_part.live
-        event = dict(plan.event, outcome=plan.outcome if live else plan.lapsed_outcome) if event_part.applied else None
+        crossed = tuple(c for r in read if r.applied for c in r.crossings)
+        event_part = read[-1]
+        event = dict(plan.event, outcome=plan.outcome if event_part.live else plan.lapsed_outcome) \
+            if event_part.applied else None
         d = plan.decision
-        alerts = self.notices.alerts(crossed, plan.windows, d.user, self.policies.for_user(d.user, d.tier), plan.now)
+        alerts = self.notices.alerts(crossed, plan.windows, plan.scopes, d.user, plan.now)
         alerts += self.slice_alerts(flushed)  # a flush hands in spend on the windows of now
         return Settled(True, alerts, event)
 
@@ -1027,9 +1216,9 @@ class Engine:
 
     def check_alerts(self, plan: CheckPlan, reply: Reserved) -> list[Alert]:
         """The alerts a reserve reply reports: first denials by a cap, and resolved org blocks."""
-        if reply.code in (REPEAT, VOIDED):
+        if reply.code in (REPEAT, VOIDED, LOCAL):
             return []
-        return self.notices.alerts(reply.notices, plan.windows, plan.user, plan.policy, plan.now, reply.spent)
+        return self.notices.alerts(reply.notices, plan.wins, plan.scopes, plan.user, plan.now, reply.spent)
 
     def anomaly_alert(self, now: datetime, spent: int) -> Alert:
         return self.notices.anomaly(now, spent)
@@ -1039,7 +1228,8 @@ class Engine:
         if alert.kind == "anomaly":
             stamp = alert.window_key[2:12]
             return self.keys.top_users_hour(stamp), self.keys.top_features_hour(stamp)
-        if alert.scope == "org" and alert.kind in ("threshold", "blocked", "forecast"):
+        if alert.scope == "org" and alert.kind in ("threshold", "blocked", "forecast") \
+                and alert.window_key[:2] in ("d:", "m:"):
             return self.keys.top_users(alert.window_key), None
         return None, None
 
@@ -1052,33 +1242,65 @@ class Engine:
 
     # -- status --------------------------------------------------------------------
 
-    def status_steps(self, user: Any, tier: Any = None) -> Steps:
-        """Read a user's and the org's windows (the caps of ``tier``, else the user's); returns a :class:`Status`."""
+    def _read_windows(self, scopes_of: Callable[[int], tuple[Scope, ...]]) -> Steps:
+        """Read the windows of the scopes ``scopes_of(now_ms)`` builds, planning them again
+        on fresh runtime state when a part answers "stale"; returns (scopes, windows, reply)."""
+        for _ in range(_REPLANS):
+            now = self.now()
+            scopes = scopes_of(_epoch_ms(now))
+            wins, ranges, _ = self._layout(scopes, self._windows.at(now), now)
+            total = len(wins)
+            groups = [(0, len(scopes))] if not self.split else [(k, k + 1) for k in range(len(scopes))]
+            reply = StatusReply((0,) * total, (0,) * total)
+            for lo, hi in groups:
+                first, last = ranges[lo][0], ranges[hi - 1][0] + ranges[hi - 1][1]
+                call = StatusCall(self._part_keys(scopes, wins, ranges, lo, hi, cfg=True), _epoch_ms(now),
+                                  ";".join(f"{s.prefix},{ranges[lo + i][1]},{s.version}"
+                                           for i, s in enumerate(scopes[lo:hi])),
+                                  ";".join(w.suffix for w in wins[first:last]), first, total)
+                reply = reply.plus(StatusReply.parse((yield call.call()), first, last - first, total, lo))
+            if not reply.stale:
+                return scopes, wins, reply
+            self.learn(scopes, reply.stale)
+        raise BudgetGuardError(f"the runtime state of budgets changed on each of {_REPLANS} attempts to read them")
+
+    def status_steps(self, user: Any, tier: Any = None, tags: Any = None, plans: Any = None) -> Steps:
+        """Read the windows of every budget that applies to ``user`` with ``tags`` (the caps of
+        the plans given, else the config's); returns a :class:`Status`."""
         user = _validate_text("user", user)
-        policy = self.policies.for_user(user, _user_plan(tier, None))
-        now = self.now()
-        windows = self._windows.at(now)
-        user_prefix = self._user_prefix(user)
-        def status(parts: str) -> ScriptCall:
-            return StatusCall(self._part_keys(user_prefix, windows, parts), _epoch_ms(now), user_prefix,
-                              self._org_prefix, parts).call()
+        tags = _validate_tags(tags)
+        plans = plans_argument(tier, plans)
+        self.scopes.check_plans(plans)
+        for budget, plan_name in plans.items():
+            self.policies.check_plan(budget, plan_name)
+        scopes, wins, reply = yield from self._read_windows(
+            lambda now_ms: self.scopes.of_call(user, plans, tags, None, None, self.known.get, now_ms))
+        return Status(user=user, tier=scopes[0].limits.tier, windows=_window_statuses(wins, reply),
+                      budgets=tuple(s.budget for s in scopes))
 
-        if not self.split:
-            reply = StatusReply.parse((yield status(BOTH)), BOTH)
+    def budget_status_steps(self, budget: Any, value: Any = None, plan: Any = None) -> Steps:
+        """Read one budget value's windows; returns a :class:`BudgetStatus`."""
+        budget = _validate_text("budget", budget, max_len=64)
+        if value is not None:
+            value = _validate_text("value", value)  # any length: long values are hashed into the key
+        if plan is not None:
+            plan = _validate_text("plan", plan, max_len=256)
+            self.policies.check_plan(budget, plan)
+        self.scopes.prefix_of(budget, value)  # refuses an unknown budget before any I/O
+        scopes, wins, reply = yield from self._read_windows(
+            lambda now_ms: (self.scopes.of_budget(budget, value, plan, self.known.get, now_ms),))
+        return BudgetStatus(budget=budget, value=value, plan=scopes[0].limits.plan,
+                            windows=_window_statuses(wins, reply))
+
+
+def _window_statuses(wins: Sequence[Window], reply: StatusReply) -> dict[str, WindowStatus | CountStatus]:
+    out: dict[str, WindowStatus | CountStatus] = {}
+    for i, w in enumerate(wins):
+        cap = w.limit.cap
+        if w.money:
+            out[w.name] = WindowStatus(spent_usd=nano_to_usd(reply.spent[i]), reserved_usd=nano_to_usd(reply.reserved[i]),
+                                       limit_usd=None if cap is None else nano_to_usd(cap), resets_at=w.end)
         else:
-            u = StatusReply.parse((yield status(USER)), USER)
-            reply = u.merged(StatusReply.parse((yield status(ORG)), ORG))
-        return self._read_status(user, windows, policy, reply)
-
-    def _read_status(self, user: str, windows: WindowSet, policy: UserPolicy, reply: StatusReply) -> Status:
-        caps = (*policy.caps, *self.policies.org.caps)
-        result = {}
-        for i, spec in enumerate(WINDOWS):
-            cap = caps[i]
-            result[spec.name] = WindowStatus(
-                spent_usd=nano_to_usd(reply.spent[i]),
-                reserved_usd=nano_to_usd(reply.reserved[i]),
-                limit_usd=None if cap is None else nano_to_usd(cap),
-                resets_at=windows.of(spec.period).end,
-            )
-        return Status(user=user, tier=policy.tier, windows=result)
+            out[w.name] = CountStatus(used=reply.spent[i], reserved=reply.reserved[i], limit=cap, resets_at=w.end,
+                                      unit=w.limit.kind.unit)
+    return out

@@ -24,10 +24,12 @@ from .alerts.dispatch import Describe, Dispatcher
 from .alerts.jobs import Invoke, Job, RetryPolicy, Sleep, alert_job, baseline_job, forecast_job, steps_job
 from .alerts.model import Alert
 from .config import Config, load_config
-from .decision import Decision, Status
+from .admin import Admin
+from .control import Change
+from .decision import BudgetStatus, Decision, Status
 from .details import CallDetails, details_from_response
 from .engine import CheckPlan, Engine, Settled, SettlePlan
-from .errors import BudgetExceeded, InvalidArgument, InvalidArgumentType
+from .errors import BudgetExceeded, ConfigError, InvalidArgument, InvalidArgumentType
 from .events import Event, JsonlSink, to_json
 from .metrics import Metrics, config_models
 from .redact import printable
@@ -88,7 +90,9 @@ class BudgetGuard:
             raise InvalidArgument("async_redis= needs redis= (or a redis_url) for the sync calls too; "
                                   "otherwise they would keep a separate, embedded ledger")
         cluster = is_cluster(redis if redis is not None else async_redis if async_redis is not None else self._url)
-        self._engine = Engine(config, clock or _utcnow, split=cluster)
+        self._cluster = cluster
+        self._clock = clock or _utcnow
+        self._engine = Engine(config, self._clock, split=cluster)
         self._health = Health()
         # Prometheus counters for this guard; mount budgetguard.metrics.metrics_app(guard.metrics).
         if metrics is not None and not isinstance(metrics, Metrics):
@@ -122,6 +126,9 @@ class BudgetGuard:
         # flush runs (monotonic s). Per driver, so that a flush stranded on a loop that
         # ended does not stop the others; a forked child starts with none.
         self._slice_flushes: dict[object, float] = {}
+        # Operators' controls: assign plans, override limits, grant, top up, reset (budgetguard.admin).
+        self.admin = Admin(lambda: self._engine, self._sync.drive, lambda steps: self._async_store().drive(steps),
+                           self._admin_changed)
         os.register_at_fork(after_in_child=functools.partial(_forget_slice_flushes, weakref.ref(self)))
         atexit.register(_close_lanes_at_exit, weakref.ref(self))
 
@@ -243,6 +250,36 @@ class BudgetGuard:
             log.log(level, "user=%s model=%s %s", printable(decision.user), printable(decision.model),
                     printable(decision.reason, 1000))
         return decision
+
+    # -- reload and admin ----------------------------------------------------------------
+
+    def reload(self, config: Config) -> None:
+        """Swap the limits for ``config``'s while traffic runs.
+
+        Checks from now on use the new limits; reservations taken before settle on exactly
+        what they reserved (each decision carries its windows and what each one holds).
+        ``redis_url``, ``key_prefix`` and turning org slices on or off need a restart and
+        raise :class:`ConfigError`; the alert lanes' sizes and timeouts and the JSON Lines
+        path keep their first values.
+        """
+        if not isinstance(config, Config):
+            raise InvalidArgumentType(f"config must be a budgetguard Config, got {type(config).__name__}")
+        for name in ("redis_url", "key_prefix"):
+            if getattr(config, name) != getattr(self.config, name):
+                raise ConfigError(f"{name}: cannot change while running (restart to use the new value)")
+        if (config.org.slice_usd is None) != (self.config.org.slice_usd is None):
+            raise ConfigError("org.slice_usd: org slices cannot be turned on or off while running (restart)")
+        self._engine = Engine(config, self._clock, split=self._cluster, before=self._engine)
+        self.config = config
+        self.metrics.know_models(config_models(config))
+        self._alerting = bool(self._on_alert or _any_sink(config))
+        log.info("limits reloaded: %d tiers, %d budgets", len(config.tiers), len(config.budgets))
+
+    def _admin_changed(self, change: Change, sync: bool) -> None:
+        # The stream has the audit event already (the admin steps wrote it); the file and callbacks follow.
+        if change.event is not None and self._events_wanted:
+            self._submit(self._events_lane, sync, functools.partial(self._events_job, [change.event], False),
+                         "an audit event")
 
     # -- background work -----------------------------------------------------------------
 
@@ -606,15 +643,32 @@ class BudgetGuard:
 
     # -- status / lifecycle ------------------------------------------------------------
 
-    def status(self, user: str, *, tier: str | None = None) -> Status:
-        """Spent, reserved, cap and reset time of every window for ``user`` and the org.
+    def status(self, user: str, *, tier: str | None = None, tags: Mapping[str, str] | None = None,
+               plans: Mapping[str, str] | None = None) -> Status:
+        """Spent, reserved, cap and reset time of every window of every budget that applies
+        to ``user``'s calls with ``tags``: the user's, each matching budget's, the org's,
+        keyed by limit name (``"user.hourly"``, ``"tenant.monthly"``).
 
-        ``tier``: show the caps of that plan (the one the user's calls pass), not the config's.
+        ``tier`` / ``plans``: show the caps of those plans (the ones the calls pass), not the config's.
         """
-        return self._sync.drive(self._engine.status_steps(user, tier))  # type: ignore[no-any-return]
+        return self._sync.drive(self._engine.status_steps(user, tier, tags, plans))  # type: ignore[no-any-return]
 
-    async def astatus(self, user: str, *, tier: str | None = None) -> Status:
-        return await self._async_store().drive(self._engine.status_steps(user, tier))  # type: ignore[no-any-return]
+    async def astatus(self, user: str, *, tier: str | None = None, tags: Mapping[str, str] | None = None,
+                      plans: Mapping[str, str] | None = None) -> Status:
+        return await self._async_store().drive(  # type: ignore[no-any-return]
+            self._engine.status_steps(user, tier, tags, plans))
+
+    def budget_status(self, budget: str, value: str | None = None, *, plan: str | None = None) -> BudgetStatus:
+        """One budget value's windows: ``budget_status("tenant", "acme")``, ``budget_status("org")``.
+
+        ``value`` is None for a budget with one shared set of counters (and the org);
+        ``plan`` shows that plan's caps instead of the value's own.
+        """
+        return self._sync.drive(self._engine.budget_status_steps(budget, value, plan))  # type: ignore[no-any-return]
+
+    async def abudget_status(self, budget: str, value: str | None = None, *, plan: str | None = None) -> BudgetStatus:
+        return await self._async_store().drive(  # type: ignore[no-any-return]
+            self._engine.budget_status_steps(budget, value, plan))
 
     def _close_lanes(self) -> None:
         # Both lanes share one flush bound.

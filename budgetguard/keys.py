@@ -13,9 +13,16 @@ Layout (``bg`` is ``key_prefix``; ``<w>`` a window's stamp, see :mod:`budgetguar
     bg:{org}:hist:<UTC day>        the org's spend by UTC hour (anomalies, forecasts)
     bg:{org}:top:u:h:<UTC hour>, bg:{org}:top:u:<w>, bg:{org}:top:f:h:<UTC hour>   spend rankings
     bg:{org}:events                the usage stream
+    bg:{b:<budget>:<value>}:...    a budget's counters per value (``per:``), like a user's
+    bg:{b:<budget>}:...            a budget with one shared set of counters
 
-The braces are Redis Cluster hash tags: a user's keys share one slot, the org's another.
-User ids are data, not key syntax: ids outside a safe alphabet are hashed into the tag.
+Beside the hour, day and month a budget value may have ``w:<ISO week>``, ``t`` (a balance
+that never resets), ``q:<UTC minute>`` and ``k:<UTC minute>`` (requests and tokens per
+minute) and ``c`` (calls in flight): each a hash of the same fields.
+
+The braces are Redis Cluster hash tags: a user's keys share one slot, the org's another,
+each budget value's its own. Ids and values are data, not key syntax: those outside a safe
+alphabet are hashed into the tag.
 """
 
 from __future__ import annotations
@@ -26,17 +33,22 @@ from datetime import datetime
 
 from .windows import WindowSet
 
-__all__ = ["KeySpace", "user_tag"]
+__all__ = ["KeySpace", "scope_tag", "user_tag"]
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 
+def scope_tag(kind: str, value: str) -> str:
+    """A hash tag ``{<kind>:<value>}``. Values outside a safe alphabet are hashed, so any string is data."""
+    if _SAFE_ID.fullmatch(value):
+        return "{" + kind + ":" + value + "}"
+    # '#' is outside the safe alphabet, so a hashed value can never equal a plain one.
+    return "{" + kind + ":#" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:40] + "}"
+
+
 def user_tag(user_id: str) -> str:
-    """The user's hash tag. Ids outside a safe alphabet are hashed, so any string is data."""
-    if _SAFE_ID.fullmatch(user_id):
-        return "{u:" + user_id + "}"
-    # '#' is outside the safe alphabet, so a hashed id can never equal a plain one.
-    return "{u:#" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:40] + "}"
+    """The user's hash tag."""
+    return scope_tag("u", user_id)
 
 
 class KeySpace:
@@ -48,6 +60,12 @@ class KeySpace:
 
     def user(self, user_id: str) -> str:
         return f"{self.key_prefix}:{user_tag(user_id)}:"
+
+    def budget(self, budget: str, value: str | None) -> str:
+        """The prefix of a budget value's keys (``value`` None: the budget's shared counters)."""
+        if value is None:
+            return f"{self.key_prefix}:{{b:{budget}}}:"
+        return f"{self.key_prefix}:{scope_tag('b:' + budget, value)}:"
 
     @staticmethod
     def request(prefix: str, rid: str) -> str:

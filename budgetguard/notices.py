@@ -8,7 +8,7 @@ the spend, and report what they claimed as short notices (see the scripts' heade
 - ``r|<window>|<old suffix>``: an org window blocked before, its successor now open (reserve, slice);
 - ``a|<hour>|<spent>``: the org's hour went anomalous (settle, slice).
 
-Windows are numbered from 1 as in :data:`budgetguard.windows.WINDOWS`.
+Windows are numbered from 1 across the windows given (see :mod:`budgetguard.scopes`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from decimal import Decimal
 
 from .alerts.anomaly import Baseline
 from .alerts.model import Alert
-from .keys import user_tag
-from .policy import OrgPolicy, UserPolicy
+from .keys import scope_tag, user_tag
 from .pricing import nano_to_usd
-from .windows import WINDOWS, Period, WindowSet
+from .scopes import Scope, Window
 
 __all__ = ["Notices"]
 
@@ -31,18 +30,21 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
+def _cap_usd(window: Window) -> Decimal | None:
+    cap = window.limit.cap
+    return None if cap is None else nano_to_usd(cap)
+
+
 class Notices:
     """Builds the alerts of one config's windows. ``baselines`` (per UTC hour) is read as it fills."""
 
-    def __init__(self, key_prefix: str, org: OrgPolicy, baselines: Mapping[str, Baseline | None],
-                 sigmas: Decimal) -> None:
+    def __init__(self, key_prefix: str, baselines: Mapping[str, Baseline | None], sigmas: Decimal) -> None:
         self._prefix = key_prefix
-        self._org = org
         self._baselines = baselines
         self._sigmas = sigmas
 
-    def alerts(self, notices: Sequence[str], windows: WindowSet, user: str, policy: UserPolicy, now: datetime,
-               spent: Sequence[int] = ()) -> list[Alert]:
+    def alerts(self, notices: Sequence[str], windows: Sequence[Window], scopes: Sequence[Scope], user: str,
+               now: datetime, spent: Sequence[int] = ()) -> list[Alert]:
         """The alerts of a script's notices; ``spent`` (per window) is a reserve reply's, for first denials."""
         found = []
         for notice in notices:
@@ -50,13 +52,14 @@ class Notices:
             if kind == "a":
                 found.append(self.anomaly(now, int(rest[1])))
                 continue
-            w = int(rest[0]) - 1
+            window = windows[int(rest[0]) - 1]
+            scope = scopes[window.scope]
             if kind == "t":
-                found.append(self._window("threshold", w, windows, int(rest[2]), Decimal(rest[1]), user, policy, now))
+                found.append(self._window("threshold", window, scope, int(rest[2]), Decimal(rest[1]), user, now))
             elif kind == "b":
-                found.append(self._window("blocked", w, windows, spent[w], Decimal(1), user, policy, now))
+                found.append(self._window("blocked", window, scope, spent[int(rest[0]) - 1], Decimal(1), user, now))
             elif kind == "r":
-                found.append(self._resolved(w, rest[1], windows, policy, now))
+                found.append(self._resolved(window, rest[1], now))
         return found
 
     def anomaly(self, now: datetime, spent: int) -> Alert:
@@ -70,46 +73,41 @@ class Notices:
             detail=detail, next_step="Nothing is blocked by this alert; check the top users and features below.",
         )
 
-    def _resolved(self, w: int, old: str, windows: WindowSet, policy: UserPolicy, now: datetime) -> Alert:
-        spec = WINDOWS[w]
-        current = windows.of(spec.period)
+    def _resolved(self, window: Window, old: str, now: datetime) -> Alert:
         return Alert(
-            kind="resolved", scope="org", window=spec.name, window_key=old,
-            window_start=current.start, window_end=current.end, level=Decimal(1),
-            spent_usd=Decimal(0), limit_usd=self._cap_usd(policy, w), at=now,
-            key_prefix=self._prefix, next_step=f"the {spec.name} window {current.stamp} is open",
+            kind="resolved", scope="org", window=window.name, window_key=old,
+            window_start=window.start, window_end=window.end, level=Decimal(1),
+            spent_usd=Decimal(0), limit_usd=_cap_usd(window), at=now,
+            key_prefix=self._prefix, next_step=f"the {window.name} window {window.suffix} is open",
         )
 
-    def _cap_usd(self, policy: UserPolicy, w: int) -> Decimal | None:
-        cap = (*policy.caps, *self._org.caps)[w]
-        return None if cap is None else nano_to_usd(cap)
-
-    def _window(self, kind: str, w: int, windows: WindowSet, spent: int, level: Decimal, user: str,
-                policy: UserPolicy, now: datetime) -> Alert:
-        spec = WINDOWS[w]
-        period = windows.of(spec.period)
-        scoped = spec.scope == "user"
+    def _window(self, kind: str, window: Window, scope: Scope, spent: int, level: Decimal, user: str,
+                now: datetime) -> Alert:
+        fields: dict[str, str | None] = {}
+        if scope.budget == "user":
+            fields = {"user": user, "user_key": user_tag(user), "tier": scope.limits.tier}
+        elif not scope.org:
+            fields = {"budget": scope.budget, "value": scope.value, "tier": scope.limits.plan,
+                      "value_key": scope.budget if scope.value is None else scope_tag(scope.budget, scope.value)}
         return Alert(
             kind="blocked" if kind == "blocked" else "threshold",
-            scope="user" if scoped else "org",
-            window=spec.name, window_key=period.stamp, window_start=period.start, window_end=period.end,
-            level=level, spent_usd=nano_to_usd(spent), limit_usd=self._cap_usd(policy, w), at=now,
-            key_prefix=self._prefix,
-            user=user if scoped else None, user_key=user_tag(user) if scoped else None,
-            tier=policy.tier if scoped else None,
-            next_step=self._next_step(kind, w, level, policy, period),
+            scope="user" if scope.budget == "user" else "org" if scope.org else "budget",
+            window=window.name, window_key=window.suffix, window_start=window.start, window_end=window.end,
+            level=level, spent_usd=nano_to_usd(spent), limit_usd=_cap_usd(window), at=now,
+            key_prefix=self._prefix, next_step=self._next_step(kind, window, scope, level), **fields,
         )
 
-    def _next_step(self, kind: str, w: int, level: Decimal, policy: UserPolicy, period: Period) -> str:
-        spec = WINDOWS[w]
-        resets = f"{period.end:%Y-%m-%d %H:%M %Z}"
-        blocked = f"requests that do not fit the {spec.name} cap are denied until it resets at {resets}"
+    @staticmethod
+    def _next_step(kind: str, window: Window, scope: Scope, level: Decimal) -> str:
+        if window.end is None:
+            blocked = f"requests that do not fit the {window.name} balance are denied until it is topped up"
+        else:
+            blocked = (f"requests that do not fit the {window.name} cap are denied until it resets at "
+                       f"{window.end:%Y-%m-%d %H:%M %Z}")
         if kind == "blocked":
             return _sentence(blocked)
-        user_scope = spec.scope == "user"
-        routes = policy.routes if user_scope else self._org.routes
-        trigger = (policy.triggers if user_scope else self._org.triggers)[w if user_scope else w - 3]
-        cap = (*policy.caps, *self._org.caps)[w]
+        routes = scope.limits.routes
+        trigger, cap = window.limit.trigger, window.limit.cap
         steps = []
         if routes and trigger is not None and cap:
             pairs = ", ".join(f"{a} -> {b}" for a, b in routes.items())

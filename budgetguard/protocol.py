@@ -5,11 +5,11 @@ order its header documents. Each class here builds one script's call from named 
 (:meth:`call`) and reads its reply into named fields (``parse``), so that no other module
 knows a KEYS or ARGV position, and no reply list is sliced anywhere else.
 
-Windows are numbered as in :data:`budgetguard.windows.WINDOWS`: user hour, day, month (0-2),
-org day, month (3-4). A script called with some parts only (``"u"``, ``"o"``; a Redis
-Cluster runs each hash slot's part on its own) answers for those windows; the replies here
-always carry all five, zero where a part was not called, so that two parts' replies merge
-by window.
+A check's windows are numbered across every budget that applies (see
+:class:`budgetguard.scopes.Window`); a script called with some parts only (a Redis Cluster
+runs each hash slot's part on its own) answers for those windows, and the replies here
+place them among all of the check's windows (zero elsewhere), so that parts' replies merge
+by adding.
 
 The classes are plain slotted dataclasses, not frozen ones: one or two are built per call
 on the hot path, and a frozen dataclass takes about twice as long to build. Nothing
@@ -18,18 +18,16 @@ changes them after they are built (``dataclasses.replace`` makes a new one).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "BOTH",
     "DENIED",
-    "ORG",
+    "LOCAL",
     "REPEAT",
     "RESERVED",
-    "USER",
+    "STALE",
     "VOIDED",
     "Log",
     "Renew",
@@ -44,17 +42,12 @@ __all__ = [
     "StatusReply",
 ]
 
-# The parts a script may be called with: a hash slot's worth of windows.
-BOTH, USER, ORG = "uo", "u", "o"
-_WINDOWS_OF = {BOTH: (0, 1, 2, 3, 4), USER: (0, 1, 2), ORG: (3, 4)}
-_NONE = (0, 0, 0, 0, 0)
-
 
 @dataclass(slots=True)
 class ScriptCall:
     """One script to run: what a store sends (``EVALSHA``)."""
 
-    script: str  # "reserve" | "settle" | "status" | "lookup" | "slice"
+    script: str  # "reserve" | "settle" | "status" | "lookup" | "slice" | "renew" | "admin"
     keys: tuple[str, ...]
     args: tuple[str | int, ...]
 
@@ -67,84 +60,111 @@ def _flag(value: bool) -> str:
     return "1" if value else "0"
 
 
-def _by_window(parts: str, values: Sequence[Any]) -> tuple[int, ...]:
-    """Values for the windows of ``parts``, placed among all five."""
-    out = list(_NONE)
-    for w, value in zip(_WINDOWS_OF[parts], values, strict=True):
-        out[w] = int(value)
+def _placed(values: Sequence[Any], first: int, total: int) -> tuple[int, ...]:
+    """Values of the windows ``first``.. placed among ``total`` windows."""
+    out = [0] * total
+    for i, value in enumerate(values):
+        out[first + i] = int(value)
     return tuple(out)
+
+
+def _numbers(raw: Any, first: int) -> tuple[int, ...]:
+    """A script's "3,5" (1-based window numbers) as 0-based window indices of the check."""
+    return tuple(first + int(w) - 1 for w in text(raw).split(",") if w)
+
+
+def renumbered(notice: str, first: int) -> str:
+    """A script's notice with its window number counted across the check's windows."""
+    kind, _, rest = notice.partition("|")
+    if kind not in ("b", "r", "t") or first == 0:
+        return notice
+    w, _, tail = rest.partition("|")
+    return f"{kind}|{int(w) + first}" + (f"|{tail}" if tail else "")
 
 
 # -- reserve.lua -----------------------------------------------------------------------
 
-RESERVED, DENIED, REPEAT, VOIDED = 1, 0, 2, 3
+RESERVED, DENIED, REPEAT, VOIDED, STALE = 1, 0, 2, 3, 4
+LOCAL = 5  # not a script's: planned again on fresh runtime state, the check was decided locally
+
+
+def _stale(raw: Sequence[Any], part: int) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    """A stale reply's parts (numbered across the check) and their runtime state's fields."""
+    out = []
+    i = 1
+    while i < len(raw):
+        index, count = int(raw[i]), int(raw[i + 1])
+        out.append((part + index - 1, tuple(text(v) for v in raw[i + 2:i + 2 + count])))
+        i += 2 + count
+    return tuple(out)
 
 
 @dataclass(slots=True)
 class Reserve:
-    """reserve.lua: reserve one request's worst case on every window of ``parts``, or none."""
+    """reserve.lua: reserve one request's worst case on every window of the parts given, or none."""
 
     state_key: str
     void_key: str  # this attempt's void marker
-    part_keys: tuple[str, ...]  # the lease set of each part, then its window counters
+    part_keys: tuple[str, ...]  # per part: its lease set, its runtime state, then its windows' counters
     blocked_key: str | None  # the org's open "blocked" alerts (with the org part)
     now_ms: int
     lease_deadline_ms: int
     state_ttl_ms: int
     grace_ms: int
-    user_prefix: str
-    org_prefix: str
-    user_suffixes: str  # "|h:..|d:..|m:.."
-    org_suffixes: str  # "|d:..|m:.."
     rid: str
-    windows: str  # per window "cap,threshold,end_ms" x5 (-1: none)
-    candidates: str  # "amount,route" per candidate (amount -1: not offered to this part)
-    alert_mask: int  # windows whose first denial is an alert
-    parts: str
-    user_triggered: bool  # an earlier part (the user's) reached its routing threshold
-    probe: bool  # report the blocking windows, reserve nothing
     attempt: str
+    probe: bool  # report the blocking windows, reserve nothing
+    routed: int  # route bits of the parts an earlier call found past their thresholds
+    candidates: str  # "amount,tokens,route bits" per candidate, ';'-joined (amount -1: not offered)
+    parts: str  # "prefix,windows,route bit,org,runtime version" per part, ';'-joined
+    windows: str  # "suffix,kind,cap,trigger,end ms,alert" per window, ';'-joined
+    first: int  # the check's index of the first window given
+    total: int  # the check's number of windows
 
     def call(self) -> ScriptCall:
         blocked = () if self.blocked_key is None else (self.blocked_key,)
         return ScriptCall(
             "reserve", (self.state_key, self.void_key, *self.part_keys, *blocked),
-            (self.now_ms, self.lease_deadline_ms, self.state_ttl_ms, self.grace_ms, self.user_prefix,
-             self.org_prefix, self.user_suffixes, self.org_suffixes, self.rid, self.windows, self.candidates,
-             self.alert_mask, self.parts, _flag(self.user_triggered), _flag(self.probe), self.attempt))
+            (self.now_ms, self.lease_deadline_ms, self.state_ttl_ms, self.grace_ms, self.rid, self.attempt,
+             _flag(self.probe), self.routed, self.candidates, self.parts, self.windows))
 
 
 @dataclass(slots=True)
 class Reserved:
-    """A reserve reply over the five windows (or two parts' replies merged)."""
+    """A reserve reply over the check's windows (or several parts' replies merged)."""
 
     code: int  # RESERVED, DENIED, REPEAT (a live reservation of the request id), VOIDED
     chosen: int = 0  # 1-based index of the candidate reserved
-    blockers: int = 0  # bit w: window w blocks (the chosen candidate's, or the cheapest's)
-    triggered: int = 0  # bit w: window w reached its routing threshold
-    spent: tuple[int, ...] = _NONE
-    reserved: tuple[int, ...] = _NONE
+    blockers: tuple[int, ...] = ()  # windows that block (the chosen candidate's, or the cheapest's)
+    triggered: tuple[int, ...] = ()  # windows past their routing threshold
+    spent: tuple[int, ...] = ()
+    reserved: tuple[int, ...] = ()
     # "b|<w>" a window's first denial, "r|<w>|<suffix>" an org block resolved, and from a
-    # slice refill, "t|..." threshold and "a|..." anomaly crossings (as in settle.lua).
+    # slice refill, "t|..." threshold and "a|..." anomaly crossings (as in settle.lua);
+    # <w> counts from 1 across the check's windows.
     notices: tuple[str, ...] = ()
     state: str = ""  # REPEAT: "L|<candidate>|<amount>|<reserved at ms>|<deadline ms>[|<attempt>]"
+    stale: tuple[tuple[int, tuple[str, ...]], ...] = ()  # STALE: (scope, its runtime state's fields)
 
     @classmethod
-    def parse(cls, raw: Sequence[Any], parts: str) -> Reserved:
+    def parse(cls, raw: Sequence[Any], first: int, count: int, total: int, part: int = 0) -> Reserved:
+        """A reply of a call given the check's windows ``first`` .. ``first + count - 1``
+        and its scopes from ``part``."""
         code = int(raw[0])
+        if code == STALE:
+            return cls(code, stale=_stale(raw, part))
         if code == REPEAT:
-            return cls(code, state=text(raw[1]))
+            return cls(code, state=text(raw[1]), spent=(0,) * total, reserved=(0,) * total)
         if code == VOIDED:
-            return cls(code)
-        n = len(_WINDOWS_OF[parts])
-        return cls(code, int(raw[1]), int(raw[2]), int(raw[3]), _by_window(parts, raw[4:4 + n]),
-                   _by_window(parts, raw[4 + n:4 + 2 * n]), tuple(text(v) for v in raw[4 + 2 * n:]))
+            return cls(code, spent=(0,) * total, reserved=(0,) * total)
+        return cls(code, int(raw[1]), _numbers(raw[2], first), _numbers(raw[3], first),
+                   _placed(raw[4:4 + count], first, total), _placed(raw[4 + count:4 + 2 * count], first, total),
+                   tuple(renumbered(text(v), first) for v in raw[4 + 2 * count:]))
 
-    def merged(self, org: Reserved, **changes: Any) -> Reserved:
-        """The user part's windows (this reply's) with the org part's (``org``'s)."""
-        return dataclasses.replace(
-            org, spent=(*self.spent[:3], *org.spent[3:]), reserved=(*self.reserved[:3], *org.reserved[3:]),
-            **changes)
+    def plus(self, other: Reserved) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Spent and reserved of two replies on disjoint windows, together."""
+        return (tuple(a + b for a, b in zip(self.spent, other.spent, strict=True)),
+                tuple(a + b for a, b in zip(self.reserved, other.reserved, strict=True)))
 
 
 # -- settle.lua ------------------------------------------------------------------------
@@ -156,17 +176,15 @@ class Settle:
 
     state_key: str
     void_key: str  # the void marker of the decision's attempt
-    part_keys: tuple[str, ...]  # the lease set of each part, then the window counters to charge
+    part_keys: tuple[str, ...]  # per part: its lease set, then its windows' counters
     org_keys: tuple[str, ...]  # with the org part: history, rankings (user h/d/m, feature h), events
     now_ms: int
     state_ttl_ms: int
     grace_ms: int
-    user_prefix: str
-    org_prefix: str
-    user_member: str
-    org_member: str
+    parts: str  # "prefix,windows,org" per part, ';'-joined
+    members: str  # each part's lease member, ';'-joined
+    windows: str  # "suffix,end ms,charge" per window, ';'-joined (charge '-': none)
     cost: int | None  # None: a release
-    ends: str  # end ms of the five windows charged, joined by ','
     settled_state: str  # "S|<candidate>|<cost or released>|<nonce>"
     thresholds: str  # alert thresholds "window,level,nano" joined by ','
     history_field: str  # the UTC hour "HH"
@@ -178,19 +196,19 @@ class Settle:
     outcome: str
     lapsed_outcome: str
     stream_maxlen: str
-    parts: str
     void_ttl_ms: int | None  # voids the attempt (its reserve may not have run yet)
     attempt: str
+    org_ends: str  # "day end ms,month end ms" of the org (its rankings' lifetimes)
+    first: int = 0  # the check's index of the first window given
 
     def call(self) -> ScriptCall:
         return ScriptCall(
             "settle", (self.state_key, self.void_key, *self.part_keys, *self.org_keys),
-            (self.now_ms, self.state_ttl_ms, self.grace_ms, self.user_prefix, self.org_prefix, self.user_member,
-             self.org_member, "" if self.cost is None else self.cost, self.ends, self.settled_state,
-             self.thresholds, self.history_field, self.history_ttl_ms, self.spender, self.feature,
-             "" if self.anomaly_nano is None else self.anomaly_nano, self.event_head, self.outcome,
-             self.lapsed_outcome, self.stream_maxlen, self.parts,
-             "" if self.void_ttl_ms is None else self.void_ttl_ms, self.attempt))
+            (self.now_ms, self.state_ttl_ms, self.grace_ms, self.parts, self.members, self.windows,
+             "" if self.cost is None else self.cost, self.settled_state, self.thresholds, self.history_field,
+             self.history_ttl_ms, self.spender, self.feature, "" if self.anomaly_nano is None else self.anomaly_nano,
+             self.event_head, self.outcome, self.lapsed_outcome, self.stream_maxlen,
+             "" if self.void_ttl_ms is None else self.void_ttl_ms, self.attempt, self.org_ends))
 
 
 @dataclass(slots=True)
@@ -199,22 +217,22 @@ class SettleReply:
 
     applied: bool
     live: bool = False  # the lease was still held (not lapsed)
-    crossings: tuple[str, ...] = ()  # "t|<w>|<level>|<spent>", "a|<hour>|<spent>"
+    crossings: tuple[str, ...] = ()  # "t|<w>|<level>|<spent>", "a|<hour>|<spent>" (<w> across the check)
     prior: str = ""  # not applied: the request's state
 
     @classmethod
-    def parse(cls, raw: Sequence[Any]) -> SettleReply:
+    def parse(cls, raw: Sequence[Any], first: int = 0) -> SettleReply:
         if int(raw[0]) == 1:
-            return cls(True, int(raw[1]) == 1, tuple(text(v) for v in raw[2:]))
+            return cls(True, int(raw[1]) == 1, tuple(renumbered(text(v), first) for v in raw[2:]))
         return cls(False, prior=text(raw[1]))
 
-    def own(self, state: str) -> SettleReply:
+    def own(self, state: str, first: int = 0) -> SettleReply:
         """This reply, or the one the settle that wrote ``state`` got: a resend (the first
         reply was lost) finds its own state, counts as applied and reports what it crossed."""
         if self.applied or not self.prior.startswith(state + "|"):
             return self
         flag, _, rest = self.prior[len(state) + 1:].partition("|")
-        return SettleReply(True, flag == "1", tuple(c for c in rest.split(";") if c))
+        return SettleReply(True, flag == "1", tuple(renumbered(c, first) for c in rest.split(";") if c))
 
 
 # -- renew.lua ------------------------------------------------------------------------
@@ -229,14 +247,11 @@ class Renew:
     now_ms: int
     deadline_ms: int
     state_ttl_ms: int
-    user_member: str
-    org_member: str
-    parts: str
+    members: str  # each part's lease member, ';'-joined
 
     def call(self) -> ScriptCall:
         return ScriptCall("renew", (self.state_key, *self.lease_keys),
-                          (self.now_ms, self.deadline_ms, self.state_ttl_ms, self.user_member, self.org_member,
-                           self.parts))
+                          (self.now_ms, self.deadline_ms, self.state_ttl_ms, self.members))
 
 
 # -- status.lua ------------------------------------------------------------------------
@@ -244,30 +259,35 @@ class Renew:
 
 @dataclass(slots=True)
 class Status:
-    """status.lua: read the windows of ``parts`` after sweeping expired leases."""
+    """status.lua: read the windows of the parts given after sweeping expired leases."""
 
-    part_keys: tuple[str, ...]
+    part_keys: tuple[str, ...]  # per part: its lease set, its runtime state, its windows' counters
     now_ms: int
-    user_prefix: str
-    org_prefix: str
-    parts: str
+    parts: str  # "prefix,windows,runtime version" per part, ';'-joined
+    windows: str  # one entry per window, ';'-joined
+    first: int
+    total: int
 
     def call(self) -> ScriptCall:
-        return ScriptCall("status", self.part_keys, (self.now_ms, self.user_prefix, self.org_prefix, self.parts))
+        return ScriptCall("status", self.part_keys, (self.now_ms, self.parts, self.windows))
 
 
 @dataclass(slots=True)
 class StatusReply:
     spent: tuple[int, ...]
     reserved: tuple[int, ...]
+    stale: tuple[tuple[int, tuple[str, ...]], ...] = ()  # as Reserved's
 
     @classmethod
-    def parse(cls, raw: Sequence[Any], parts: str) -> StatusReply:
-        n = len(_WINDOWS_OF[parts])
-        return cls(_by_window(parts, raw[:n]), _by_window(parts, raw[n:2 * n]))
+    def parse(cls, raw: Sequence[Any], first: int, count: int, total: int, part: int = 0) -> StatusReply:
+        if int(raw[0]) == STALE:
+            return cls((0,) * total, (0,) * total, _stale(raw, part))
+        return cls(_placed(raw[1:1 + count], first, total), _placed(raw[1 + count:1 + 2 * count], first, total))
 
-    def merged(self, org: StatusReply) -> StatusReply:
-        return StatusReply((*self.spent[:3], *org.spent[3:]), (*self.reserved[:3], *org.reserved[3:]))
+    def plus(self, other: StatusReply) -> StatusReply:
+        return StatusReply(tuple(a + b for a, b in zip(self.spent, other.spent, strict=True)),
+                           tuple(a + b for a, b in zip(self.reserved, other.reserved, strict=True)),
+                           self.stale + other.stale)
 
 
 # -- lookup.lua ------------------------------------------------------------------------

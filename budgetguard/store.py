@@ -34,7 +34,7 @@ __all__ = ["AsyncStore", "StoreUnavailable", "SyncStore", "connect", "connect_as
 
 log = logging.getLogger("budgetguard.store")
 
-SCRIPTS = ("reserve", "settle", "status", "lookup", "slice", "renew")
+SCRIPTS = ("reserve", "settle", "status", "lookup", "slice", "renew", "admin")
 
 
 class StoreUnavailable(BudgetGuardError):

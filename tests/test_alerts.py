@@ -91,7 +91,7 @@ def test_each_sink_gets_the_exact_message_once(backend_url, clock):
         hook = rx.bodies("/hook")
         assert len(hook) == 1
         assert hook[0] | {"top_users": None} == {
-            "kind": "threshold", "scope": "org", "user": None, "tier": None,
+            "kind": "threshold", "scope": "org", "user": None, "tier": None, "budget": None, "value": None,
             "window": "org.daily", "window_key": "d:20260314",
             "window_start": "2026-03-14T00:00:00+00:00", "window_end": "2026-03-15T00:00:00+00:00",
             "level": "0.5", "spent_usd": "5.000025", "limit_usd": "10", "percent": "50",

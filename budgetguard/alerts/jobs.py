@@ -195,7 +195,8 @@ FORECAST_RATE_WINDOW = timedelta(days=7)
 
 
 def forecast_job(engine: Engine, now: datetime, alert_of: Callable[[Alert], Job]) -> Job:
-    cap = engine.policies.org.caps[1]
+    monthly = engine.policies.org.window("monthly")
+    cap = None if monthly is None else monthly.cap
     if cap is None:
         return
     month = engine.windows_now(now).m

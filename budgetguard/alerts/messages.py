@@ -52,10 +52,12 @@ def alert_json(alert: Alert) -> dict[str, Any]:
         "scope": alert.scope,
         "user": alert.user,
         "tier": alert.tier,
+        "budget": alert.budget,
+        "value": alert.value,
         "window": alert.window,
         "window_key": alert.window_key,
-        "window_start": alert.window_start.isoformat(),
-        "window_end": alert.window_end.isoformat(),
+        "window_start": None if alert.window_start is None else alert.window_start.isoformat(),
+        "window_end": None if alert.window_end is None else alert.window_end.isoformat(),
         "level": _money(alert.level),
         "spent_usd": _money(alert.spent_usd),
         "limit_usd": _money(alert.limit_usd),
@@ -76,7 +78,7 @@ def _usd(value: Decimal | None) -> str:
 
 
 def _title(alert: Alert) -> str:
-    who = "Org" if alert.scope == "org" else f"User {alert.user}"
+    who = alert.subject[:1].upper() + alert.subject[1:]
     if alert.kind == "blocked":
         text = f"{who} blocked: {alert.window} cap reached"
     elif alert.kind == "resolved":
@@ -92,7 +94,8 @@ def _title(alert: Alert) -> str:
 
 def slack_body(alert: Alert) -> dict[str, Any]:
     fields = [
-        f"*Scope*\n{alert.subject}" + (f" (tier {alert.tier})" if alert.tier else ""),
+        f"*Scope*\n{alert.subject}" + (f" ({'plan' if alert.scope == 'budget' else 'tier'} {alert.tier})"
+                                       if alert.tier else ""),
         f"*Window*\n{alert.window} `{alert.window_key}`",
         f"*Spent / limit*\n{_usd(alert.spent_usd)} / {_usd(alert.limit_usd)}",
         f"*Percent*\n{alert.percent}%" if alert.percent is not None else "*Percent*\n-",

@@ -24,11 +24,11 @@ class Alert:
     """
 
     kind: AlertKind
-    scope: Literal["org", "user"]
-    window: str  # "user.hourly" ... "org.monthly"; "org.hour" for an anomaly
-    window_key: str  # the window's key suffix, e.g. "d:20261123"
-    window_start: datetime
-    window_end: datetime
+    scope: Literal["org", "user", "budget"]
+    window: str  # "user.hourly" ... "org.monthly", "tenant.daily"; "org.hour" for an anomaly
+    window_key: str  # the window's key suffix, e.g. "d:20261123"; "t" for a balance that never resets
+    window_start: datetime | None  # None: a balance (total_usd), which has no period
+    window_end: datetime | None
     level: Decimal
     spent_usd: Decimal
     limit_usd: Decimal | None
@@ -36,7 +36,10 @@ class Alert:
     key_prefix: str = "bg"
     user: str | None = None
     user_key: str | None = None  # the user's key tag: safe in keys and dedup keys
-    tier: str | None = None
+    tier: str | None = None  # the user's tier, or a budget value's plan
+    budget: str | None = None  # scope "budget": its name ("tenant") and value ("acme"; None: shared)
+    value: str | None = None
+    value_key: str | None = None  # the value's key tag: safe in dedup keys
     next_step: str = ""  # what budgetguard does from here: route, block, nothing
     detail: str = ""  # forecast or anomaly explanation
     top_users: tuple[tuple[str, Decimal], ...] = ()
@@ -50,11 +53,13 @@ class Alert:
 
     @property
     def subject(self) -> str:
+        if self.scope == "budget":
+            return f"{self.budget} {self.value}" if self.value is not None else f"budget {self.budget}"
         return "org" if self.scope == "org" else f"user {self.user}"
 
     @property
     def dedup_key(self) -> str:
-        who = "org" if self.scope == "org" else f"user/{self.user_key}"
+        who = {"org": "org", "user": f"user/{self.user_key}"}.get(self.scope) or f"budget/{self.value_key}"
         kind = "blocked" if self.kind in ("blocked", "resolved") else self.kind
         tail = f"{kind}/{self.level.normalize():f}" if kind in ("threshold",) else kind
         return f"budgetguard/{self.key_prefix}/{who}/{self.window}/{self.window_key}/{tail}"

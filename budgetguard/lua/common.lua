@@ -8,15 +8,18 @@ local function split(s, sep)
   return out
 end
 
--- A lease member is "rid|amount|<window suffix>|...": give its amount back to each
--- window it was taken on (windows whose key already expired are skipped).
+-- A lease member is "rid|amount|<window suffix>|...": give its amount back to each window
+-- it was taken on (windows whose key already expired are skipped). A count window's
+-- suffix carries its own amount: "q:202612020301=1", "k:202612020301=4608", "c=1".
 local function unreserve(prefix, member)
   local f = split(member, '|')
-  if f[2] == '0' then return end
   for i = 3, #f do
-    local key = prefix .. f[i]
-    if redis.call('EXISTS', key) == 1 then
-      redis.call('HINCRBY', key, 'r', '-' .. f[2])
+    local suffix, amount = f[i], f[2]
+    local eq = string.find(suffix, '=', 1, true)
+    if eq then suffix, amount = string.sub(suffix, 1, eq - 1), string.sub(suffix, eq + 1) end
+    if amount ~= '0' then
+      local key = prefix .. suffix
+      if redis.call('EXISTS', key) == 1 then redis.call('HINCRBY', key, 'r', '-' .. amount) end
     end
   end
 end
@@ -30,22 +33,59 @@ local function sweep(leases, prefix, now)
   redis.call('ZREM', leases, unpack(expired))
 end
 
--- The keys of the parts a script was called with ("uo", "u" or "o"), from KEYS[first]:
--- the lease set of each part, then the window counters of those parts in order (user
--- hour, day, month; org day, month). Returns a table: user/org (whether present), their
--- lease sets, windows (their numbers 1-5), key (per window number) and next (index of the
--- first key after them).
-local function part_keys(parts, first)
-  local p = {user = string.find(parts, 'u', 1, true) ~= nil, org = string.find(parts, 'o', 1, true) ~= nil,
-             windows = {}, key = {}}
+-- The parts a script was called with, from KEYS[first]: each part (one budget value: a
+-- hash slot) is its lease set, its runtime state (with `with_cfg`, see budgetguard.runtime),
+-- then its windows' counters. `parts` is "prefix,n[,...]" per part joined by ';' (n: its
+-- number of windows), `windows` one ';'-joined entry per window, its fields joined by ','.
+-- Returns the parts ({prefix, leases, cfg, first, last, f = fields}), the windows ({key,
+-- part, f = fields}) and the index of the first key after them.
+local function layout(parts, windows, first, with_cfg)
+  local ps, ws = {}, {}
   local k = first
-  if p.user then p.user_leases = KEYS[k]; k = k + 1 end
-  if p.org then p.org_leases = KEYS[k]; k = k + 1 end
-  if p.user then for w = 1, 3 do p.windows[#p.windows + 1] = w end end
-  if p.org then for w = 4, 5 do p.windows[#p.windows + 1] = w end end
-  for _, w in ipairs(p.windows) do p.key[w] = KEYS[k]; k = k + 1 end
-  p.next = k
-  return p
+  for entry in string.gmatch(windows, '[^;]+') do ws[#ws + 1] = {f = split(entry, ',')} end
+  local w = 0
+  for entry in string.gmatch(parts, '[^;]+') do
+    local f = split(entry, ',')
+    local p = {prefix = f[1], f = f, leases = KEYS[k], first = w + 1, last = w + tonumber(f[2])}
+    k = k + 1
+    if with_cfg then p.cfg = KEYS[k]; k = k + 1 end
+    for i = p.first, p.last do
+      ws[i].key = KEYS[k]
+      ws[i].part = p
+      k = k + 1
+    end
+    w = p.last
+    ps[#ps + 1] = p
+  end
+  return ps, ws, k
+end
+
+-- The parts whose runtime state (budgetguard.runtime) is not the version the caller assumed
+-- (field `version` of each part's entry): {4, part, field count, fields..., part, ...}, or
+-- nil when every part is as assumed. The caller plans again on the state returned.
+local function stale(parts, version)
+  local out = nil
+  for i, p in ipairs(parts) do
+    local v = redis.call('HGET', p.cfg, 'v') or '0'
+    if v ~= p.f[version] then
+      out = out or {4}
+      local state = redis.call('HGETALL', p.cfg)
+      out[#out + 1] = i
+      out[#out + 1] = #state
+      for _, x in ipairs(state) do out[#out + 1] = x end
+    end
+  end
+  return out
+end
+
+-- Whether two bit masks (small non-negative integers) share a bit. Plain arithmetic: not
+-- every Lua a script runs on (fakeredis' for one) has the bit library.
+local function shares_bit(a, b)
+  while a > 0 and b > 0 do
+    if a % 2 == 1 and b % 2 == 1 then return true end
+    a, b = math.floor(a / 2), math.floor(b / 2)
+  end
+  return false
 end
 
 -- Add a settled cost to the org's spend rankings: each entry {zset, member ('' none), ttl ms}.

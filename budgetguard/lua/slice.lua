@@ -14,13 +14,13 @@
 -- ARGV[7] the new slice's id   ARGV[8] its deadline ms
 -- ARGV[9] the slice wanted   ARGV[10] the least it may be (what the process holds)
 -- ARGV[11] "end_d,end_m" ms   ARGV[12] "cap_d,cap_m" (-1: none)
--- ARGV[13] alert thresholds "window,level,nano" joined by ','   ARGV[14] history field (UTC hour)
+-- ARGV[13] alert thresholds "window,level,nano" joined by ',' (window 1: the day, 2: the month)   ARGV[14] history field (UTC hour)
 -- ARGV[15] history ttl ms   ARGV[16] anomaly threshold of this hour ('' none)
 -- ARGV[17] stream max length ('0': no stream)
 -- ARGV[18..] the spend handed in, 4 per request: cost, spender, feature ('' none), event JSON
 --
 -- Returns {granted, given back, spent_d, spent_m, reserved_d, reserved_m, crossing...}
--- (crossings as in settle.lua); a resend of the same refill returns its first reply.
+-- (crossings as in settle.lua; window 1 the org's day, 2 its month); a resend of the same refill returns its first reply.
 
 local prior = redis.call('GET', KEYS[1])
 if prior then return split(prior, ';') end
@@ -62,10 +62,11 @@ local crossings = {}
 for w = 1, 2 do
   if redis.call('EXISTS', KEYS[2 + w]) == 0 then
     -- A new org window: a "blocked" alert of its predecessor can be resolved.
-    local open = redis.call('HGET', KEYS[11], w + 3)
+    local period = string.sub(suffix[w], 1, 1)
+    local open = redis.call('HGET', KEYS[11], period)
     if open and open ~= suffix[w] then
-      redis.call('HDEL', KEYS[11], w + 3)
-      crossings[#crossings + 1] = 'r|' .. (w + 3) .. '|' .. open
+      redis.call('HDEL', KEYS[11], period)
+      crossings[#crossings + 1] = 'r|' .. w .. '|' .. open
     end
   end
   spent[w] = redis.call('HINCRBY', KEYS[2 + w], 's', charged)
@@ -74,9 +75,9 @@ end
 if total > 0 then
   local t = split(ARGV[13], ',')
   for i = 1, #t, 3 do
-    local w = tonumber(t[i]) - 3
+    local w = tonumber(t[i])
     if spent[w] >= tonumber(t[i + 2]) and redis.call('HSETNX', KEYS[2 + w], 'a:' .. t[i + 1], now) == 1 then
-      crossings[#crossings + 1] = 't|' .. (w + 3) .. '|' .. t[i + 1] .. '|' .. string.format('%d', spent[w])
+      crossings[#crossings + 1] = 't|' .. w .. '|' .. t[i + 1] .. '|' .. string.format('%d', spent[w])
     end
   end
   local hour = redis.call('HINCRBY', KEYS[5], ARGV[14], charged)

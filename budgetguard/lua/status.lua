@@ -1,19 +1,19 @@
--- Read windows after sweeping expired leases: the user's part, the org's, or both.
+-- Read windows after sweeping expired leases: every part given, or one.
 --
--- KEYS: the lease set of each part given (user, org), then the window counters of those
--- parts in order (user hour, day, month; org day, month), as in reserve.lua
--- ARGV[1] now ms   ARGV[2] user prefix   ARGV[3] org prefix   ARGV[4] parts: "uo", "u" or "o"
--- Returns {spent..., reserved...} as strings, for the windows given.
+-- KEYS: per part, its lease set, its runtime state, then its windows' counters (as in reserve.lua)
+-- ARGV[1] now ms   ARGV[2] parts "prefix,windows,runtime version assumed" joined by ';'
+-- ARGV[3] one ';'-joined entry per window
+-- Returns {1, spent..., reserved...} as strings, for the windows given, or, when a part's
+-- runtime state is not the version assumed, {4, ...} as reserve.lua.
 
 local now = tonumber(ARGV[1])
-local with_user = string.find(ARGV[4], 'u', 1, true) ~= nil
-local with_org = string.find(ARGV[4], 'o', 1, true) ~= nil
-local k = 1
-if with_user then sweep(KEYS[k], ARGV[2], now); k = k + 1 end
-if with_org then sweep(KEYS[k], ARGV[3], now); k = k + 1 end
-local spent, reserved = {}, {}
-for i = k, #KEYS do
-  local v = redis.call('HMGET', KEYS[i], 's', 'r')
+local parts, wins = layout(ARGV[2], ARGV[3], 1, true)
+local changed = stale(parts, 3)
+if changed then return changed end
+for _, p in ipairs(parts) do sweep(p.leases, p.prefix, now) end
+local spent, reserved = {1}, {}
+for _, win in ipairs(wins) do
+  local v = redis.call('HMGET', win.key, 's', 'r')
   spent[#spent + 1] = v[1] or '0'
   reserved[#reserved + 1] = v[2] or '0'
 end

@@ -1,0 +1,201 @@
+"""Budgets changed while traffic runs: guard.admin (assign, override, grant, top up, reset, show)
+and guard.reload, seen by every process's next check, on fakeredis, Redis and a Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from budgetguard import InvalidArgument, InvalidArgumentType, Usage
+from budgetguard.errors import ConfigError
+
+from .helpers import MSG, config, estimate, guard
+
+
+@pytest.fixture
+def backend_url(any_backend_url: str) -> str:
+    return any_backend_url
+
+
+def _budgets(one: Decimal) -> dict:
+    return {"tenant": {"per": "tenant", "default_plan": "standard", "plans": {
+        "standard": {"daily_usd": str(one * 2)},
+        "enterprise": {"daily_usd": str(one * 5), "total_usd": str(one * 100)},
+    }}, "prepaid": {"per": "account", "total_usd": str(one * 2)}}
+
+
+def _spend(g, user: str, tenant: str, n: int = 1, dimension: str = "tenant"):
+    out = []
+    for _ in range(n):
+        d = g.check(user, "gpt-4o", MSG, max_tokens=100, tags={dimension: tenant})
+        if d.allowed:
+            g.record(d, Usage(d.estimated_input_tokens, 100))
+        out.append(d)
+    return out
+
+
+def test_an_assignment_in_one_process_applies_to_the_next_check_in_another(backend_url, clock):
+    one = estimate(backend_url, clock, max_tokens=100)
+    a = guard(backend_url, clock, budgets=_budgets(one))
+    b = guard(backend_url, clock, budgets=_budgets(one))  # another process: its own engine and memory
+    assert [d.allowed for d in _spend(b, "alice", "acme", 3)] == [True, True, False]
+    assert b.budget_status("tenant", "acme").plan == "standard"
+    change = a.admin.assign("tenant", "acme", "enterprise", by="ops@example.com")
+    assert (change.before.plan, change.after.plan) == (None, "enterprise")
+    # b last saw version 0: its next check finds the state stale, plans again, and is allowed.
+    d = b.check("alice", "gpt-4o", MSG, max_tokens=100, tags={"tenant": "acme"})
+    assert d.allowed and d.budgets == ("user", "tenant", "org")
+    assert b.budget_status("tenant", "acme").windows["tenant.daily"].limit_usd == one * 5
+    assert b.status("alice", tags={"tenant": "acme"}).windows["tenant.total"].limit_usd == one * 100
+    # The call's own plan still wins over the assignment.
+    pinned = b.check("alice", "gpt-4o", MSG, max_tokens=100, tags={"tenant": "acme"}, plans={"tenant": "standard"})
+    assert not pinned.allowed and pinned.limit == "tenant.daily"
+    a.admin.assign("tenant", "acme", None)
+    assert b.budget_status("tenant", "acme").plan == "standard"
+    for g in (a, b):
+        g.close()
+
+
+def test_overrides_grants_that_end_by_themselves_and_resets(backend_url, clock):
+    one = estimate(backend_url, clock, max_tokens=100)
+    g = guard(backend_url, clock, budgets=_budgets(one))
+    other = guard(backend_url, clock, budgets=_budgets(one))
+    _spend(g, "alice", "acme", 2)
+    assert not other.check("bob", "gpt-4o", MSG, max_tokens=100, tags={"tenant": "acme"}).allowed
+    g.admin.override("tenant", "acme", daily_usd=str(one * 3))
+    assert [d.allowed for d in _spend(other, "bob", "acme", 2)] == [True, False]
+    g.admin.override("tenant", "acme", daily_usd=None)  # back to the plan's
+    assert other.budget_status("tenant", "acme").windows["tenant.daily"].limit_usd == one * 2
+
+    until = clock.now + timedelta(hours=1)
+    g.admin.grant("tenant", "acme", one * 2, "tenant.daily", until, by="oncall")
+    assert other.budget_status("tenant", "acme").windows["tenant.daily"].limit_usd == one * 4
+    assert [d.allowed for d in _spend(other, "bob", "acme", 2)] == [True, False]
+    clock.advance(hours=1)
+    # The grant ended by itself: no change was made, and every process sees the plan's cap.
+    assert other.budget_status("tenant", "acme").windows["tenant.daily"].limit_usd == one * 2
+    assert g.admin.show("tenant", "acme")["runtime"]["grants"] == []
+
+    daily = other.budget_status("tenant", "acme").windows["tenant.daily"]
+    assert daily.spent_usd == one * 4
+    held = other.check("bob", "gpt-4o", MSG, max_tokens=100, tags={"tenant": "acme"})
+    assert not held.allowed
+    g.admin.reset("tenant", "acme", "daily")
+    daily = other.budget_status("tenant", "acme").windows["tenant.daily"]
+    assert daily.spent_usd == 0
+    assert other.check("bob", "gpt-4o", MSG, max_tokens=100, tags={"tenant": "acme"}).allowed
+    for x in (g, other):
+        x.close()
+
+
+def test_top_up_raises_a_prepaid_balance(backend_url, clock):
+    one = estimate(backend_url, clock, max_tokens=100)
+    g = guard(backend_url, clock, budgets=_budgets(one))
+    assert [d.allowed for d in _spend(g, "alice", "initech", 3, "account")] == [True, True, False]
+    clock.advance(days=3)  # a balance never resets
+    denied = _spend(g, "alice", "initech", 1, "account")[0]
+    assert denied.limit == "prepaid.total" and denied.retry_after is None
+    g.admin.top_up("prepaid", "initech", one * 1)
+    assert [d.allowed for d in _spend(g, "alice", "initech", 2, "account")] == [True, False]
+    shown = g.admin.show("prepaid", "initech")
+    assert shown["runtime"]["topup_usd"] == str(one.normalize())
+    assert shown["windows"]["prepaid.total"].limit_usd == one * 3
+    with pytest.raises(InvalidArgument, match="has no total_usd balance to top up"):
+        g.admin.top_up("tenant", "initech", 5)
+    g.close()
+
+
+@pytest.mark.parametrize(("call", "error", "message"), [
+    (lambda a, now: a.assign("team", "x", "gold"), InvalidArgument, "no budget named 'team'"),
+    (lambda a, now: a.assign("tenant", "acme", "gold"), InvalidArgument, "'gold' is not a plan of budget 'tenant'"),
+    (lambda a, now: a.assign("tenant", None, "standard"), InvalidArgument, "kept per tenant: name the value"),
+    (lambda a, now: a.override("tenant", "acme", daily_usd="-1"), InvalidArgument, "between 0 and"),
+    (lambda a, now: a.override("tenant", "acme", requests_per_minute=2.5), InvalidArgument, "whole number"),
+    (lambda a, now: a.override("tenant", "acme", colour=3), InvalidArgument, "'colour' is not a window limit"),
+    (lambda a, now: a.override("tenant", "acme"), InvalidArgument, "name at least one limit"),
+    (lambda a, now: a.grant("tenant", "acme", 5, "daily", now - timedelta(seconds=1)), InvalidArgument,
+     "is in the past"),
+    (lambda a, now: a.grant("tenant", "acme", -5, "daily", now + timedelta(hours=1)), InvalidArgument,
+     "between 0 and"),
+    (lambda a, now: a.grant("tenant", "acme", 5, "rpm", now + timedelta(hours=1)), InvalidArgument,
+     "not a money window"),
+    (lambda a, now: a.grant("tenant", "acme", 5, "daily", "tomorrow"), InvalidArgumentType, "aware datetime"),
+    (lambda a, now: a.top_up("prepaid", "acme", 0), InvalidArgument, r"more than \$0"),
+    (lambda a, now: a.reset("tenant", "acme", "weekly"), InvalidArgument, "has no weekly window"),
+    (lambda a, now: a.assign("tenant", 7, "standard"), InvalidArgumentType, "value must be a string"),
+])
+def test_bad_admin_input_is_refused_and_changes_nothing(backend_url, clock, call, error, message):
+    one = estimate(backend_url, clock, max_tokens=100)
+    events = []
+    g = guard(backend_url, clock, budgets=_budgets(one))
+    g._on_event.append(events.append)
+    g._events_wanted = True
+    before = g.admin.show("tenant", "acme")["runtime"]
+    with pytest.raises(error, match=message):
+        call(g.admin, clock.now)
+    assert g.admin.show("tenant", "acme")["runtime"] == before
+    g.flush()
+    assert events == []
+    g.close()
+
+
+def test_every_change_is_an_audit_event(real_redis, real_redis_url, clock, tmp_path):
+    one = estimate(real_redis_url, clock, max_tokens=100)
+    path = tmp_path / "usage.jsonl"
+    g = guard(real_redis_url, clock, budgets=_budgets(one), events={"jsonl_path": str(path)})
+    g.admin.assign("tenant", "acme", "enterprise", by="ops@example.com")
+    g.admin.override("tenant", "acme", daily_usd="7")
+    g.flush()
+    stream = [json.loads(fields[b"e"]) for _, fields in real_redis.xrange("bg:{org}:events")]
+    stream = [e for e in stream if e["kind"] == "admin"]  # the estimate's probe logged a release
+    assert [(e["kind"], e["outcome"], e["by"]) for e in stream] == [
+        ("admin", "assign", "ops@example.com"), ("admin", "override", "api")]
+    assert stream[0]["before"]["plan"] is None and stream[0]["after"]["plan"] == "enterprise"
+    assert stream[1]["after"]["overrides"] == {"daily_usd": "7"}
+    assert "tenant acme: override daily_usd=7" in stream[1]["reason"]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["outcome"] for e in lines] == ["assign", "override"]
+    g.close()
+
+
+async def test_async_twins(backend_url, clock):
+    one = estimate(backend_url, clock, max_tokens=100)
+    g = guard(backend_url, clock, budgets=_budgets(one))
+    await g.admin.aassign("tenant", "acme", "enterprise")
+    await g.admin.aoverride("tenant", "acme", requests_per_minute=2)
+    shown = await g.admin.ashow("tenant", "acme")
+    assert shown["plan"] == "enterprise" and shown["plan_source"] == "assigned"
+    assert shown["windows"]["tenant.rpm"].limit == 2
+    results = await asyncio.gather(*(g.acheck("u", "gpt-4o", MSG, max_tokens=10, tags={"tenant": "acme"})
+                                     for _ in range(3)))
+    assert sorted(d.allowed for d in results) == [False, True, True]
+    assert {d.limit for d in results if not d.allowed} == {"tenant.rpm"}
+    await g.aclose()
+
+
+def test_reload_keeps_reservations_taken_before(backend_url, clock):
+    one = estimate(backend_url, clock, max_tokens=100)
+    g = guard(backend_url, clock, tiers={"default": {"daily_usd": str(one * 2)}})
+    held = g.check("alice", "gpt-4o", MSG, max_tokens=100)
+    assert held.allowed
+    new = config(tiers={"default": {"daily_usd": str(one * 1)}}, budgets={"tenant": {
+        "per": "tenant", "daily_usd": str(one * 10)}})
+    g.reload(new)
+    assert g.config is new
+    st = g.status("alice").windows["user.daily"]
+    assert (st.reserved_usd, st.limit_usd) == (one, one)
+    assert not g.check("alice", "gpt-4o", MSG, max_tokens=100).allowed  # the new, lower cap
+    assert g.record(held, Usage(held.estimated_input_tokens, 100)) is True  # taken before, settled after
+    st = g.status("alice").windows["user.daily"]
+    assert (st.spent_usd, st.reserved_usd) == (one, 0)
+    d = g.check("bob", "gpt-4o", MSG, max_tokens=100, tags={"tenant": "acme"})
+    assert d.budgets == ("user", "tenant", "org")
+    with pytest.raises(ConfigError, match="key_prefix: cannot change while running"):
+        g.reload(config(key_prefix="other"))
+    with pytest.raises(InvalidArgumentType):
+        g.reload({"tiers": {}})
+    g.close()
