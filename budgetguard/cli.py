@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import redis
 
     from .config import Config
-    from .decision import WindowStatus
+    from .decision import CountStatus, WindowStatus
 
 DEFAULT_CONFIG = "limits.yaml"
 DEMO_RUNAWAY_CALLS = 500
@@ -127,15 +127,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 BAR_WIDTH = 30
 
 
-def bar(window: WindowStatus, width: int = BAR_WIDTH) -> str:
+def bar(window: WindowStatus | CountStatus, width: int = BAR_WIDTH) -> str:
     """``[###++.....]  17%``: ``#`` spent, ``+`` reserved, ``.`` headroom; blank without a cap."""
-    if not window.limit_usd:
+    from .decision import CountStatus  # late: `budgetguard --help` need not load it
+
+    if isinstance(window, CountStatus):
+        spent, reserved, limit = Decimal(window.used), Decimal(window.reserved), window.limit
+    else:
+        spent, reserved, limit = window.spent_usd, window.reserved_usd, window.limit_usd
+    if not limit:
         return " " * (width + 8)
-    used = window.spent_usd + window.reserved_usd
-    spent_cells = min(width, int(window.spent_usd * width / window.limit_usd))
-    used_cells = min(width, int(used * width / window.limit_usd))
+    used = spent + reserved
+    spent_cells = min(width, int(spent * width / limit))
+    used_cells = min(width, int(used * width / limit))
     cells = "#" * spent_cells + "+" * (used_cells - spent_cells) + "." * (width - used_cells)
-    return f"[{cells}] {used / window.limit_usd:>5.0%}"
+    return f"[{cells}] {used / limit:>5.0%}"
 
 
 def _amount(value: Decimal | None) -> str:
@@ -143,22 +149,39 @@ def _amount(value: Decimal | None) -> str:
     return "no cap" if value is None else format_usd(value)
 
 
-def _window_line(name: str, w: WindowStatus) -> str:
-    return (f"  {name:<13} spent {_amount(w.spent_usd):>12}  reserved {_amount(w.reserved_usd):>12}  "
-            f"limit {_amount(w.limit_usd):>10}  {bar(w)}  resets {w.resets_at:%Y-%m-%d %H:%M %Z}")
+def _window_line(name: str, w: WindowStatus | CountStatus) -> str:
+    from .decision import CountStatus
+
+    resets = "never" if w.resets_at is None else f"{w.resets_at:%Y-%m-%d %H:%M %Z}"
+    if isinstance(w, CountStatus):
+        limit = "no cap" if w.limit is None else f"{w.limit:,}"
+        return (f"  {name:<18} used  {w.used:>12,}  reserved {w.reserved:>12,}  limit {limit:>10}  {bar(w)}  "
+                f"{'resets ' + resets if w.resets_at else 'calls in flight' if w.unit == 'requests' else ''}"
+                f"  ({w.unit})")
+    return (f"  {name:<18} spent {_amount(w.spent_usd):>12}  reserved {_amount(w.reserved_usd):>12}  "
+            f"limit {_amount(w.limit_usd):>10}  {bar(w)}  resets {resets}")
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BudgetGuardError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .config import load_config
     from .guard import BudgetGuard
     from .redact import redact_url
-    from .stats import org_status
     from .store import is_memory
-    from .windows import WINDOWS
 
     path = _config_path(args, required=True)
     assert path is not None  # required
     config = load_config(path)
+    tags, plans = _pairs(args.tag, "--tag"), _pairs(args.plan, "--plan")
     url = config.redis_url or os.environ.get("REDIS_URL") or "memory://"
     if is_memory(url):
         # This process's embedded store is new and empty: zeros would look like an answer.
@@ -167,22 +190,24 @@ def cmd_status(args: argparse.Namespace) -> int:
                                "REDIS_URL or redis_url to a Redis")
     guard = BudgetGuard(config)
     try:
-        if args.user is None:
-            windows = org_status(guard)
+        if args.budget is not None:
+            one = guard.budget_status(args.budget, args.value, plan=plans.get(args.budget))
+            scopes: tuple[tuple[str, str | None, str | None], ...] = ((one.budget, one.value, one.plan),)
+            windows = one.windows
+        elif args.user is None:
+            org = guard.budget_status("org")
+            scopes, windows = (("org", None, None),), org.windows
         else:
-            st = guard.status(args.user)
-            windows = st.windows
+            st = guard.status(args.user, tags=tags, plans=plans or None)
+            scopes, windows = st.scopes, st.windows
     finally:
         guard.close()
-    if args.user is not None:
-        print(f"{st.user} (tier {st.tier})")
-        for spec in WINDOWS:
-            if spec.scope == "user":
-                print(_window_line(spec.name, windows[spec.name]))
-    print("org")
-    for spec in WINDOWS:
-        if spec.scope == "org":
-            print(_window_line(spec.name, windows[spec.name]))
+    for budget, value, plan in scopes:
+        head = budget if value is None else f"{budget} {value}"
+        print(head + (f" ({'tier' if budget == 'user' else 'plan'} {plan})" if plan else ""))
+        for name, w in windows.items():
+            if name.startswith(budget + "."):
+                print(_window_line(name, w))
     return 0
 
 
@@ -689,10 +714,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", dest="config_flag", default=None, type=Path, help="the same, as every command takes it")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("status", help="spent / reserved / limit of the org's windows and a user's, as bars",
+    p = sub.add_parser("status", help="spent / reserved / limit of every budget that applies, as bars",
                        description="Each window's spent, reserved, limit and reset time, with a bar "
-                                   "(# spent, + reserved, . headroom). Without USER, the org's windows only.")
+                                   "(# spent, + reserved, . headroom), for every budget that applies to USER's "
+                                   "calls with the --tag values. Without USER, the org's windows only; with "
+                                   "--budget, that budget value's.")
     p.add_argument("user", nargs="?", default=None, help="a user id (omit for the org only)")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag of the calls (repeatable)")
+    p.add_argument("--plan", action="append", metavar="BUDGET=PLAN",
+                   help="show the caps of this plan (repeatable; user=TIER for the tier)")
+    p.add_argument("--budget", default=None, help="one budget's windows instead (with --value for its value)")
+    p.add_argument("--value", default=None, help="the budget value (a tenant, a key...) with --budget")
     p.add_argument("--config", default=None, type=Path, help=config_help)
     p.set_defaults(func=cmd_status)
 

@@ -236,7 +236,7 @@ class SlackConfig(_Sink):
     webhook_url: str = ""
     # The org's channel would otherwise hear of every user reaching their own caps (and
     # read who): users only when asked, with scopes: [org, user].
-    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org"]), min_length=1, max_length=2)
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org"]), min_length=1, max_length=3)
     _url = field_validator("webhook_url")(_check_url)
 
 
@@ -244,7 +244,7 @@ class PagerDutyConfig(_Sink):
     routing_key: str = ""
     min_level: Threshold | None = Decimal("0.9")
     # Paging on every user that reaches its own cap would drown on-call: org only by default.
-    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org"]), min_length=1, max_length=2)
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["org"]), min_length=1, max_length=3)
     url: str = "https://events.pagerduty.com/v2/enqueue"
     source: str = "budgetguard"
     _url = field_validator("url")(_check_url)

@@ -23,10 +23,13 @@ from .runtime import FIELDS, MAX_GRANTS, Runtime, parse_limit
 
 if TYPE_CHECKING:
     from .engine import Engine, Steps
+    from .scopes import Scope
 
 __all__ = ["Change", "Control"]
 
 _MAX_BY = 128
+# Top-ups of one balance in all: caps stay below 2**53 nano-USD, where the scripts compare exactly.
+_MAX_TOPUP_NANO = 9_000_000 * 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +60,11 @@ def _text(name: str, value: Any, limit: int = 1024) -> str:
     return value
 
 
-def _kind(window: Any) -> Kind:
-    """A window named "daily" or "tenant.daily"."""
-    name = _text("window", window, 64).rpartition(".")[2]
+def _kind(window: Any, budget: str) -> Kind:
+    """A window of ``budget`` named "daily" or "<budget>.daily"."""
+    owner, _, name = _text("window", window, 64).rpartition(".")
+    if owner and owner != budget:
+        raise InvalidArgument(f"window {window!r} is not a window of budget {budget!r}")
     kind = KIND_BY_NAME.get(name)
     if kind is None:
         raise InvalidArgument(f"window {window!r} is not a window (windows: {', '.join(KIND_BY_NAME)})")
@@ -82,20 +87,31 @@ class Control:
 
     def _target(self, budget: Any, value: Any) -> tuple[str, str | None, str]:
         budget = _text("budget", budget, 64)
-        if value is not None:
-            value = _text("value", value, 1 << 16)
+        if value is not None:  # any length, as in checks: a long value is hashed into its key
+            value = _text("value", value, 1 << 62)
         return budget, value, self._engine.scopes.prefix_of(budget, value)
 
+    def _scope(self, budget: str, value: str | None, now_ms: int) -> Scope:
+        return self._engine.scopes.of_budget(budget, value, None, self._engine.known.get, now_ms)
+
     def steps(self, op: str, budget: Any, value: Any, by: Any = None, **params: Any) -> Steps:
-        """Run one operation; returns a :class:`Change`. Bad input raises before any I/O."""
+        """Run one operation; returns a :class:`Change`. Bad input raises before anything changes."""
         engine = self._engine
         budget, value, prefix = self._target(budget, value)
         actor = "api" if by is None else shorten(_text("by", by, _MAX_BY), _MAX_BY)
         now = engine.now()
         now_ms = _epoch_ms(now)
-        args: list[str | int] = [now_ms, op]
         keys = [prefix + "cfg"]
+        if op in ("grant", "topup", "reset"):
+            # Checked against the value's state as it is now, not as this process last saw it.
+            raw = yield ScriptCall("admin", tuple(keys), (now_ms, "show", ""))
+            engine.known.put(prefix, Runtime.parse([text(v) for v in raw[1:1 + int(raw[0])]]))
+        args: list[str | int] = [now_ms, op, os.urandom(8).hex()]
         detail = ""
+        if engine.slices is not None and budget == "org" and op == "override" and \
+                set(params["limits"]) - {"daily_usd", "monthly_usd"}:
+            raise InvalidArgument("override: org slices (org.slice_usd) hold the org's daily and monthly windows "
+                                  "only; other org windows cannot be set while they are on")
         if op == "assign":
             plan = params["plan"]
             if plan is not None:
@@ -116,9 +132,11 @@ class Control:
                 parts.append(f"{field}={'removed' if parsed is None else parsed}")
             detail = "override " + ", ".join(parts)
         elif op == "grant":
-            kind = _kind(params["window"])
+            kind = _kind(params["window"], budget)
             if not kind.money:
                 raise InvalidArgument(f"grant: window {kind.name!r} is not a money window (grants are in dollars)")
+            if self._scope(budget, value, now_ms).limits.window(kind.name) is None:
+                raise InvalidArgument(f"grant: {budget} has no {kind.name} window to raise")
             usd = _usd("grant: usd", params["usd"])
             until = params["until"]
             if not isinstance(until, datetime) or until.tzinfo is None:
@@ -130,15 +148,15 @@ class Control:
             detail = f"grant +${usd} on {budget}.{kind.name} until {until.astimezone(UTC).isoformat()}"
         elif op == "topup":
             usd = _usd("top_up: usd", params["usd"])
-            scope = engine.scopes.of_budget(budget, value, None, engine.known.get, now_ms)
-            if scope.limits.window("total") is None:
-                raise InvalidArgument(f"top_up: {budget} {value or ''} has no total_usd balance to top up".replace(
-                    "  ", " "))
+            if self._scope(budget, value, now_ms).limits.window("total") is None:
+                raise InvalidArgument(f"top_up: {budget} has no total_usd balance to top up")
+            if engine.known.get(prefix).topup_nano + usd_to_nano(usd) > _MAX_TOPUP_NANO:
+                raise InvalidArgument(f"top_up: top-ups of {budget} would pass ${_MAX_TOPUP_NANO // 10**9:,} in all")
             args.append(usd_to_nano(usd))
             detail = f"top up +${usd}"
         elif op == "reset":
-            kind = _kind(params["window"])
-            scope = engine.scopes.of_budget(budget, value, None, engine.known.get, now_ms)
+            kind = _kind(params["window"], budget)
+            scope = self._scope(budget, value, now_ms)
             if scope.limits.window(kind.name) is None:
                 raise InvalidArgument(f"reset: {budget} has no {kind.name} window")
             window = next(w for w in engine.scopes.windows((scope,), engine.windows_now(now), now)

@@ -122,6 +122,8 @@ class Status:
     tier: str
     windows: dict[str, WindowStatus | CountStatus]
     budgets: tuple[str, ...] = ("user", "org")
+    # Per budget that applies: (budget, value, plan); value None for shared counters and the org.
+    scopes: tuple[tuple[str, str | None, str | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

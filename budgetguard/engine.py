@@ -147,6 +147,7 @@ class CheckPlan:
     choices: dict[int, tuple[int, int]] = field(default_factory=dict)
     held: list[int] = field(default_factory=list)  # on a cluster: the scopes this call reserved
     own: set[int] = field(default_factory=set)  # a repeat's scopes reserved afresh by this call
+    stored: dict[int, str] = field(default_factory=dict)  # a repeat's lease members, as the original took them
     org_local: bool = False  # the org's part came from this process's slice
     # Names this attempt's void marker: a caller that gave up on the reply voids the reserve.
     attempt: str = field(default_factory=lambda: os.urandom(8).hex())
@@ -183,6 +184,18 @@ def _epoch_ms(moment: datetime) -> int:
 # A compensated user part: not a live reservation (a request id reserves afresh) and not
 # settled (the decision's own record or release still applies).
 _GIVEN_BACK = "C|0|released|"
+
+
+_IN_USE = ("request_id is already in use by a live reservation for a different request (another model, size "
+           "or budget); use a new request_id")
+
+
+def _held(state: str) -> dict[str, str]:
+    """A live request state's lease members by scope prefix (reserve.lua's "<held>")."""
+    parts = state.split("|", 6)
+    if len(parts) < 7:
+        return {}
+    return dict(entry.split(">", 1) for entry in parts[6].split(";") if ">" in entry)
 
 
 def settled_state(candidate: int, cost_nano: int | None) -> str:
@@ -292,9 +305,9 @@ class Engine:
         self._grace_ms = (config.reservation_ttl_s + 86_400) * 1000
         self._lease_ms = config.reservation_ttl_s * 1000
         # Per (limits, scope index, hour, minute): a scope's windows and their packed reserve
-        # arguments, built once.
-        self._specs: dict[tuple[Any, ...], tuple[tuple[Window, ...], tuple[str, ...]]] = {}
-        self._thresholds: dict[tuple[int, ...], tuple[tuple[int, str, int], ...]] = {}
+        # arguments, built once. Each entry holds its Limits, so that no other Limits can take
+        # its id while the entry lives.
+        self._specs: dict[tuple[Any, ...], tuple[Limits, tuple[Window, ...], tuple[str, ...]]] = {}
         # Spend history feeds anomaly baselines and forecasts: keep a baseline and a month.
         self._history_ms = (max(config.anomaly.baseline_days, 31) + 2) * _DAY_MS
         self._stream_maxlen = str(config.events.stream_maxlen)
@@ -334,8 +347,8 @@ class Engine:
                 f"{w.suffix},{w.code},{-1 if w.limit.cap is None else w.limit.cap},"
                 f"{-1 if w.limit.trigger is None else w.limit.trigger},{w.end_ms},{alert if w.money else '0'}"
                 for w in wins)
-            found = self._specs[key] = (wins, specs)
-        return found
+            found = self._specs[key] = (limits, wins, specs)
+        return found[1], found[2]
 
     def _layout(self, scopes: Sequence[Scope], at: WindowSet, now: datetime) -> tuple[
             tuple[Window, ...], tuple[tuple[int, int], ...], tuple[str, ...]]:
@@ -611,6 +624,9 @@ class Engine:
             if reply.code == REPEAT:
                 f = reply.state.split("|")
                 plan.choices[k] = (int(f[1]), int(f[2]))
+                stored = _held(reply.state).get(scope.prefix)
+                if stored is not None:
+                    plan.stored[k] = stored
                 if k > 0 and repeat is None:  # a later part's live reservation: it stands, as before
                     return reply
                 repeat = repeat or f
@@ -619,6 +635,9 @@ class Engine:
                 # process's slice is reserved again (the settle that applies the first part
                 # charges the rest, once).
                 offered = [o and c.amount_nano <= int(f[2]) for o, c in zip(offered, plan.candidates, strict=True)]
+                if not any(offered):  # nothing this request could be fits what the original holds
+                    yield from self._give_back(plan)
+                    raise InvalidArgument(_IN_USE)
                 continue
             spent, reserved = reply.plus(Reserved(0, spent=spent, reserved=reserved))
             triggered += reply.triggered
@@ -815,6 +834,8 @@ class Engine:
             stream_maxlen=self._stream_maxlen, void_ttl_ms=void_ttl_ms, attempt=attempt, org_ends="0,0", first=first)
 
     def _member(self, plan: CheckPlan, k: int, choice: tuple[int, int], wins: Sequence[Window] | None = None) -> str:
+        if k in plan.stored:
+            return plan.stored[k]
         c = plan.candidates[choice[0] - 1] if 0 < choice[0] <= len(plan.candidates) else None
         tokens = self._tokens(plan, c) if c is not None else 0
         first, count = plan.ranges[k]
@@ -956,8 +977,14 @@ class Engine:
         _, index, amount, reserved_ms = state.split("|")[:4]
         i = int(index) - 1
         if not (0 <= i < len(plan.candidates) and plan.candidates[i].amount_nano == int(amount)):
-            raise InvalidArgument("request_id is already in use by a live reservation for a different request "
-                                  "(another model or size); use a new request_id")
+            raise InvalidArgument(_IN_USE)
+        held = _held(state)
+        if held:
+            # The original's budgets are the ones held: a retry naming others (another
+            # tenant, say) is another request, and its settle must release what was taken.
+            if list(held) != [s.prefix for s in plan.scopes]:
+                raise InvalidArgument(_IN_USE)
+            plan.stored.update({k: held[s.prefix] for k, s in enumerate(plan.scopes)})
         candidate = plan.candidates[i]
         at = datetime.fromtimestamp(int(reserved_ms) / 1000, UTC)
         wins = self._layout(plan.scopes, windows_at(at, self.config.tz), at)[0]
@@ -1276,7 +1303,8 @@ class Engine:
         scopes, wins, reply = yield from self._read_windows(
             lambda now_ms: self.scopes.of_call(user, plans, tags, None, None, self.known.get, now_ms))
         return Status(user=user, tier=scopes[0].limits.tier, windows=_window_statuses(wins, reply),
-                      budgets=tuple(s.budget for s in scopes))
+                      budgets=tuple(s.budget for s in scopes),
+                      scopes=tuple((s.budget, s.value, s.limits.plan) for s in scopes))
 
     def budget_status_steps(self, budget: Any, value: Any = None, plan: Any = None) -> Steps:
         """Read one budget value's windows; returns a :class:`BudgetStatus`."""

@@ -258,8 +258,8 @@ class BudgetGuard:
 
         Checks from now on use the new limits; reservations taken before settle on exactly
         what they reserved (each decision carries its windows and what each one holds).
-        ``redis_url``, ``key_prefix`` and turning org slices on or off need a restart and
-        raise :class:`ConfigError`; the alert lanes' sizes and timeouts and the JSON Lines
+        ``redis_url``, ``key_prefix`` and the org's slices (``slice_usd``, ``slice_flush_s``)
+        need a restart and raise :class:`ConfigError`; the alert lanes' sizes and timeouts and the JSON Lines
         path keep their first values.
         """
         if not isinstance(config, Config):
@@ -267,8 +267,9 @@ class BudgetGuard:
         for name in ("redis_url", "key_prefix"):
             if getattr(config, name) != getattr(self.config, name):
                 raise ConfigError(f"{name}: cannot change while running (restart to use the new value)")
-        if (config.org.slice_usd is None) != (self.config.org.slice_usd is None):
-            raise ConfigError("org.slice_usd: org slices cannot be turned on or off while running (restart)")
+        for name in ("slice_usd", "slice_flush_s"):
+            if getattr(config.org, name) != getattr(self.config.org, name):
+                raise ConfigError(f"org.{name}: the org's slices keep their size while running (restart to change it)")
         self._engine = Engine(config, self._clock, split=self._cluster, before=self._engine)
         self.config = config
         self.metrics.know_models(config_models(config))

@@ -3,7 +3,7 @@
 Operators change budgets while traffic runs (``guard.admin``). What they set lives in
 Redis, in one hash per budget value, beside the value's counters (same hash slot)::
 
-    bg:{b:tenant:acme}:cfg   v: version   plan: assigned plan
+    bg:{b:tenant:acme}:cfg   v: version (the last change's random id)   plan: assigned plan
                              o:<field>: an override ("o:monthly_usd" -> "300")
                              g:<id>: a grant "<field>|<amount>|<until ms>"
                              topup: nano-USD added to total_usd (a prepaid balance)
@@ -17,6 +17,7 @@ next check in every process, without a cache to expire and without a read per ch
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -33,6 +34,10 @@ FIELDS: dict[str, Kind] = {k.field: k for k in KINDS}  # the window limits a cha
 MAX_GRANTS = 32  # live grants per value: each one is read on every replan
 _USD_MAX = Decimal(9_000_000)
 _RATE_MAX = 1_000_000_000_000
+# ASCII only: int() and Decimal() read other scripts' digits too, and whatever an
+# operator types must mean what it shows.
+_USD_TEXT = re.compile(r"[0-9]{1,7}(\.[0-9]{1,9})?", re.ASCII)
+_COUNT_TEXT = re.compile(r"[0-9]{1,13}", re.ASCII)
 
 
 def _text(raw: Any) -> str:
@@ -46,23 +51,26 @@ def parse_limit(field: str, value: Any, where: str = "") -> Decimal | int:
         raise InvalidArgument(f"{where}{field!s:.64}: not a window limit (limits: {', '.join(FIELDS)})")
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
         raise InvalidArgumentType(f"{where}{field}: must be a number, got {type(value).__name__}")
+    text = format(value, "f") if isinstance(value, (float, Decimal)) else str(value)
     if kind.money:
-        try:
-            usd = Decimal(str(value))
-        except InvalidOperation:
-            raise InvalidArgument(f"{where}{field}: {str(value)[:32]!r} is not a dollar amount") from None
-        if not usd.is_finite() or usd < 0 or usd > _USD_MAX:
+        if text.startswith("-"):
             raise InvalidArgument(f"{where}{field}: must be between 0 and {_USD_MAX} dollars")
-        if usd != usd.quantize(Decimal("1e-9")):
-            raise InvalidArgument(f"{where}{field}: at most 9 decimal places (nano-USD)")
+        text = text.rstrip("0").rstrip(".") if "." in text else text
+        if not _USD_TEXT.fullmatch(text or "0"):
+            raise InvalidArgument(f"{where}{field}: {text[:32]!r} is not a dollar amount between 0 and "
+                                  f"{_USD_MAX} with at most 9 decimal places")
+        try:
+            usd = Decimal(text or "0")
+        except InvalidOperation:  # the pattern makes this unreachable; stay safe
+            raise InvalidArgument(f"{where}{field}: {text[:32]!r} is not a dollar amount") from None
+        if usd > _USD_MAX:
+            raise InvalidArgument(f"{where}{field}: must be between 0 and {_USD_MAX} dollars")
         return usd
-    if isinstance(value, float) and not value.is_integer() or isinstance(value, (str, Decimal)) and \
-            not str(value).strip().lstrip("-").isdigit():
-        raise InvalidArgument(f"{where}{field}: must be a whole number of {kind.unit}")
-    count = int(value)
-    if count <= 0 or count > _RATE_MAX:
-        raise InvalidArgument(f"{where}{field}: must be between 1 and {_RATE_MAX:,}")
-    return count
+    if isinstance(value, float) and value.is_integer():
+        text = str(int(value))
+    if not _COUNT_TEXT.fullmatch(text) or not 0 < int(text) <= _RATE_MAX:
+        raise InvalidArgument(f"{where}{field}: must be a whole number of {kind.unit} between 1 and {_RATE_MAX:,}")
+    return int(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +91,7 @@ class Grant:
 class Runtime:
     """What operators set on one budget value, as last read from Redis."""
 
-    version: int = 0
+    version: str = "0"  # the last change's id ("0": never changed)
     plan: str | None = None
     overrides: tuple[tuple[str, Decimal | int], ...] = ()
     grants: tuple[Grant, ...] = ()
@@ -95,14 +103,14 @@ class Runtime:
         are skipped: the hash is written by budgetguard only, and one bad field must not
         stop every check of the value."""
         items = list(flat.items()) if isinstance(flat, Mapping) else list(zip(flat[::2], flat[1::2], strict=True))
-        version, plan, topup = 0, None, 0
+        version, plan, topup = "0", None, 0
         overrides: list[tuple[str, Decimal | int]] = []
         grants: list[Grant] = []
         for raw_key, raw_value in items:
             key, value = _text(raw_key), _text(raw_value)
             try:
                 if key == "v":
-                    version = int(value)
+                    version = value
                 elif key == "plan":
                     plan = value
                 elif key == "topup":
@@ -159,7 +167,7 @@ class Known:
         return self._by_prefix.get(prefix, NONE)
 
     def put(self, prefix: str, state: Runtime) -> None:
-        if state.empty and state.version == 0:
+        if state.empty and state.version == "0":
             self._by_prefix.pop(prefix, None)
             return
         if len(self._by_prefix) >= self._limit and prefix not in self._by_prefix:

@@ -35,7 +35,7 @@ class Scope:
     prefix: str  # its keys' prefix, hash tag included
     limits: Limits
     route_bit: int  # the reserve script's bit for this scope's routes
-    version: int = 0  # the runtime state's version its limits were built on (budgetguard.runtime)
+    version: str = "0"  # the runtime state version its limits were built on (budgetguard.runtime)
 
     @property
     def org(self) -> bool:
@@ -140,12 +140,14 @@ class Scopes:
         scopes = [Scope("user", user, prefix, self._policies.for_user(user, plans.get("user"), state, now_ms), 1,
                         state.version)]
         if self._order:
+            # The call's own dimensions are the call's: a tag of the same name never stands in.
             dims = dict(tags)
             dims["user"] = user
-            if model:
-                dims["model"] = model
-            if provider:
-                dims["provider"] = provider
+            for name, own in (("model", model), ("provider", provider)):
+                if own:
+                    dims[name] = own
+                else:
+                    dims.pop(name, None)
             budgets = self._config.budgets
             for name in self._order:
                 budget = budgets[name]

@@ -199,3 +199,124 @@ def test_reload_keeps_reservations_taken_before(backend_url, clock):
     with pytest.raises(InvalidArgumentType):
         g.reload({"tiers": {}})
     g.close()
+
+
+# -- found by review: each of these failed before its fix -------------------------------------
+
+
+def test_window_caps_never_leak_between_values_when_the_limits_cache_starts_over(backend_url, clock, monkeypatch):
+    from budgetguard import policy
+
+    monkeypatch.setattr(policy, "_CACHE_MAX", 8)  # start over often: freed Limits objects get reused ids
+    g = guard(backend_url, clock, budgets={"tenant": {"per": "tenant", "daily_usd": 1000, "values": {
+        f"t{i}": {"daily_usd": i + 1} for i in range(40)}}})
+    for _ in range(2):
+        for i in range(40):
+            assert g.budget_status("tenant", f"t{i}").windows["tenant.daily"].limit_usd == i + 1, i
+    g.close()
+
+
+def test_a_retry_naming_other_budgets_is_another_request(backend_url, clock):
+    g = guard(backend_url, clock, budgets={"tenant": {"per": "tenant", "max_concurrent": 1}})
+    a = g.check("alice", "gpt-4o", MSG, max_tokens=10, tags={"tenant": "A"}, request_id="r1")
+    assert g.check("bob", "gpt-4o", MSG, max_tokens=10, tags={"tenant": "B"}).allowed  # B's one slot taken
+    if backend_url.startswith("redis+cluster"):
+        # Part by part, the user's part is a repeat but B's has no reservation of it: the
+        # retry is checked against B's own cap there, which is full.
+        retry = g.check("alice", "gpt-4o", MSG, max_tokens=10, tags={"tenant": "B"}, request_id="r1")
+        assert not retry.allowed and retry.limit == "tenant.concurrent"
+    else:
+        with pytest.raises(InvalidArgument, match="request_id is already in use"):
+            g.check("alice", "gpt-4o", MSG, max_tokens=10, tags={"tenant": "B"}, request_id="r1")
+    assert g.record(a, Usage(5, 5)) is True
+    assert g.budget_status("tenant", "A").windows["tenant.concurrent"].reserved == 0
+    g.close()
+
+
+def test_a_retry_after_a_change_settles_what_the_original_took(backend_url, clock):
+    g = guard(backend_url, clock, budgets={"tenant": {"per": "tenant", "max_concurrent": 5}})
+    tags = {"tenant": "acme"}
+    a = g.check("alice", "gpt-4o", MSG, max_tokens=10, tags=tags, request_id="r1")
+    g.admin.override("tenant", "acme", requests_per_minute=100)  # the retry's windows differ
+    again = g.check("alice", "gpt-4o", MSG, max_tokens=10, tags=tags, request_id="r1")
+    assert again.allowed and "repeat" in again.reason
+    assert g.record(again, Usage(5, 5)) is True
+    assert g.record(a, Usage(5, 5)) is False  # one request, settled once
+    assert g.budget_status("tenant", "acme").windows["tenant.concurrent"].reserved == 0
+    g.close()
+
+
+def test_org_windows_outside_the_slices_cannot_be_set_while_they_are_on(backend_url, clock):
+    g = guard(backend_url, clock, org={"slice_usd": 1, "daily_usd": 100})
+    with pytest.raises(InvalidArgument, match="org slices"):
+        g.admin.override("org", None, hourly_usd=5)
+    assert g.check("alice", "gpt-4o", MSG, max_tokens=10).allowed
+    with pytest.raises(ConfigError, match="org.slice_usd"):
+        g.reload(config(org={"slice_usd": 2, "daily_usd": 100}))
+    g.close()
+
+
+def test_a_resent_change_applies_once(backend_url, clock):
+    one = estimate(backend_url, clock, max_tokens=100)
+    g = guard(backend_url, clock, budgets=_budgets(one))
+    run = g._sync.run
+    sent = []
+
+    def twice(call):
+        sent.append(call)
+        reply = run(call)
+        return run(call) if call.script == "admin" and call.args[1] == "topup" else reply
+
+    g._sync.run = twice
+    g.admin.top_up("prepaid", "acme", 5)
+    g._sync.run = run
+    assert g.admin.show("prepaid", "acme")["runtime"]["topup_usd"] == "5"
+    g.close()
+
+
+def test_another_process_s_change_is_read_before_validating(backend_url, clock):
+    one = estimate(backend_url, clock, max_tokens=100)
+    a = guard(backend_url, clock, budgets=_budgets(one))
+    b = guard(backend_url, clock, budgets=_budgets(one))
+    b.budget_status("tenant", "acme")  # b has seen the value without a balance
+    a.admin.assign("tenant", "acme", "enterprise")  # whose plan has total_usd
+    b.admin.top_up("tenant", "acme", 1)
+    assert a.budget_status("tenant", "acme").windows["tenant.total"].limit_usd == one * 100 + 1
+    with pytest.raises(InvalidArgument, match="no weekly window to raise"):
+        b.admin.grant("tenant", "acme", 1, "weekly", clock.now + timedelta(hours=1))
+    with pytest.raises(InvalidArgument, match="not a window of budget 'tenant'"):
+        b.admin.grant("tenant", "acme", 1, "org.daily", clock.now + timedelta(hours=1))
+    for g in (a, b):
+        g.close()
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0663", "9" * 5000, "1e3", "0x10", " 5", "-3"])
+def test_limits_must_be_plain_ascii_numbers(backend_url, clock, value):
+    g = guard(backend_url, clock, budgets={"tenant": {"per": "tenant", "daily_usd": 1}})
+    with pytest.raises(InvalidArgument, match="requests_per_minute"):
+        g.admin.override("tenant", "acme", requests_per_minute=value)
+    with pytest.raises(InvalidArgument, match="daily_usd"):
+        g.admin.override("tenant", "acme", daily_usd=value)
+    g.close()
+
+
+def test_a_version_is_never_reused_after_redis_loses_the_state(real_redis, real_redis_url, clock):
+    a = guard(real_redis_url, clock, budgets={"tenant": {"per": "tenant", "daily_usd": 1000}})
+    b = guard(real_redis_url, clock, budgets={"tenant": {"per": "tenant", "daily_usd": 1000}})
+    a.admin.override("tenant", "acme", daily_usd="0.000001")
+    assert b.budget_status("tenant", "acme").windows["tenant.daily"].limit_usd == Decimal("0.000001")
+    real_redis.delete("bg:{b:tenant:acme}:cfg")  # lost (a restart without persistence)
+    a.admin.override("tenant", "acme", daily_usd="500")
+    assert b.budget_status("tenant", "acme").windows["tenant.daily"].limit_usd == 500
+    for g in (a, b):
+        g.close()
+
+
+def test_minute_counters_do_not_outlive_their_leases_by_a_day(real_redis, real_redis_url, clock):
+    g = guard(real_redis_url, clock, budgets={"key": {"per": "api_key", "requests_per_minute": 5,
+                                                      "total_usd": 100}})
+    g.check("alice", "gpt-4o", MSG, max_tokens=10, tags={"api_key": "k"})
+    ttl = real_redis.pttl("bg:{b:key:k}:q:202603141509")
+    assert 0 < ttl <= (34 + 60 + 60) * 1000  # the minute's end, a lease's 60 s, a minute's margin
+    assert real_redis.pttl("bg:{b:key:k}:leases") == -1  # leases on a balance never expire
+    g.close()

@@ -345,3 +345,13 @@ def test_threaded_checks_over_two_budgets_reserve_nothing_when_denied(backend_ur
     for u in users:
         assert g.status(u).windows["user.daily"].reserved_usd == held_by_user[u] * one
     g.close()
+
+
+def test_a_caller_s_tag_never_stands_in_for_the_call_s_provider(backend_url, clock):
+    g = guard(backend_url, clock, models={"in-house": {"input_per_mtok": 1, "output_per_mtok": 1},
+                                          "gpt-4o": {"input_per_mtok": "2.50", "output_per_mtok": "10.00"}},
+              budgets={"openai": {"when": {"provider": "openai"}, "daily_usd": 1}})
+    d = g.check("alice", "in-house", MSG, max_tokens=10, tags={"provider": "openai"})
+    assert d.budgets == ("user", "org")
+    assert g.check("alice", "gpt-4o", MSG, max_tokens=10).budgets == ("user", "openai", "org")
+    g.close()

@@ -166,7 +166,8 @@ def _failing(g, script: str, part: str):
     state = {"on": True}
 
     def failing(call):
-        parts = call.args[12] if call.script == "reserve" else call.args[-1]
+        # Each part's call starts with its own request state: the user's or the org's hash tag.
+        parts = "o" if "{org}" in call.keys[0] else "u"
         if state["on"] and call.script == script and parts == part:
             raise StoreUnavailable(f"budget store unavailable: {script} {part} (injected)")
         return run(call)

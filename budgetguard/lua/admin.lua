@@ -3,14 +3,17 @@
 -- KEYS[1] the value's runtime state   KEYS[2] (reset) the counters of the window to reset
 local now = tonumber(ARGV[1])
 local op = ARGV[2]  -- "assign" | "override" | "grant" | "topup" | "reset" | "show"
--- ARGV[3..] the operation's arguments:
+local version = ARGV[3]  -- this change's id, the state's version after it
+-- ARGV[4..] the operation's arguments:
 --   assign <plan, '' to remove the assignment>
 --   override <field> <value, '' to remove the override> ...
 --   grant <id> <"field|amount|until ms"> <the most live grants a value may hold>
 --   topup <nano-USD>
 --   reset, show: none
--- Every change but a reset moves the state's version on, so that each process's next check
--- of the value finds its assumption stale and plans again (see stale() in common.lua).
+-- Every change but a reset sets the state's version to its id, so that each process's next
+-- check of the value finds its assumption stale and plans again (see stale() in common.lua);
+-- a random id, not a counter, so that a state Redis lost and rebuilt never repeats an old
+-- version. A resend of a change (its reply was lost) finds its own id and changes nothing.
 -- Grants that have ended are dropped on every change.
 --
 -- Returns {n, the state's fields before (n of them)..., its fields after...},
@@ -18,7 +21,7 @@ local op = ARGV[2]  -- "assign" | "override" | "grant" | "topup" | "reset" | "sh
 
 local cfg = KEYS[1]
 local before = redis.call('HGETALL', cfg)
-if op == 'show' then
+if op == 'show' or (op ~= 'reset' and redis.call('HGET', cfg, 'v') == version) then
   local out = {#before}
   for _, x in ipairs(before) do out[#out + 1] = x end
   for _, x in ipairs(before) do out[#out + 1] = x end
@@ -38,9 +41,9 @@ end
 
 local bump = true
 if op == 'assign' then
-  if ARGV[3] == '' then redis.call('HDEL', cfg, 'plan') else redis.call('HSET', cfg, 'plan', ARGV[3]) end
+  if ARGV[4] == '' then redis.call('HDEL', cfg, 'plan') else redis.call('HSET', cfg, 'plan', ARGV[4]) end
 elseif op == 'override' then
-  for i = 3, #ARGV, 2 do
+  for i = 4, #ARGV, 2 do
     if ARGV[i + 1] == '' then
       redis.call('HDEL', cfg, 'o:' .. ARGV[i])
     else
@@ -48,10 +51,10 @@ elseif op == 'override' then
     end
   end
 elseif op == 'grant' then
-  if live >= tonumber(ARGV[5]) then return {-1} end
-  redis.call('HSET', cfg, 'g:' .. ARGV[3], ARGV[4])
+  if live >= tonumber(ARGV[6]) then return {-1} end
+  redis.call('HSET', cfg, 'g:' .. ARGV[4], ARGV[5])
 elseif op == 'topup' then
-  redis.call('HINCRBY', cfg, 'topup', ARGV[3])
+  redis.call('HINCRBY', cfg, 'topup', ARGV[4])
 elseif op == 'reset' then
   -- Spend and alert markers go; what calls in flight hold stays held.
   local fields = {'s', 'b'}
@@ -61,7 +64,7 @@ elseif op == 'reset' then
   redis.call('HDEL', KEYS[2], unpack(fields))
   bump = false
 end
-if bump then redis.call('HINCRBY', cfg, 'v', 1) end
+if bump then redis.call('HSET', cfg, 'v', version) end
 
 local after = redis.call('HGETALL', cfg)
 local out = {#before}

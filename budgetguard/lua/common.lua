@@ -25,12 +25,13 @@ local function unreserve(prefix, member)
 end
 
 -- Lazy expiry: leases whose deadline passed stop counting. Bounded per call so that
--- one script never runs long; the next call continues.
+-- one script never runs long; the next call continues. Returns how many it gave back.
 local function sweep(leases, prefix, now)
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 128)
-  if #expired == 0 then return end
+  if #expired == 0 then return 0 end
   for _, member in ipairs(expired) do unreserve(prefix, member) end
   redis.call('ZREM', leases, unpack(expired))
+  return #expired
 end
 
 -- The parts a script was called with, from KEYS[first]: each part (one budget value: a

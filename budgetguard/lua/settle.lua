@@ -40,9 +40,10 @@ local org_ends = split(ARGV[21], ',')  -- end ms of the org's day and month (its
 local parts, wins, k = layout(ARGV[4], ARGV[6], 3)
 local with_org = false
 for _, p in ipairs(parts) do
-  sweep(p.leases, p.prefix, now)
   if p.f[3] == '1' then with_org = true end
 end
+-- Lapsed leases are not swept here: they change no settle, and the checks and status
+-- reads that they could mislead sweep first.
 
 local prior = redis.call('GET', KEYS[1])
 if void_ttl ~= '' then
@@ -52,27 +53,47 @@ if void_ttl ~= '' then
 end
 if prior and string.sub(prior, 1, 1) == 'S' then return {0, prior} end
 
--- The lease counts as live if the last part (the one that carries the event) still held it.
+-- Each part's lease back (what it held per window), if it was still live. The lease counts
+-- as live if the last part (the one that carries the event) still held it.
 local live = 0
+local held = {}  -- per window: what the lease held there, for windows charged below
 for i, p in ipairs(parts) do
   live = 0
   if redis.call('ZREM', p.leases, members[i]) == 1 then
-    unreserve(p.prefix, members[i])
     live = 1
+    local f = split(members[i], '|')
+    local rest = {f[1], f[2]}
+    for j = 3, #f do
+      local suffix, amount = f[j], f[2]
+      local eq = string.find(suffix, '=', 1, true)
+      if eq then suffix, amount = string.sub(suffix, 1, eq - 1), string.sub(suffix, eq + 1) end
+      local w = nil
+      for x = p.first, p.last do if wins[x].f[1] == suffix then w = x end end
+      if w then held[w] = amount else rest[#rest + 1] = f[j] end
+    end
+    -- Windows the lease was taken on but this settle does not charge (their keys expired).
+    if #rest > 2 then unreserve(p.prefix, table.concat(rest, '|')) end
   end
 end
 
 local reply = {1, live}
-if cost ~= '' then
-  local spent = {}
-  for w, win in ipairs(wins) do
-    local charge = win.f[3]
-    if charge ~= '-' then
+local spent = {}
+for w, win in ipairs(wins) do
+  local charge = cost ~= '' and win.f[3] ~= '-' and win.f[3] or nil
+  local amount = held[w]
+  if amount or charge then
+    -- A window's key exists until a grace period after it ends: what is held there is given
+    -- back only while it does, and a charge to a key gone (evicted) starts it afresh.
+    local exists = redis.call('EXISTS', win.key) == 1
+    if exists and amount and amount ~= '0' then redis.call('HINCRBY', win.key, 'r', '-' .. amount) end
+    if charge then
       spent[w] = redis.call('HINCRBY', win.key, 's', charge)
       local ends = tonumber(win.f[2])
-      if ends > 0 then redis.call('PEXPIRE', win.key, math.max(1000, ends + grace - now)) end
+      if not exists and ends > 0 then redis.call('PEXPIRE', win.key, math.max(1000, ends + grace - now)) end
     end
   end
+end
+if cost ~= '' then
   local t = split(ARGV[9], ',')
   for i = 1, #t, 3 do
     local w = tonumber(t[i])
