@@ -203,7 +203,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         guard.close()
     for budget, value, plan in scopes:
-        head = budget if value is None else f"{budget} {value}"
+        # The user by name (as before budgets), other budgets with their value: "tenant acme".
+        head = value if budget == "user" and value is not None else budget if value is None else f"{budget} {value}"
         print(head + (f" ({'tier' if budget == 'user' else 'plan'} {plan})" if plan else ""))
         for name, w in windows.items():
             if name.startswith(budget + "."):

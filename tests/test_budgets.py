@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+import yaml
 
 from budgetguard import InvalidArgument, InvalidArgumentType, Usage
 from budgetguard.decision import CountStatus, WindowStatus
 from budgetguard.errors import ConfigError
 
-from .helpers import MSG, config, cost_usd, estimate, guard
+from .helpers import MSG, PRICES, config, cost_usd, estimate, guard
 
 
 @pytest.fixture
@@ -355,3 +357,31 @@ def test_a_caller_s_tag_never_stands_in_for_the_call_s_provider(backend_url, clo
     assert d.budgets == ("user", "org")
     assert g.check("alice", "gpt-4o", MSG, max_tokens=10).budgets == ("user", "openai", "org")
     g.close()
+
+
+def test_the_status_command_shows_every_budget_that_applies(real_redis, real_redis_url, tmp_path):
+    from budgetguard import BudgetGuard
+
+    from .reportcheck import cli
+
+    limits = tmp_path / "limits.yaml"
+    limits.write_text(yaml.safe_dump({"models": PRICES, "tiers": {"default": {"daily_usd": 5}},
+                                      "budgets": {"tenant": {"per": "tenant", "default_plan": "standard", "plans": {
+                                          "standard": {"monthly_usd": 100, "requests_per_minute": 60}}}},
+                                      "org": {"daily_usd": 400}}))
+    g = BudgetGuard.from_yaml(limits, redis_url=real_redis_url)
+    g.check("alice", "gpt-4o", MSG, max_tokens=10, tags={"tenant": "acme"})
+    g.close()
+    env = {"REDIS_URL": real_redis_url}
+    out = cli("status", "alice", "--tag", "tenant=acme", "--config", str(limits), env=env)
+    assert out.returncode == 0, out.stderr
+    heads = [line for line in out.stdout.splitlines() if not line.startswith(" ")]
+    assert heads == ["alice (tier default)", "tenant acme (plan standard)", "org"]
+    assert re.search(r"tenant\.rpm\s+used\s+0\s+reserved\s+1\s+limit\s+60\s+\[\.*\]\s+2%\s+resets .*\(requests\)",
+                     out.stdout)
+    out = cli("status", "--budget", "tenant", "--value", "acme", "--config", str(limits), env=env)
+    assert out.returncode == 0 and out.stdout.startswith("tenant acme (plan standard)\n"), out.stderr
+    out = cli("status", "--budget", "team", "--value", "x", "--config", str(limits), env=env)
+    assert out.returncode != 0 and "no budget named 'team'" in out.stderr
+    out = cli("status", "alice", "--tag", "tenant", "--config", str(limits), env=env)
+    assert out.returncode != 0 and "--tag 'tenant': expected KEY=VALUE" in out.stderr

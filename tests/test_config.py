@@ -205,7 +205,7 @@ OVERSIZED = [
     ({"api_keys": _api_keys(10_001)}, "api_keys", 10_000),
     ({"alerts": {"webhook": {"url": "https://hooks.example/x", "headers": {f"X-H{i}": "v" for i in range(65)}}}},
      "alerts.webhook.headers", 64),
-    ({"alerts": {"slack": {"scopes": ["org", "user", "org"]}}}, "alerts.slack.scopes", 2),
+    ({"alerts": {"slack": {"scopes": ["org", "user", "budget", "org"]}}}, "alerts.slack.scopes", 3),
 ]
 
 
