@@ -137,7 +137,7 @@ class CheckPlan:
     scopes: tuple[Scope, ...]
     wins: tuple[Window, ...] = ()  # every scope's windows, in order
     ranges: tuple[tuple[int, int], ...] = ()  # per scope: (its first window, how many)
-    specs: tuple[str, ...] = ()  # per window: its packed reserve argument
+    specs: tuple[tuple[str | int, ...], ...] = ()  # per window: its reserve arguments
     candidates: list[Candidate] = field(default_factory=list)
     dropped_for_cost: bool = False
     call: ScriptCall | None = None  # the first (on a single Redis, the only) reserve call
@@ -307,7 +307,7 @@ class Engine:
         # Per (limits, scope index, hour, minute): a scope's windows and their packed reserve
         # arguments, built once. Each entry holds its Limits, so that no other Limits can take
         # its id while the entry lives.
-        self._specs: dict[tuple[Any, ...], tuple[Limits, tuple[Window, ...], tuple[str, ...]]] = {}
+        self._specs: dict[tuple[Any, ...], tuple[Limits, tuple[Window, ...], tuple[tuple[str | int, ...], ...]]] = {}
         # Spend history feeds anomaly baselines and forecasts: keep a baseline and a month.
         self._history_ms = (max(config.anomaly.baseline_days, 31) + 2) * _DAY_MS
         self._stream_maxlen = str(config.events.stream_maxlen)
@@ -331,8 +331,8 @@ class Engine:
 
     # -- scopes and their windows ----------------------------------------------------
 
-    def _scope_windows(self, index: int, scope: Scope, at: WindowSet, now: datetime) -> tuple[tuple[Window, ...],
-                                                                                             tuple[str, ...]]:
+    def _scope_windows(self, index: int, scope: Scope, at: WindowSet,
+                       now: datetime) -> tuple[tuple[Window, ...], tuple[tuple[str | int, ...], ...]]:
         limits = scope.limits
         minute = now.replace(second=0, microsecond=0) if any(w.kind.period in "qk" for w in limits.windows) else None
         key = (id(limits), index, scope.org, at.h.stamp, minute)
@@ -342,19 +342,18 @@ class Engine:
                 self._specs.clear()
             wins = tuple(dataclasses.replace(w, scope=index) for w in Scopes.windows((scope,), at, now))
             # A first denial alerts where the budget asks for alerts (alert_at); the org's always.
-            alert = "1" if scope.org or limits.alert_at else "0"
-            specs = tuple(
-                f"{w.suffix},{w.code},{-1 if w.limit.cap is None else w.limit.cap},"
-                f"{-1 if w.limit.trigger is None else w.limit.trigger},{w.end_ms},{alert if w.money else '0'}"
-                for w in wins)
+            alert = 1 if scope.org or limits.alert_at else 0
+            specs = tuple((w.suffix, w.code, -1 if w.limit.cap is None else w.limit.cap,
+                           -1 if w.limit.trigger is None else w.limit.trigger, w.end_ms, alert if w.money else 0)
+                          for w in wins)
             found = self._specs[key] = (limits, wins, specs)
         return found[1], found[2]
 
     def _layout(self, scopes: Sequence[Scope], at: WindowSet, now: datetime) -> tuple[
-            tuple[Window, ...], tuple[tuple[int, int], ...], tuple[str, ...]]:
-        """The check's windows, each scope's (first window, count), the packed window specs."""
+            tuple[Window, ...], tuple[tuple[int, int], ...], tuple[tuple[str | int, ...], ...]]:
+        """The check's windows, each scope's (first window, count), the windows' reserve arguments."""
         wins: list[Window] = []
-        specs: list[str] = []
+        specs: list[tuple[str | int, ...]] = []
         ranges = []
         for i, scope in enumerate(scopes):
             w, s = self._scope_windows(i, scope, at, now)
@@ -534,11 +533,13 @@ class Engine:
             blocked_key=self.keys.blocked if org else None,
             now_ms=now_ms, lease_deadline_ms=now_ms + self._lease_ms, state_ttl_ms=self._state_ms,
             grace_ms=self._grace_ms, rid=plan.rid, attempt=plan.attempt, probe=probe, routed=routed,
-            candidates=";".join(f"{c.amount_nano if offered is None or offered[i] else -1},{self._tokens(plan, c)},"
-                                f"{c.route}" for i, c in enumerate(plan.candidates)),
-            parts=";".join(f"{scopes[k].prefix},{ranges[k][1]},{scopes[k].route_bit},{1 if scopes[k].org else 0},"
-                           f"{scopes[k].version}" for k in range(lo, hi)),
-            windows=";".join(specs[first:last]), first=first, total=len(plan.wins))
+            candidates=tuple(v for i, c in enumerate(plan.candidates)
+                             for v in (c.amount_nano if offered is None or offered[i] else -1, self._tokens(plan, c),
+                                       c.route)),
+            parts=tuple(v for k in range(lo, hi)
+                        for v in (scopes[k].prefix, ranges[k][1], scopes[k].route_bit, 1 if scopes[k].org else 0,
+                                  scopes[k].version)),
+            windows=tuple(v for spec in specs[first:last] for v in spec), first=first, total=len(plan.wins))
 
     def _parse(self, plan: CheckPlan, raw: Any, lo: int, hi: int) -> Reserved:
         first = plan.ranges[lo][0]
@@ -784,7 +785,7 @@ class Engine:
             deadline_ms=now_ms + self._lease_ms, want=refill.want, need=refill.need,
             ends=",".join(str(w.end_ms) for w in wins),
             caps=",".join("-1" if w.limit.cap is None else str(w.limit.cap) for w in wins),
-            thresholds=",".join(f"{w + 1},{level},{nano}" for w, level, nano in self._levels(wins)),
+            thresholds=",".join(f"{w + 1},{level},{nano}" for w, level, nano in self._levels(wins)),  # slice.lua's
             history_field=hour[8:], history_ttl_ms=self._history_ms,
             anomaly_nano=None if baseline is None else baseline.threshold_nano, stream_maxlen=self._stream_maxlen,
             items=tuple(v for item in refill.batch for v in (item.cost, item.spender, item.feature, item.event)))
@@ -827,11 +828,11 @@ class Engine:
             state_key=KeySpace.request(scope.prefix, rid), void_key=KeySpace.void(scope.prefix, attempt),
             part_keys=(scope.prefix + "leases", *(scope.prefix + w.suffix for w in wins)), org_keys=(),
             now_ms=_epoch_ms(self.now()), state_ttl_ms=self._state_ms, grace_ms=self._grace_ms,
-            parts=f"{scope.prefix},{len(wins)},0", members=member_text,
-            windows=";".join(f"{w.suffix},{w.end_ms},-" for w in wins), cost=None, settled_state=state,
-            thresholds="", history_field="", history_ttl_ms=self._history_ms, spender="", feature="",
+            parts=(scope.prefix, len(wins), 0, member_text),
+            windows=tuple(v for w in wins for v in (w.suffix, w.end_ms, "-")), cost=None, settled_state=state,
+            thresholds=(), history_field="", history_ttl_ms=self._history_ms, spender="", feature="",
             anomaly_nano=None, event_head="", outcome="released", lapsed_outcome="released",
-            stream_maxlen=self._stream_maxlen, void_ttl_ms=void_ttl_ms, attempt=attempt, org_ends="0,0", first=first)
+            stream_maxlen=self._stream_maxlen, void_ttl_ms=void_ttl_ms, attempt=attempt, org_ends=(0, 0), first=first)
 
     def _member(self, plan: CheckPlan, k: int, choice: tuple[int, int], wins: Sequence[Window] | None = None) -> str:
         if k in plan.stored:
@@ -1119,19 +1120,19 @@ class Engine:
                 void_key=KeySpace.void(prefix, t.attempt),
                 part_keys=self._part_keys(t.scopes, charge, t.ranges, lo, hi), org_keys=org_keys if org else (),
                 now_ms=now_ms, state_ttl_ms=self._state_ms, grace_ms=self._grace_ms,
-                parts=";".join(f"{s.prefix},{t.ranges[lo + i][1]},{1 if s.org else 0}" for i, s in enumerate(scopes)),
-                members=";".join(t.members[lo:hi]),
-                windows=";".join(f"{w.suffix},{w.end_ms},{c}" for w, c in zip(charge[first:last],
-                                                                               charges[first:last], strict=True)),
+                parts=tuple(v for i, s in enumerate(scopes)
+                            for v in (s.prefix, t.ranges[lo + i][1], 1 if s.org else 0, t.members[lo + i])),
+                windows=tuple(v for w, c in zip(charge[first:last], charges[first:last], strict=True)
+                              for v in (w.suffix, w.end_ms, c)),
                 cost=cost, settled_state=state,
-                thresholds=",".join(f"{w - first + 1},{level},{nano}" for w, level, nano in levels
-                                    if first <= w < last),
+                thresholds=tuple(v for w, level, nano in levels if first <= w < last
+                                 for v in (w - first + 1, level, nano)),
                 history_field=hour[8:], history_ttl_ms=self._history_ms, spender=spender, feature=feature,
                 anomaly_nano=None if baseline is None else baseline.threshold_nano,
                 event_head=head if org else "", outcome=outcome, lapsed_outcome=lapsed,
                 stream_maxlen=self._stream_maxlen,
                 void_ttl_ms=self._lease_ms + _VOID_MARGIN_MS if t.in_doubt else None, attempt=t.attempt,
-                org_ends=f"{org_day.end_ms},{org_month.end_ms}", first=first)
+                org_ends=(org_day.end_ms, org_month.end_ms), first=first)
 
         if not self.split:
             calls: tuple[Settle, ...] = (part(0, n),)
@@ -1140,7 +1141,7 @@ class Engine:
             # so the other parts (and the usage event with the org's) are charged once, by
             # whoever got there. The org's part is settled in memory when a slice held it.
             calls = tuple(part(k, k + 1) for k in range(n) if not (t.org_local and t.scopes[k].org))
-        own = tuple(dataclasses.replace(calls[k], cost=None, event_head="", thresholds="")
+        own = tuple(dataclasses.replace(calls[k], cost=None, event_head="", thresholds=())
                     for k in sorted(t.own) if k < len(calls))
         return SettlePlan(calls, decision, event, state, outcome, lapsed, charge, t.scopes, now, cost,
                           (spender, feature), own)
@@ -1208,7 +1209,7 @@ class Engine:
                     log.error("settling the %s part of reservation %s of user %s failed (%s): the user was "
                               "charged, that part's counters (and, for the org, the usage stream) miss this "
                               "request, and its reservation lapses after reservation_ttl_s",
-                              call.parts.split(",", 1)[0], plan.decision.reservation_id,
+                              call.parts[0], plan.decision.reservation_id,
                               printable(plan.decision.user), exc)
             if t is not None and t.org_local and self.slices is not None:
                 outcome = plan.outcome if mine.live else plan.lapsed_outcome
@@ -1282,9 +1283,9 @@ class Engine:
             for lo, hi in groups:
                 first, last = ranges[lo][0], ranges[hi - 1][0] + ranges[hi - 1][1]
                 call = StatusCall(self._part_keys(scopes, wins, ranges, lo, hi, cfg=True), _epoch_ms(now),
-                                  ";".join(f"{s.prefix},{ranges[lo + i][1]},{s.version}"
-                                           for i, s in enumerate(scopes[lo:hi])),
-                                  ";".join(w.suffix for w in wins[first:last]), first, total)
+                                  tuple(v for i, s in enumerate(scopes[lo:hi])
+                                        for v in (s.prefix, ranges[lo + i][1], s.version)),
+                                  tuple(w.suffix for w in wins[first:last]), first, total)
                 reply = reply.plus(StatusReply.parse((yield call.call()), first, last - first, total, lo))
             if not reply.stale:
                 return scopes, wins, reply

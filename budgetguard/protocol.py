@@ -115,9 +115,9 @@ class Reserve:
     attempt: str
     probe: bool  # report the blocking windows, reserve nothing
     routed: int  # route bits of the parts an earlier call found past their thresholds
-    candidates: str  # "amount,tokens,route bits" per candidate, ';'-joined (amount -1: not offered)
-    parts: str  # "prefix,windows,route bit,org,runtime version" per part, ';'-joined
-    windows: str  # "suffix,kind,cap,trigger,end ms,alert" per window, ';'-joined
+    candidates: tuple[str | int, ...]  # 3 per candidate: amount (-1: not offered), tokens, route bits
+    parts: tuple[str | int, ...]  # 5 per part: prefix, windows, route bit, org (1/0), runtime version
+    windows: tuple[str | int, ...]  # 6 per window: suffix, kind, cap, trigger, end ms, alert (1/0)
     first: int  # the check's index of the first window given
     total: int  # the check's number of windows
 
@@ -126,7 +126,8 @@ class Reserve:
         return ScriptCall(
             "reserve", (self.state_key, self.void_key, *self.part_keys, *blocked),
             (self.now_ms, self.lease_deadline_ms, self.state_ttl_ms, self.grace_ms, self.rid, self.attempt,
-             _flag(self.probe), self.routed, self.candidates, self.parts, self.windows))
+             _flag(self.probe), self.routed, len(self.candidates) // 3, len(self.parts) // 5, *self.candidates,
+             *self.parts, *self.windows))
 
 
 @dataclass(slots=True)
@@ -181,12 +182,11 @@ class Settle:
     now_ms: int
     state_ttl_ms: int
     grace_ms: int
-    parts: str  # "prefix,windows,org" per part, ';'-joined
-    members: str  # each part's lease member, ';'-joined
-    windows: str  # "suffix,end ms,charge" per window, ';'-joined (charge '-': none)
+    parts: tuple[str | int, ...]  # 4 per part: prefix, windows, org (1/0), its lease member
+    windows: tuple[str | int, ...]  # 3 per window: suffix, end ms, charge ('-': none)
     cost: int | None  # None: a release
     settled_state: str  # "S|<candidate>|<cost or released>|<nonce>"
-    thresholds: str  # alert thresholds "window,level,nano" joined by ','
+    thresholds: tuple[str | int, ...]  # 3 per alert threshold: window, level, nano-USD
     history_field: str  # the UTC hour "HH"
     history_ttl_ms: int
     spender: str
@@ -198,17 +198,18 @@ class Settle:
     stream_maxlen: str
     void_ttl_ms: int | None  # voids the attempt (its reserve may not have run yet)
     attempt: str
-    org_ends: str  # "day end ms,month end ms" of the org (its rankings' lifetimes)
+    org_ends: tuple[int, int]  # end ms of the org's day and month (its rankings' lifetimes)
     first: int = 0  # the check's index of the first window given
 
     def call(self) -> ScriptCall:
         return ScriptCall(
             "settle", (self.state_key, self.void_key, *self.part_keys, *self.org_keys),
-            (self.now_ms, self.state_ttl_ms, self.grace_ms, self.parts, self.members, self.windows,
-             "" if self.cost is None else self.cost, self.settled_state, self.thresholds, self.history_field,
-             self.history_ttl_ms, self.spender, self.feature, "" if self.anomaly_nano is None else self.anomaly_nano,
-             self.event_head, self.outcome, self.lapsed_outcome, self.stream_maxlen,
-             "" if self.void_ttl_ms is None else self.void_ttl_ms, self.attempt, self.org_ends))
+            (self.now_ms, self.state_ttl_ms, self.grace_ms, "" if self.cost is None else self.cost,
+             self.settled_state, self.history_field, self.history_ttl_ms, self.spender, self.feature,
+             "" if self.anomaly_nano is None else self.anomaly_nano, self.event_head, self.outcome,
+             self.lapsed_outcome, self.stream_maxlen, "" if self.void_ttl_ms is None else self.void_ttl_ms,
+             self.attempt, *self.org_ends, len(self.parts) // 4, len(self.thresholds) // 3, *self.thresholds,
+             *self.parts, *self.windows))
 
 
 @dataclass(slots=True)
@@ -263,13 +264,13 @@ class Status:
 
     part_keys: tuple[str, ...]  # per part: its lease set, its runtime state, its windows' counters
     now_ms: int
-    parts: str  # "prefix,windows,runtime version" per part, ';'-joined
-    windows: str  # one entry per window, ';'-joined
+    parts: tuple[str | int, ...]  # 3 per part: prefix, windows, runtime version
+    windows: tuple[str, ...]  # each window's key suffix
     first: int
     total: int
 
     def call(self) -> ScriptCall:
-        return ScriptCall("status", self.part_keys, (self.now_ms, self.parts, self.windows))
+        return ScriptCall("status", self.part_keys, (self.now_ms, len(self.parts) // 3, *self.parts, *self.windows))
 
 
 @dataclass(slots=True)

@@ -34,31 +34,35 @@ local function sweep(leases, prefix, now)
   return #expired
 end
 
--- The parts a script was called with, from KEYS[first]: each part (one budget value: a
--- hash slot) is its lease set, its runtime state (with `with_cfg`, see budgetguard.runtime),
--- then its windows' counters. `parts` is "prefix,n[,...]" per part joined by ';' (n: its
--- number of windows), `windows` one ';'-joined entry per window, its fields joined by ','.
+-- The parts a script was called with, and their windows. From ARGV[at]: `n` parts of `pf`
+-- fields each (prefix, number of windows, ...), then their windows, `wf` fields each (the
+-- first the window's key suffix). From KEYS[first]: per part its lease set, its runtime state
+-- (with `with_cfg`, see budgetguard.runtime), then its windows' counters. Flat arguments, not
+-- packed strings: a script reads them by index instead of splitting text on every call.
 -- Returns the parts ({prefix, leases, cfg, first, last, f = fields}), the windows ({key,
--- part, f = fields}) and the index of the first key after them.
-local function layout(parts, windows, first, with_cfg)
+-- part, f = fields}), the index of the first key and of the first argument after them.
+local function layout(at, n, pf, wf, first, with_cfg)
   local ps, ws = {}, {}
-  local k = first
-  for entry in string.gmatch(windows, '[^;]+') do ws[#ws + 1] = {f = split(entry, ',')} end
-  local w = 0
-  for entry in string.gmatch(parts, '[^;]+') do
-    local f = split(entry, ',')
+  local k, w = first, 0
+  local wa = at + n * pf
+  for i = 1, n do
+    local a = at + (i - 1) * pf
+    local f = {}
+    for j = 1, pf do f[j] = ARGV[a + j - 1] end
     local p = {prefix = f[1], f = f, leases = KEYS[k], first = w + 1, last = w + tonumber(f[2])}
     k = k + 1
     if with_cfg then p.cfg = KEYS[k]; k = k + 1 end
-    for i = p.first, p.last do
-      ws[i].key = KEYS[k]
-      ws[i].part = p
+    for x = p.first, p.last do
+      local g = {}
+      for j = 1, wf do g[j] = ARGV[wa + j - 1] end
+      wa = wa + wf
+      ws[x] = {f = g, key = KEYS[k], part = p}
       k = k + 1
     end
     w = p.last
-    ps[#ps + 1] = p
+    ps[i] = p
   end
-  return ps, ws, k
+  return ps, ws, k, wa
 end
 
 -- The parts whose runtime state (budgetguard.runtime) is not the version the caller assumed

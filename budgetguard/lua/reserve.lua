@@ -7,7 +7,7 @@
 --
 -- KEYS[1] request state   KEYS[2] this attempt's void marker (see settle.lua)
 -- then per part: its lease set, its runtime state (budgetguard.runtime), then its windows'
--- counters (in the order of ARGV[11]);
+-- counters (in the order of the windows below);
 -- then, when a part is the org's, the org's open "blocked" alerts (field: period, value: suffix)
 local now = tonumber(ARGV[1])
 local deadline = ARGV[2]          -- lease deadline ms
@@ -17,11 +17,12 @@ local rid = ARGV[5]
 local attempt = ARGV[6]           -- this attempt's id (a check whose caller gave up can be voided by it)
 local probe = ARGV[7] == '1'      -- only report the blocking windows and claim their first-denial alerts
 local routed = tonumber(ARGV[8])  -- route bits of the parts an earlier call found past their thresholds
--- ARGV[9]  candidates "amount,tokens,route bits" joined by ';' (amount -1: not offered to these parts)
--- ARGV[10] parts "prefix,windows,route bit,org (1/0),runtime version assumed" joined by ';'
--- ARGV[11] windows "suffix,kind,cap,trigger,end ms,alert (1/0)" joined by ';': kind "m" money
---          (nano-USD), "q" requests, "k" tokens, "c" calls in flight; cap/trigger -1: none;
---          end 0: never ends (a balance)
+local n_cand, n_parts = tonumber(ARGV[9]), tonumber(ARGV[10])
+-- ARGV[11..] the candidates, 3 fields each: amount, tokens, route bits (amount -1: not offered
+--            to these parts); then the parts, 5 each: prefix, number of windows, route bit,
+--            org (1/0), runtime version assumed; then the windows, 6 each: suffix, kind, cap,
+--            trigger, end ms, alert (1/0). Kind "m" money (nano-USD), "q" requests, "k"
+--            tokens, "c" calls in flight; cap/trigger -1: none; end 0: never ends (a balance)
 --
 -- Returns {1, chosen, blockers, triggered, spent..., reserved..., notice...} when reserved,
 --         {0, 0, blockers of the cheapest candidate, triggered, spent..., reserved..., notice...}
@@ -31,11 +32,11 @@ local routed = tonumber(ARGV[8])  -- route bits of the parts an earlier call fou
 --         {3} when this attempt was voided before it ran (its caller had given up on it),
 --         {4, part, n, fields...} when a part's runtime state is not the version assumed
 --         (see stale() in common.lua): nothing was reserved; plan again on that state.
--- Blockers and triggered are window numbers (1-based, in ARGV[11]'s order) joined by ','.
+-- Blockers and triggered are window numbers (1-based, in the order given) joined by ','.
 -- Notices: "b|<window>" the window's first denial, "r|<window>|<suffix>" an org window
 -- blocked earlier whose successor has now opened.
 
-local parts, wins, after = layout(ARGV[10], ARGV[11], 3, true)
+local parts, wins, after = layout(11 + 3 * n_cand, n_parts, 5, 6, 3, true)
 local blocked = KEYS[after]
 local changed = stale(parts, 5)
 if changed then return changed end
@@ -60,9 +61,9 @@ if prior and string.sub(prior, 1, 1) == 'L' and tonumber(split(prior, '|')[5]) >
 end
 
 local cand = {}
-for entry in string.gmatch(ARGV[9], '[^;]+') do
-  local f = split(entry, ',')
-  cand[#cand + 1] = {amount = f[1], tokens = f[2], routes = tonumber(f[3])}
+for i = 1, n_cand do
+  local a = 8 + 3 * i
+  cand[i] = {amount = ARGV[a], tokens = ARGV[a + 1], routes = tonumber(ARGV[a + 2])}
 end
 
 -- What a candidate takes from a window: its cost, one request, its tokens, one call.

@@ -14,30 +14,30 @@
 local now = tonumber(ARGV[1])
 local state_ttl = ARGV[2]
 local grace = tonumber(ARGV[3])
--- ARGV[4] parts "prefix,windows,org (1/0)" joined by ';'
-local members = split(ARGV[5], ';')  -- each part's lease member, as reserve.lua wrote it
--- ARGV[6] windows "suffix,end ms,charge" joined by ';' (end 0: never ends; charge '-': none,
---         as for calls in flight)
-local cost = ARGV[7]                 -- the cost in nano-USD, or '' for a release
-local settled = ARGV[8]              -- the state to store, "S|<candidate>|<cost or released>|<nonce>"
--- ARGV[9] alert thresholds "window,level,nano" joined by ',' ('' none)
-local history_field, history_ttl = ARGV[10], tonumber(ARGV[11])  -- the UTC hour "HH"
-local spender, feature = ARGV[12], ARGV[13]                      -- feature '' none
-local anomaly = ARGV[14]             -- the anomaly threshold of this org hour in nano-USD ('' none)
-local event_head = ARGV[15]          -- the usage event's JSON up to its outcome ('' no event)
-local outcome, lapsed_outcome, maxlen = ARGV[16], ARGV[17], ARGV[18]
--- ARGV[19] '' or, to void an attempt whose reserve may not have run yet (the caller gave up
+local cost = ARGV[4]                 -- the cost in nano-USD, or '' for a release
+local settled = ARGV[5]              -- the state to store, "S|<candidate>|<cost or released>|<nonce>"
+local history_field, history_ttl = ARGV[6], tonumber(ARGV[7])  -- the UTC hour "HH"
+local spender, feature = ARGV[8], ARGV[9]                      -- feature '' none
+local anomaly = ARGV[10]             -- the anomaly threshold of this org hour in nano-USD ('' none)
+local event_head = ARGV[11]          -- the usage event's JSON up to its outcome ('' no event)
+local outcome, lapsed_outcome, maxlen = ARGV[12], ARGV[13], ARGV[14]
+-- ARGV[15] '' or, to void an attempt whose reserve may not have run yet (the caller gave up
 --          waiting for it), the void marker's ttl ms: the marker makes that reserve, should it
 --          run later, reserve nothing; a live reservation of this attempt is settled as usual
-local void_ttl, attempt = ARGV[19], ARGV[20]
-local org_ends = split(ARGV[21], ',')  -- end ms of the org's day and month (its rankings' lifetimes)
+local void_ttl, attempt = ARGV[15], ARGV[16]
+local org_day_end, org_month_end = tonumber(ARGV[17]), tonumber(ARGV[18])  -- the org's rankings' lifetimes
+local n_parts, n_thresholds = tonumber(ARGV[19]), tonumber(ARGV[20])
+-- ARGV[21..] the alert thresholds, 3 fields each: window, level, nano-USD; then the parts, 4
+--            each: prefix, number of windows, org (1/0), its lease member (as reserve.lua wrote
+--            it); then the windows, 3 each: suffix, end ms (0: never ends), charge ('-': none,
+--            as for calls in flight)
 --
 -- Returns {1, lease_was_live, crossing...} when applied, {0, state} when already settled;
--- the state is ARGV[8] .. "|<lease_was_live>|<crossings joined by ';'>".
+-- the state is ARGV[5] .. "|<lease_was_live>|<crossings joined by ';'>".
 -- A crossing is "t|<window>|<level>|<spent>" (a threshold) or "a|<hour>|<spent>" (an anomaly);
 -- each is claimed by a marker field so that it is reported once, whoever crosses it.
 
-local parts, wins, k = layout(ARGV[4], ARGV[6], 3)
+local parts, wins, k = layout(21 + 3 * n_thresholds, n_parts, 4, 3, 3, false)
 local with_org = false
 for _, p in ipairs(parts) do
   if p.f[3] == '1' then with_org = true end
@@ -59,9 +59,9 @@ local live = 0
 local held = {}  -- per window: what the lease held there, for windows charged below
 for i, p in ipairs(parts) do
   live = 0
-  if redis.call('ZREM', p.leases, members[i]) == 1 then
+  if redis.call('ZREM', p.leases, parts[i].f[4]) == 1 then
     live = 1
-    local f = split(members[i], '|')
+    local f = split(parts[i].f[4], '|')
     local rest = {f[1], f[2]}
     for j = 3, #f do
       local suffix, amount = f[j], f[2]
@@ -94,12 +94,11 @@ for w, win in ipairs(wins) do
   end
 end
 if cost ~= '' then
-  local t = split(ARGV[9], ',')
-  for i = 1, #t, 3 do
-    local w = tonumber(t[i])
-    if spent[w] and spent[w] >= tonumber(t[i + 2])
-        and redis.call('HSETNX', wins[w].key, 'a:' .. t[i + 1], now) == 1 then
-      reply[#reply + 1] = 't|' .. w .. '|' .. t[i + 1] .. '|' .. string.format('%d', spent[w])
+  for i = 21, 20 + 3 * n_thresholds, 3 do
+    local w, level = tonumber(ARGV[i]), ARGV[i + 1]
+    if spent[w] and spent[w] >= tonumber(ARGV[i + 2])
+        and redis.call('HSETNX', wins[w].key, 'a:' .. level, now) == 1 then
+      reply[#reply + 1] = 't|' .. w .. '|' .. level .. '|' .. string.format('%d', spent[w])
     end
   end
   if with_org and cost ~= '0' then
@@ -112,8 +111,8 @@ if cost ~= '' then
     end
     -- An hour's rankings only name who spent in an anomalous hour: two days is plenty.
     local hour_ttl = 2 * 86400000
-    rank(cost, {{KEYS[k + 1], spender, hour_ttl}, {KEYS[k + 2], spender, tonumber(org_ends[1]) + grace - now},
-                {KEYS[k + 3], spender, tonumber(org_ends[2]) + grace - now}, {KEYS[k + 4], feature, hour_ttl}})
+    rank(cost, {{KEYS[k + 1], spender, hour_ttl}, {KEYS[k + 2], spender, org_day_end + grace - now},
+                {KEYS[k + 3], spender, org_month_end + grace - now}, {KEYS[k + 4], feature, hour_ttl}})
   end
 end
 if with_org and event_head ~= '' then

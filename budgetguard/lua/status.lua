@@ -1,13 +1,14 @@
 -- Read windows after sweeping expired leases: every part given, or one.
 --
 -- KEYS: per part, its lease set, its runtime state, then its windows' counters (as in reserve.lua)
--- ARGV[1] now ms   ARGV[2] parts "prefix,windows,runtime version assumed" joined by ';'
--- ARGV[3] one ';'-joined entry per window
+-- ARGV[1] now ms   ARGV[2] the number of parts
+-- ARGV[3..] the parts, 3 fields each: prefix, number of windows, runtime version assumed;
+--           then each window's key suffix
 -- Returns {1, spent..., reserved...} as strings, for the windows given, or, when a part's
 -- runtime state is not the version assumed, {4, ...} as reserve.lua.
 
 local now = tonumber(ARGV[1])
-local parts, wins = layout(ARGV[2], ARGV[3], 1, true)
+local parts, wins = layout(3, tonumber(ARGV[2]), 3, 1, 1, true)
 local changed = stale(parts, 3)
 if changed then return changed end
 for _, p in ipairs(parts) do sweep(p.leases, p.prefix, now) end
