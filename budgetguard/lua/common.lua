@@ -65,22 +65,29 @@ local function layout(at, n, pf, wf, first, with_cfg)
   return ps, ws, k, wa
 end
 
--- The parts whose runtime state (budgetguard.runtime) is not the version the caller assumed
--- (field `version` of each part's entry): {4, part, field count, fields..., part, ...}, or
--- nil when every part is as assumed. The caller plans again on the state returned.
-local function stale(parts, version)
+-- The parts whose runtime state (budgetguard.runtime, at cfg_keys[i]) is not the version the
+-- caller assumed (versions[i]): {4, part, field count, fields..., part, ...}, or nil when
+-- every part is as assumed. The caller plans again on the state returned. stale() takes the
+-- parts of layout(), each with its version at field `version`.
+local function stale_of(cfg_keys, versions)
   local out = nil
-  for i, p in ipairs(parts) do
-    local v = redis.call('HGET', p.cfg, 'v') or '0'
-    if v ~= p.f[version] then
+  for i, cfg in ipairs(cfg_keys) do
+    local v = redis.call('HGET', cfg, 'v') or '0'
+    if v ~= versions[i] then
       out = out or {4}
-      local state = redis.call('HGETALL', p.cfg)
+      local state = redis.call('HGETALL', cfg)
       out[#out + 1] = i
       out[#out + 1] = #state
       for _, x in ipairs(state) do out[#out + 1] = x end
     end
   end
   return out
+end
+
+local function stale(parts, version)
+  local keys, versions = {}, {}
+  for i, p in ipairs(parts) do keys[i], versions[i] = p.cfg, p.f[version] end
+  return stale_of(keys, versions)
 end
 
 -- Whether two bit masks (small non-negative integers) share a bit. Plain arithmetic: not

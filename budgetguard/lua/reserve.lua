@@ -36,9 +36,33 @@ local n_cand, n_parts = tonumber(ARGV[9]), tonumber(ARGV[10])
 -- Notices: "b|<window>" the window's first denial, "r|<window>|<suffix>" an org window
 -- blocked earlier whose successor has now opened.
 
-local parts, wins, after = layout(11 + 3 * n_cand, n_parts, 5, 6, 3, true)
-local blocked = KEYS[after]
-local changed = stale(parts, 5)
+-- Flat arrays, not a table per window: this script runs on every check, and building
+-- tables is most of what it costs beyond its Redis commands.
+local pa = 11 + 3 * n_cand   -- the first part's fields
+local wa = pa + 5 * n_parts  -- the first window's fields
+local n_win = (#ARGV - wa + 1) / 6
+local p_prefix, p_leases, p_cfg, p_version, p_bit, p_org, p_first, p_last = {}, {}, {}, {}, {}, {}, {}, {}
+local w_key, w_part, w_suffix, w_kind, w_cap, w_trigger, w_end, w_alert = {}, {}, {}, {}, {}, {}, {}, {}
+local k, w = 3, 0
+for i = 1, n_parts do
+  local a = pa + 5 * (i - 1)
+  p_prefix[i], p_bit[i], p_org[i], p_version[i] = ARGV[a], tonumber(ARGV[a + 2]), ARGV[a + 3] == '1', ARGV[a + 4]
+  p_leases[i], p_cfg[i] = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  p_first[i] = w + 1
+  for x = w + 1, w + tonumber(ARGV[a + 1]) do
+    local f = wa + 6 * (x - 1)
+    w_key[x], w_part[x] = KEYS[k], i
+    w_suffix[x], w_kind[x], w_cap[x] = ARGV[f], ARGV[f + 1], tonumber(ARGV[f + 2])
+    w_trigger[x], w_end[x], w_alert[x] = tonumber(ARGV[f + 3]), tonumber(ARGV[f + 4]), ARGV[f + 5] == '1'
+    k = k + 1
+    w = x
+  end
+  p_last[i] = w
+end
+local blocked = KEYS[k]
+
+local changed = stale_of(p_cfg, p_version)
 if changed then return changed end
 
 local state = redis.call('MGET', KEYS[1], KEYS[2])
@@ -60,67 +84,62 @@ if prior and string.sub(prior, 1, 1) == 'L' and tonumber(split(prior, '|')[5]) >
   return {2, prior}
 end
 
-local cand = {}
+local c_amount, c_cost, c_tokens, c_routes = {}, {}, {}, {}
 for i = 1, n_cand do
   local a = 8 + 3 * i
-  cand[i] = {amount = ARGV[a], tokens = ARGV[a + 1], routes = tonumber(ARGV[a + 2])}
+  c_amount[i], c_tokens[i], c_routes[i] = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  c_cost[i] = tonumber(ARGV[a])
 end
 
 -- What a candidate takes from a window: its cost, one request, its tokens, one call.
-local function need(w, c)
-  local kind = wins[w].f[2]
-  if kind == 'm' then return c.amount end
-  if kind == 'k' then return c.tokens end
-  return '1'
+local function need(x, i)
+  local kind = w_kind[x]
+  if kind == 'm' then return c_cost[i] end
+  if kind == 'k' then return c_tokens[i] end
+  return 1
 end
 
-local function offered(c) return c.amount ~= '-1' end
-
-local cap, used, ends, fresh, raw_spent, raw_reserved = {}, {}, {}, {}, {}, {}
+local raw_spent, raw_reserved, used, fresh = {}, {}, {}, {}
 local triggered, routed, chosen, requested_blockers, cheapest, cheapest_blockers
 
 -- Read every window, then choose: routes whose threshold was reached, the requested
 -- model, other routes; the first candidate every window fits.
 local function decide()
   triggered, routed = {}, tonumber(ARGV[8])
-  for w, win in ipairs(wins) do
-    local f = win.f
-    local v = redis.call('HMGET', win.key, 's', 'r')
-    fresh[w] = not v[1] and not v[2]
-    raw_spent[w] = v[1] or '0'
-    raw_reserved[w] = v[2] or '0'
-    used[w] = tonumber(raw_spent[w]) + tonumber(raw_reserved[w])
-    cap[w] = tonumber(f[3])
-    ends[w] = tonumber(f[5])
-    local at = tonumber(f[4])
-    if at >= 0 and used[w] >= at then
-      triggered[#triggered + 1] = w
-      local route_bit = tonumber(win.part.f[3])  -- one bit per part
-      if not shares_bit(routed, route_bit) then routed = routed + route_bit end
+  for x = 1, n_win do
+    local v = redis.call('HMGET', w_key[x], 's', 'r')
+    fresh[x] = not v[1] and not v[2]
+    raw_spent[x], raw_reserved[x] = v[1] or '0', v[2] or '0'
+    local u = tonumber(raw_spent[x]) + tonumber(raw_reserved[x])
+    used[x] = u
+    if w_trigger[x] >= 0 and u >= w_trigger[x] then
+      triggered[#triggered + 1] = x
+      local bit = p_bit[w_part[x]]  -- one bit per part
+      if not shares_bit(routed, bit) then routed = routed + bit end
     end
   end
-  local function blockers(c)
-    local out = {}
-    for w = 1, #wins do
-      if cap[w] >= 0 and used[w] + tonumber(need(w, c)) > cap[w] then out[#out + 1] = w end
-    end
-    return out
-  end
-  local function routed_by_trigger(c) return shares_bit(c.routes, routed) end
-  local order = {}
-  for i, c in ipairs(cand) do if offered(c) and c.routes ~= 0 and routed_by_trigger(c) then order[#order + 1] = i end end
-  for i, c in ipairs(cand) do if offered(c) and c.routes == 0 then order[#order + 1] = i end end
-  for i, c in ipairs(cand) do
-    if offered(c) and c.routes ~= 0 and not routed_by_trigger(c) then order[#order + 1] = i end
-  end
-  chosen, requested_blockers, cheapest, cheapest_blockers = 0, {}, nil, {}
-  for _, i in ipairs(order) do
-    local c = cand[i]
-    local found = blockers(c)
-    if c.routes == 0 then requested_blockers = found end
-    if #found == 0 then chosen = i break end
-    if cheapest == nil or tonumber(c.amount) < tonumber(cand[cheapest].amount) then
-      cheapest, cheapest_blockers = i, found
+  chosen, requested_blockers, cheapest, cheapest_blockers = 0, nil, nil, nil
+  for pass = 1, 3 do
+    for i = 1, n_cand do
+      local routes = c_routes[i]
+      local wanted = c_amount[i] ~= '-1' and (
+        (pass == 1 and routes ~= 0 and shares_bit(routes, routed)) or (pass == 2 and routes == 0)
+        or (pass == 3 and routes ~= 0 and not shares_bit(routes, routed)))
+      if wanted then
+        local found = nil
+        for x = 1, n_win do
+          if w_cap[x] >= 0 and used[x] + need(x, i) > w_cap[x] then
+            found = found or {}
+            found[#found + 1] = x
+          end
+        end
+        if routes == 0 then requested_blockers = found end
+        if not found then
+          chosen = i
+          return
+        end
+        if cheapest == nil or c_cost[i] < c_cost[cheapest] then cheapest, cheapest_blockers = i, found end
+      end
     end
   end
 end
@@ -129,49 +148,52 @@ decide()
 -- Leases that lapsed still count until swept. A clean pass (the requested model fits, no
 -- threshold reached) cannot change by sweeping them; anything else is decided again on
 -- the swept counters, so expired leases never deny, route or alert.
-if chosen == 0 or #requested_blockers > 0 or #triggered > 0 then
+if chosen == 0 or requested_blockers or #triggered > 0 then
   local swept = 0
-  for _, p in ipairs(parts) do swept = swept + sweep(p.leases, p.prefix, now) end
+  for i = 1, n_parts do swept = swept + sweep(p_leases[i], p_prefix[i], now) end
   if swept > 0 then decide() end
 end
 
 local reply = {chosen > 0 and 1 or 0, chosen,
-               table.concat(chosen > 0 and requested_blockers or cheapest_blockers, ','),
+               table.concat((chosen > 0 and requested_blockers or cheapest_blockers) or {}, ','),
                table.concat(triggered, ',')}
-for w = 1, #wins do reply[#reply + 1] = raw_spent[w] end
-for w = 1, #wins do reply[#reply + 1] = raw_reserved[w] end
+for x = 1, n_win do
+  reply[4 + x] = raw_spent[x]
+  reply[4 + n_win + x] = raw_reserved[x]
+end
 
 -- A fresh window's counters live until a grace period after it ends (set once, at
 -- creation); a balance never ends; the calls-in-flight counter outlives every live lease.
-local function expire(w, always)
-  local kind = wins[w].f[2]
+local function expire(x)
+  local kind = w_kind[x]
   if kind == 'c' then
-    redis.call('PEXPIRE', wins[w].key, tonumber(deadline) + grace - now)
-  elseif (fresh[w] or always) and ends[w] > 0 then
+    redis.call('PEXPIRE', w_key[x], tonumber(deadline) + grace - now)
+  elseif fresh[x] and w_end[x] > 0 then
     -- A minute's counters need only outlive the leases taken in it (a minute past their
     -- deadline); the calendar windows' stay for reports a grace period after they end.
     local after = (kind == 'q' or kind == 'k') and (tonumber(deadline) - now + 60000) or grace
-    redis.call('PEXPIRE', wins[w].key, ends[w] + after - now)
+    redis.call('PEXPIRE', w_key[x], w_end[x] + after - now)
   end
 end
 
-local function is_org_calendar(w)
-  local period = string.sub(wins[w].f[1], 1, 1)
-  return wins[w].part.f[4] == '1' and (period == 'h' or period == 'd' or period == 'w' or period == 'm'), period
+-- An org window of the calendar: its first denial is kept open until the next one opens.
+local function org_calendar(x)
+  local period = string.sub(w_suffix[x], 1, 1)
+  return p_org[w_part[x]] and (period == 'h' or period == 'd' or period == 'w' or period == 'm'), period
 end
 
 if chosen == 0 then
   -- The first denial by each blocking window is an alert; the marker lives with the window.
-  for _, w in ipairs(cheapest_blockers) do
-    if wins[w].f[6] == '1' and redis.call('HSETNX', wins[w].key, 'b', now) == 1 then
-      expire(w, false)
-      local org, period = is_org_calendar(w)
+  for _, x in ipairs(cheapest_blockers or {}) do
+    if w_alert[x] and redis.call('HSETNX', w_key[x], 'b', now) == 1 then
+      expire(x)
+      local org, period = org_calendar(x)
       if org then
-        redis.call('HSET', blocked, period, wins[w].f[1])
+        redis.call('HSET', blocked, period, w_suffix[x])
         -- Kept until the next window can resolve it.
-        redis.call('PEXPIRE', blocked, ends[w] + grace + 32 * 86400000 - now)
+        redis.call('PEXPIRE', blocked, w_end[x] + grace + 32 * 86400000 - now)
       end
-      reply[#reply + 1] = 'b|' .. w
+      reply[#reply + 1] = 'b|' .. x
     end
   end
   return reply
@@ -182,52 +204,50 @@ if probe then
   return reply
 end
 
-local c = cand[chosen]
-for w = 1, #wins do
-  local n = need(w, c)
-  if n ~= '0' then redis.call('HINCRBY', wins[w].key, 'r', n) end
-  if fresh[w] then
-    local org, period = is_org_calendar(w)
+local amount = c_amount[chosen]
+for x = 1, n_win do
+  redis.call('HINCRBY', w_key[x], 'r', need(x, chosen))
+  if fresh[x] then
+    local org, period = org_calendar(x)
     if org then
       -- A new org window: a "blocked" alert of its predecessor can be resolved.
       local open = redis.call('HGET', blocked, period)
-      if open and open ~= wins[w].f[1] then
+      if open and open ~= w_suffix[x] then
         redis.call('HDEL', blocked, period)
-        reply[#reply + 1] = 'r|' .. w .. '|' .. open
+        reply[#reply + 1] = 'r|' .. x .. '|' .. open
       end
     end
   end
-  expire(w, false)
+  expire(x)
 end
 -- One lease per part; its set lives as long as the longest window it counts against, so
 -- that no abandoned lease outlives the set that would sweep it. That lifetime changes only
 -- when a window opens (or, for a part without a calendar window, with each deadline), and a
 -- set can only be new where nothing was reserved: otherwise it has the right one already.
 local held = {}  -- per part "<prefix>><lease member>", kept in the request state
-for _, p in ipairs(parts) do
-  local member = {rid, c.amount}
+for i = 1, n_parts do
+  local member = {rid, amount}
   local longest, refresh, balance = tonumber(deadline), true, false
-  for w = p.first, p.last do
-    local kind = wins[w].f[2]
-    member[#member + 1] = kind == 'm' and wins[w].f[1] or (wins[w].f[1] .. '=' .. need(w, c))
-    if ends[w] > longest then longest = ends[w] end
-    if ends[w] > 0 then refresh = false end
+  for x = p_first[i], p_last[i] do
+    member[#member + 1] = w_kind[x] == 'm' and w_suffix[x] or (w_suffix[x] .. '=' .. need(x, chosen))
+    if w_end[x] > longest then longest = w_end[x] end
+    if w_end[x] > 0 then refresh = false end
     -- A balance never expires, so neither may the leases that hold some of it: an
     -- abandoned one is given back by the next sweep, however late (a set empties itself).
-    if wins[w].f[1] == 't' then balance = true end
+    if w_suffix[x] == 't' then balance = true end
   end
-  for w = p.first, p.last do
-    if fresh[w] or raw_reserved[w] == '0' then refresh = true end
+  for x = p_first[i], p_last[i] do
+    if fresh[x] or raw_reserved[x] == '0' then refresh = true end
   end
   member = table.concat(member, '|')
-  redis.call('ZADD', p.leases, deadline, member)
+  redis.call('ZADD', p_leases[i], deadline, member)
   if balance then
-    redis.call('PERSIST', p.leases)
+    redis.call('PERSIST', p_leases[i])
   elseif refresh then
-    redis.call('PEXPIRE', p.leases, longest + grace - now)
+    redis.call('PEXPIRE', p_leases[i], longest + grace - now)
   end
-  held[#held + 1] = p.prefix .. '>' .. member
+  held[i] = p_prefix[i] .. '>' .. member
 end
-redis.call('SET', KEYS[1], 'L|' .. chosen .. '|' .. c.amount .. '|' .. ARGV[1] .. '|' .. deadline .. '|' .. attempt
+redis.call('SET', KEYS[1], 'L|' .. chosen .. '|' .. amount .. '|' .. ARGV[1] .. '|' .. deadline .. '|' .. attempt
            .. '|' .. table.concat(held, ';'), 'PX', state_ttl)
 return reply
