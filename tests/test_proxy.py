@@ -787,3 +787,26 @@ def test_the_proxy_on_a_redis_cluster(upstream_server, cluster_url, clock, slice
     org_day = g.status("alice").windows["org.daily"]
     assert (org_day.spent_usd, org_day.reserved_usd) == (2 * chat_cost(e.up), 0)
     g.close()
+
+
+def test_budgets_per_api_key_and_per_tenant_through_the_proxy(env):
+    keys = [{**API_KEYS[0], "tags": {"tenant": "acme"}, "plans": {"tenant": "small"}},
+            {**API_KEYS[1], "tags": {"tenant": "globex"}}]
+    env.start(guard_overrides={"api_keys": keys, "budgets": {
+        "key": {"per": "api_key", "requests_per_minute": 2},
+        "tenant": {"per": "tenant", "default_plan": "big",
+                   "plans": {"small": {"max_concurrent": 5, "daily_usd": 100}, "big": {"daily_usd": 1000}}}}})
+    client = env.openai()
+    for _ in range(2):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
+    with pytest.raises(openai.RateLimitError) as denied:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
+    assert denied.value.response.headers["x-budget-limit"] == "key.rpm"
+    assert denied.value.response.headers["retry-after"] == "34"  # 15:09:26: the minute ends in 34 s
+    # bob's key has its own rpm; his calls go to his key's tenant, on the default plan.
+    env.openai(BOB_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
+    assert env.guard is not None
+    assert env.guard.budget_status("key", "alice-laptop").windows["key.rpm"].used == 2
+    acme = env.guard.budget_status("tenant", "acme", plan="small").windows
+    assert acme["tenant.daily"].spent_usd == 2 * chat_cost(env.up) and acme["tenant.daily"].limit_usd == 100
+    assert env.guard.budget_status("tenant", "globex").windows["tenant.daily"].limit_usd == 1000
