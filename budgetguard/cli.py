@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from .config import Config
     from .decision import CountStatus, WindowStatus
+    from .guard import BudgetGuard
 
 DEFAULT_CONFIG = "limits.yaml"
 DEMO_RUNAWAY_CALLS = 500
@@ -131,6 +132,7 @@ def bar(window: WindowStatus | CountStatus, width: int = BAR_WIDTH) -> str:
     """``[###++.....]  17%``: ``#`` spent, ``+`` reserved, ``.`` headroom; blank without a cap."""
     from .decision import CountStatus  # late: `budgetguard --help` need not load it
 
+    limit: Decimal | int | None
     if isinstance(window, CountStatus):
         spent, reserved, limit = Decimal(window.used), Decimal(window.reserved), window.limit
     else:
@@ -170,6 +172,12 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
             raise BudgetGuardError(f"{flag} {item!r}: expected KEY=VALUE")
         out[key] = value
     return out
+
+
+def _hourly(guard: BudgetGuard, user: str) -> WindowStatus:
+    w = guard.status(user).windows["user.hourly"]
+    assert not hasattr(w, "used")  # a money window
+    return w  # type: ignore[return-value]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -421,9 +429,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         d = guard.check(user, model, _document(model, input_tokens), max_tokens=max_tokens, tags={"feature": "demo"})
         if d.allowed:
             # The simulated LLM answers with 3/4 of max_tokens; we settle with the usage it reports.
-            before = guard.status(user).windows["user.hourly"].spent_usd
+            before = _hourly(guard, user).spent_usd
             guard.record(d, Usage(input_tokens=d.estimated_input_tokens, output_tokens=max_tokens * 3 // 4))
-            charged = guard.status(user).windows["user.hourly"].spent_usd - before
+            charged = _hourly(guard, user).spent_usd - before
             reserved, spent = f"{d.estimated_cost_usd:>9.4f}", f"{charged:>9.4f}"
         else:
             reserved, spent = f"{'-':>9}", f"{'-':>9}"  # a denial reserves and charges nothing
@@ -442,7 +450,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"carol  (the {runaway} allowed gpt-4o-mini calls of her runaway loop are not listed)")
     print()
     for user in ("alice", "carol"):
-        w = guard.status(user).windows["user.hourly"]
+        w = _hourly(guard, user)
         print(f"{user}: spent {_amount(w.spent_usd)} of {_amount(w.limit_usd)} this hour, "
               f"reserved {_amount(w.reserved_usd)}")
     guard.close()

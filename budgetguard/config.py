@@ -27,10 +27,10 @@ from .errors import ConfigError
 __all__ = [
     "BUILTIN_BUDGETS",
     "AlertsConfig",
-    "BudgetConfig",
-    "BudgetValue",
     "AnomalyConfig",
     "ApiKey",
+    "BudgetConfig",
+    "BudgetValue",
     "Config",
     "Downgrade",
     "EventsConfig",
@@ -762,10 +762,10 @@ def _check_references(config: Config) -> None:
     scopes: list[tuple[str, _TierFields | OrgConfig]] = [(f"tiers.{n}", t) for n, t in config.tiers.items()]
     scopes += [(f"users.{n}", u) for n, u in config.users.items()]
     scopes.append(("org", config.org))
-    for name, budget in config.budgets.items():
-        scopes.append((f"budgets.{name}", budget))
-        scopes += [(f"budgets.{name}.plans.{p}", plan) for p, plan in budget.plans.items()]
-        scopes += [(f"budgets.{name}.values.{v}", value) for v, value in budget.values.items()]
+    for budget_name, section in config.budgets.items():
+        scopes.append((f"budgets.{budget_name}", section))
+        scopes += [(f"budgets.{budget_name}.plans.{p}", plan) for p, plan in section.plans.items()]
+        scopes += [(f"budgets.{budget_name}.values.{v}", value) for v, value in section.values.items()]
     for where, scope in scopes:
         allowed = getattr(scope, "models", None)
         for i, model in enumerate(allowed or ()):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import logging
 import math
@@ -29,8 +28,8 @@ from .details import CallDetails
 from .errors import BudgetGuardError, InvalidArgument, InvalidArgumentType
 from .events import Event, denial_event, stream_head, usage_event
 from .keys import KeySpace
-from .notices import Notices
 from .limits import Limits
+from .notices import Notices
 from .policy import Policies
 from .pricing import ModelPrice, nano_to_usd, usd_to_nano
 from .protocol import (
@@ -444,7 +443,7 @@ class Engine:
         if max_output_cap is not None and max_out > max_output_cap:
             return self._deny_local(plan, input_tokens, "request.max_output_tokens",
                                     f"max_tokens={max_out} exceeds the per-request cap of {max_output_cap}")
-        max_input, input_scope = _tightest(scopes, "max_input_tokens")
+        max_input, _ = _tightest(scopes, "max_input_tokens")
         # Files and stored items in the messages are billed by what the provider makes of
         # them: whoever calls, they are reserved at the input cap like fetched input.
         fetched_input = fetched_input or uncountable_input(messages)
@@ -585,11 +584,11 @@ class Engine:
         assert plan.call is not None
         n = len(plan.scopes)
         if not self.split:
-            reply = self._parse(plan, (yield plan.call), 0, n)
-            if reply.code == RESERVED:
-                amount = plan.candidates[reply.chosen - 1].amount_nano
-                plan.choices = dict.fromkeys(range(n), (reply.chosen, amount))
-            return reply
+            whole = self._parse(plan, (yield plan.call), 0, n)
+            if whole.code == RESERVED:
+                amount = plan.candidates[whole.chosen - 1].amount_nano
+                plan.choices = dict.fromkeys(range(n), (whole.chosen, amount))
+            return whole
         total = len(plan.wins)
         offered = [True] * len(plan.candidates)
         routed = 0
@@ -1327,7 +1326,8 @@ def _window_statuses(wins: Sequence[Window], reply: StatusReply) -> dict[str, Wi
     for i, w in enumerate(wins):
         cap = w.limit.cap
         if w.money:
-            out[w.name] = WindowStatus(spent_usd=nano_to_usd(reply.spent[i]), reserved_usd=nano_to_usd(reply.reserved[i]),
+            out[w.name] = WindowStatus(spent_usd=nano_to_usd(reply.spent[i]),
+                                       reserved_usd=nano_to_usd(reply.reserved[i]),
                                        limit_usd=None if cap is None else nano_to_usd(cap), resets_at=w.end)
         else:
             out[w.name] = CountStatus(used=reply.spent[i], reserved=reply.reserved[i], limit=cap, resets_at=w.end,

@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 import redis as redis_sync
 import redis.asyncio as redis_async
 
+from .admin import Admin
 from .alerts.dispatch import Describe, Dispatcher
 from .alerts.jobs import Invoke, Job, RetryPolicy, Sleep, alert_job, baseline_job, forecast_job, steps_job
 from .alerts.model import Alert
 from .config import Config, load_config
-from .admin import Admin
 from .control import Change
 from .decision import BudgetStatus, Decision, Status
 from .details import CallDetails, details_from_response

@@ -31,8 +31,6 @@ import hashlib
 import re
 from datetime import datetime
 
-from .windows import WindowSet
-
 __all__ = ["KeySpace", "scope_tag", "user_tag"]
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
@@ -78,17 +76,6 @@ class KeySpace:
     @staticmethod
     def leases(prefix: str) -> str:
         return prefix + "leases"
-
-    def parts(self, user_prefix: str, windows: WindowSet, parts: str) -> tuple[str, ...]:
-        """The lease sets, then the window counters, of ``parts`` (the scripts' key order)."""
-        h, d, m = windows.h.stamp, windows.d.stamp, windows.m.stamp
-        org = self.org
-        if parts == "uo":
-            return user_prefix + "leases", org + "leases", user_prefix + h, user_prefix + d, user_prefix + m, \
-                org + d, org + m
-        if parts == "u":
-            return user_prefix + "leases", user_prefix + h, user_prefix + d, user_prefix + m
-        return org + "leases", org + d, org + m
 
     def org_window(self, stamp: str) -> str:
         return self.org + stamp

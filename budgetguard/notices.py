@@ -83,19 +83,18 @@ class Notices:
 
     def _window(self, kind: str, window: Window, scope: Scope, spent: int, level: Decimal, user: str,
                 now: datetime) -> Alert:
-        fields: dict[str, str | None] = {}
-        if scope.budget == "user":
-            fields = {"user": user, "user_key": user_tag(user), "tier": scope.limits.tier}
-        elif not scope.org:
-            fields = {"budget": scope.budget, "value": scope.value, "tier": scope.limits.plan,
-                      "value_key": scope.budget if scope.value is None else scope_tag(scope.budget, scope.value)}
-        return Alert(
-            kind="blocked" if kind == "blocked" else "threshold",
-            scope="user" if scope.budget == "user" else "org" if scope.org else "budget",
+        alert = Alert(
+            kind="blocked" if kind == "blocked" else "threshold", scope="org",
             window=window.name, window_key=window.suffix, window_start=window.start, window_end=window.end,
             level=level, spent_usd=nano_to_usd(spent), limit_usd=_cap_usd(window), at=now,
-            key_prefix=self._prefix, next_step=self._next_step(kind, window, scope, level), **fields,
+            key_prefix=self._prefix, next_step=self._next_step(kind, window, scope, level),
         )
+        if scope.budget == "user":
+            return alert.with_(scope="user", user=user, user_key=user_tag(user), tier=scope.limits.tier)
+        if not scope.org:
+            return alert.with_(scope="budget", budget=scope.budget, value=scope.value, tier=scope.limits.plan,
+                               value_key=scope.budget if scope.value is None else scope_tag(scope.budget, scope.value))
+        return alert
 
     @staticmethod
     def _next_step(kind: str, window: Window, scope: Scope, level: Decimal) -> str:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .decision import WindowStatus
+from .decision import CountStatus, WindowStatus
 from .errors import BudgetGuardError
 from .eventlog import read_stream, stream_key
 from .report import build_report, format_usd
@@ -27,22 +27,14 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# The status script reads one user's windows and the org's together. Asking it for a
-# user id no caller can configure reads the org's windows (and sweeps the org's expired
-# leases, as any status call does); the probe's own keys are never written.
-_ORG_PROBE = "\x00budgetguard-org-status"
+def org_status(guard: BudgetGuard) -> dict[str, WindowStatus | CountStatus]:
+    """The org's windows (``org.daily``, ``org.monthly``, ...): spent, reserved, cap, reset time."""
+    return guard.budget_status("org").windows
 
 
-def org_status(guard: BudgetGuard) -> dict[str, WindowStatus]:
-    """The org's windows (``org.daily``, ``org.monthly``): spent, reserved, cap, reset time."""
-    st = guard.status(_ORG_PROBE)
-    return {name: w for name, w in st.windows.items() if name.startswith("org.")}
-
-
-async def aorg_status(guard: BudgetGuard) -> dict[str, WindowStatus]:
+async def aorg_status(guard: BudgetGuard) -> dict[str, WindowStatus | CountStatus]:
     """:func:`org_status` for async callers (one status script, bounded by ``redis_timeout_ms``)."""
-    st = await guard.astatus(_ORG_PROBE)
-    return {name: w for name, w in st.windows.items() if name.startswith("org.")}
+    return (await guard.abudget_status("org")).windows
 
 
 def _client(guard: BudgetGuard) -> redis.Redis:
@@ -50,14 +42,18 @@ def _client(guard: BudgetGuard) -> redis.Redis:
     return guard._sync.client
 
 
-def _window_json(w: WindowStatus) -> dict[str, Any]:
+def _window_json(w: WindowStatus | CountStatus) -> dict[str, Any]:
     utilization = w.utilization
+    resets = None if w.resets_at is None else w.resets_at.isoformat()
+    if isinstance(w, CountStatus):
+        return {"used": w.used, "reserved": w.reserved, "limit": w.limit, "unit": w.unit,
+                "utilization": None if utilization is None else str(round(utilization, 6)), "resets_at": resets}
     return {
         "spent_usd": format_usd(w.spent_usd),
         "reserved_usd": format_usd(w.reserved_usd),
         "limit_usd": None if w.limit_usd is None else format_usd(w.limit_usd),
         "utilization": None if utilization is None else str(round(utilization, 6)),
-        "resets_at": w.resets_at.isoformat(),
+        "resets_at": resets,
     }
 
 

@@ -13,24 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-__all__ = ["WINDOWS", "Period", "WindowSet", "WindowSpec", "minute_at"]
-
-@dataclass(frozen=True, slots=True)
-class WindowSpec:
-    name: str  # "user.hourly"
-    scope: str  # "user" | "org"
-    period: str  # "h" | "d" | "m"
-
-
-# The order is part of the Lua scripts' calling convention (KEYS[4..8]).
-WINDOWS: tuple[WindowSpec, ...] = (
-    WindowSpec("user.hourly", "user", "h"),
-    WindowSpec("user.daily", "user", "d"),
-    WindowSpec("user.monthly", "user", "m"),
-    WindowSpec("org.daily", "org", "d"),
-    WindowSpec("org.monthly", "org", "m"),
-)
-
+__all__ = ["Period", "WindowClock", "WindowSet", "minute_at", "windows_at"]
 
 @dataclass(frozen=True, slots=True)
 class Period:

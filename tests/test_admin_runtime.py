@@ -251,7 +251,7 @@ def test_org_windows_outside_the_slices_cannot_be_set_while_they_are_on(backend_
     with pytest.raises(InvalidArgument, match="org slices"):
         g.admin.override("org", None, hourly_usd=5)
     assert g.check("alice", "gpt-4o", MSG, max_tokens=10).allowed
-    with pytest.raises(ConfigError, match="org.slice_usd"):
+    with pytest.raises(ConfigError, match=r"org\.slice_usd"):
         g.reload(config(org={"slice_usd": 2, "daily_usd": 100}))
     g.close()
 
