@@ -95,6 +95,7 @@ def _base(decision: Decision, now: datetime, kind: str, provider: str | None) ->
         "request_id": _id(decision.reservation_id),
         "user": _id(decision.user),
         "tier": decision.tier,
+        "budgets": list(decision.budgets),  # every budget that applied: "user", "tenant", ..., "org"
         "tags": _tags(decision.tags),
         "provider": provider,
         "requested_model": _id(decision.requested_model),

@@ -47,8 +47,8 @@ __all__ = [
 ]
 
 # The event's own fields; any other name groups by the tag of that name (feature, tenant, ...).
-GROUP_BY = ("user", "model", "provider", "feature", "tenant", "api_key", "hour")
-_FIELDS = frozenset({"user", "model", "provider", "hour"})
+GROUP_BY = ("user", "model", "provider", "feature", "tenant", "api_key", "hour", "budget")
+_FIELDS = frozenset({"user", "model", "provider", "hour", "budget"})
 _TAG_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 FORMATS = ("table", "csv", "json")
 NONE_KEY = "(none)"
@@ -97,6 +97,7 @@ class _Event:
     tags: Mapping[str, str]
     tokens: tuple[int, int, int, int]  # _TOKEN_FIELDS order
     money: tuple[Decimal, Decimal, Decimal, Decimal]  # _MONEY_FIELDS order
+    budgets: tuple[str, ...] = ()  # the budgets that applied (events before budgets: none)
 
 
 def _int(event: Mapping[str, Any], key: str) -> int:
@@ -138,11 +139,14 @@ def _parse(event: Mapping[str, Any]) -> _Event:
         raise ValueError("tags is not an object")
     tokens = tuple(_int(event, k) for k in _TOKEN_FIELDS)
     money = tuple(_money(event, k) for k in _MONEY_FIELDS)
+    budgets = event.get("budgets") or ()
+    if not isinstance(budgets, list | tuple) or not all(isinstance(b, str) for b in budgets) or len(budgets) > 64:
+        raise ValueError("budgets is not a list of names")
     from .eventlog import event_time  # late: eventlog imports redis, which `--help` need not load
 
     return _Event(ts=event_time(event.get("ts")), kind=kind, outcome=_text(event, "outcome"),
                   user=_text(event, "user"), provider=_text(event, "provider"), model=_text(event, "model"),
-                  tags=tags, tokens=tokens, money=money)  # type: ignore[arg-type]
+                  tags=tags, tokens=tokens, money=money, budgets=tuple(budgets))  # type: ignore[arg-type]
 
 
 def _group_key(event: _Event, by: str) -> str:
@@ -283,6 +287,8 @@ def build_report(events: Iterable[Mapping[str, Any]], *, by: str | None = None, 
     groups: dict[str, Totals] = {}
     users: dict[str, Totals] = {}
     for raw in events:
+        if isinstance(raw, Mapping) and raw.get("kind") == "admin":
+            continue  # an operator's change (guard.admin): no spend, not malformed
         try:
             event = _parse(raw)
         except (ValueError, TypeError):
@@ -290,7 +296,11 @@ def build_report(events: Iterable[Mapping[str, Any]], *, by: str | None = None, 
             continue
         totals.add(event)
         users.setdefault(event.user, Totals()).add(event)
-        if by is not None:
+        if by == "budget":
+            # An event counts in the row of every budget that applied to it: rows overlap.
+            for name in dict.fromkeys(event.budgets or (NONE_KEY,)):
+                groups.setdefault(name, Totals()).add(event)
+        elif by is not None:
             groups.setdefault(_group_key(event, by), Totals()).add(event)
     ranked = sorted(users.items(), key=lambda kv: (-kv[1].cost_usd, -kv[1].requests, kv[0]))
     if by == "hour":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -385,3 +386,25 @@ def test_the_status_command_shows_every_budget_that_applies(real_redis, real_red
     assert out.returncode != 0 and "no budget named 'team'" in out.stderr
     out = cli("status", "alice", "--tag", "tenant", "--config", str(limits), env=env)
     assert out.returncode != 0 and "--tag 'tenant': expected KEY=VALUE" in out.stderr
+
+
+def test_report_by_budget_counts_each_call_in_every_budget_that_applied(backend_url, clock, tmp_path):
+    from budgetguard.report import build_report
+
+    path = tmp_path / "usage.jsonl"
+    g = guard(backend_url, clock, events={"jsonl_path": str(path)},
+              budgets={"tenant": {"per": "tenant", "daily_usd": 10}, "chat": {"when": {"feature": "chat"},
+                                                                               "daily_usd": 10}})
+    g.record(g.check("a", "gpt-4o", MSG, max_tokens=10, tags={"tenant": "acme", "feature": "chat"}), Usage(10, 10))
+    g.record(g.check("b", "gpt-4o", MSG, max_tokens=10, tags={"tenant": "acme"}), Usage(10, 10))
+    g.record(g.check("c", "gpt-4o", MSG, max_tokens=10), Usage(10, 10))
+    g.admin.override("tenant", "acme", daily_usd=20)  # an audit event: neither spend nor malformed
+    g.flush()
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["budgets"] for e in events if e["kind"] == "usage"] == [
+        ["user", "tenant", "chat", "org"], ["user", "tenant", "org"], ["user", "org"]]
+    report = build_report(events, by="budget")
+    requests = {key: totals.requests for key, totals in report.groups}
+    assert requests == {"user": 3, "org": 3, "tenant": 2, "chat": 1}
+    assert report.skipped == 0
+    g.close()

@@ -113,6 +113,7 @@ def test_one_record_is_one_event_with_every_field_exact(backend_url, clock):
         "request_id": d.reservation_id,
         "user": "alice",
         "tier": "default",
+        "budgets": ["user", "org"],
         "tags": tags,
         "provider": "openai",
         "requested_model": "gpt-4o",

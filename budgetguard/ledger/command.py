@@ -146,6 +146,9 @@ def db_report(args: argparse.Namespace, since: datetime, until: datetime, config
 
     if args.db is None:
         raise ReportError(f"--format {args.format} reads the SQL ledger: add --db URL")
+    if args.by == "budget":
+        raise ReportError("--by budget reads the usage stream or file (drop --db): the ledger does not keep "
+                          "which budgets applied to each call")
     if args.send is not None and args.format != "weekly":
         raise ReportError("--send goes with --format weekly")
     if args.format == "efficiency":
