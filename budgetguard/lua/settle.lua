@@ -40,10 +40,10 @@ local n_parts, n_thresholds = tonumber(ARGV[19]), tonumber(ARGV[20])
 local parts, wins, k = layout(21 + 3 * n_thresholds, n_parts, 4, 3, 3, false)
 local with_org = false
 for _, p in ipairs(parts) do
+  -- A lease past its deadline is swept first: its settle then reports it lapsed.
+  sweep(p.leases, p.prefix, now)
   if p.f[3] == '1' then with_org = true end
 end
--- Lapsed leases are not swept here: they change no settle, and the checks and status
--- reads that they could mislead sweep first.
 
 local prior = redis.call('GET', KEYS[1])
 if void_ttl ~= '' then
