@@ -24,6 +24,24 @@ def backend_url(any_backend_url: str) -> str:
     return any_backend_url
 
 
+@pytest.fixture(autouse=True, params=["user+org", "user+tenant+everyone+org"])
+def budgets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test also runs with two more budgets that apply to every call and never bind:
+    one kept per value of a tag no test sets (so its value is the user's), one shared."""
+    if request.param == "user+org":
+        return
+    from . import helpers
+
+    plain = helpers.config
+
+    def with_budgets(**overrides):
+        overrides.setdefault("budgets", {"tenant": {"per": "user", "daily_usd": "900000"},
+                                         "everyone": {"monthly_usd": "9000000", "requests_per_minute": 10**9}})
+        return plain(**overrides)
+
+    monkeypatch.setattr(helpers, "config", with_budgets)
+
+
 def _estimate(url, clock) -> Decimal:
     """The worst-case cost of one test request, read from an uncapped probe."""
     probe = guard(url, clock)

@@ -22,6 +22,24 @@ def backend_url(any_backend_url: str) -> str:
     return any_backend_url
 
 
+@pytest.fixture(autouse=True, params=["user+org", "user+tenant+everyone+org"])
+def budgets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test also runs with two more budgets that apply to every call and never bind:
+    one kept per value of a tag no test sets (so its value is the user's), one shared."""
+    if request.param == "user+org":
+        return
+    from . import helpers
+
+    plain = helpers.config
+
+    def with_budgets(**overrides):
+        overrides.setdefault("budgets", {"tenant": {"per": "user", "daily_usd": "900000"},
+                                         "everyone": {"monthly_usd": "9000000", "requests_per_minute": 10**9}})
+        return plain(**overrides)
+
+    monkeypatch.setattr(helpers, "config", with_budgets)
+
+
 def test_allow_record_and_status_to_the_nano_dollar(backend_url, clock):
     g = guard(backend_url, clock, tiers={"default": {"hourly_usd": "1.00"}})
     d = g.check("alice", "gpt-4o", MSG, max_tokens=200)
@@ -444,9 +462,12 @@ def test_keys_expire_after_their_window(real_redis, real_redis_url, clock):
     assert real_redis.pttl(next(iter(real_redis.keys("*:h:*")))) == pytest.approx(hour_left + grace_ms, abs=2000)
     assert real_redis.pttl(next(iter(real_redis.keys("*{u:u1}:m:*")))) == pytest.approx(month_left + grace_ms,
                                                                                        abs=2000)
-    # The lease sets live as long as the month counters they may have to sweep.
+    # The lease sets live as long as the longest counters they may have to sweep: the user's
+    # and the org's month (another budget's with only a day, the day's).
+    day_left = left_ms(datetime(2026, 3, 15, tzinfo=UTC))
     for leases in real_redis.keys("*:leases"):
-        assert real_redis.pttl(leases) == pytest.approx(month_left + grace_ms, abs=2000)
+        longest = day_left if b"{b:tenant:" in leases else month_left
+        assert real_redis.pttl(leases) == pytest.approx(longest + grace_ms, abs=2000), leases
 
 
 def test_config_object_is_required():
