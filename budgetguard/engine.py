@@ -979,7 +979,7 @@ class Engine:
         if not (0 <= i < len(plan.candidates) and plan.candidates[i].amount_nano == int(amount)):
             raise InvalidArgument(_IN_USE)
         held = _held(state)
-        if held:
+        if held and not self.split:  # part by part, check_steps kept each part's own
             # The original's budgets are the ones held: a retry naming others (another
             # tenant, say) is another request, and its settle must release what was taken.
             if list(held) != [s.prefix for s in plan.scopes]:

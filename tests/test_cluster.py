@@ -220,3 +220,24 @@ def test_a_failed_retry_leaves_the_originals_reservation(cluster_url, clock):
     retry = g.check("alice", "gpt-4o", MSG, max_tokens=50, request_id="req-1")
     assert retry.limit == "store.unavailable"
     assert g.status("alice").windows["user.hourly"].reserved_usd == first.estimated_cost_usd
+
+
+def test_a_resent_org_part_stands_as_a_repeat_and_settles_clean(cluster_url, clock):
+    """A cluster client resends a script whose reply it lost: the org part answers "repeat"."""
+    g = guard(cluster_url, clock, org={"daily_usd": "100"})
+    run = g._sync.run
+
+    def resend(call):
+        reply = run(call)
+        if call.script == "reserve" and "{org}" in call.keys[0]:
+            return run(call)  # the first reply was lost on its way back
+        return reply
+
+    g._sync.run = resend
+    d = g.check("alice", "gpt-4o", MSG, max_tokens=50)
+    g._sync.run = run
+    assert d.allowed
+    assert g.record(d, Usage(input_tokens=d.estimated_input_tokens, output_tokens=50)) is True
+    w = g.status("alice").windows
+    assert (w["user.daily"].reserved_usd, w["org.daily"].reserved_usd) == (0, 0)
+    assert w["user.daily"].spent_usd == w["org.daily"].spent_usd > 0
