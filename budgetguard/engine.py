@@ -1104,8 +1104,10 @@ class Engine:
         org_keys = self.keys.rankings(now, org_day.suffix, org_month.suffix)
         head = stream_head(event) if self._stream_maxlen != "0" and logged else ""
         feature = _ranked(decision.tags.get("feature", ""))
-        charges = [("-" if w.code == "c" else str(cost) if w.code == "m" else "1" if w.code == "q" else str(tokens))
-                   for w in charge]
+        # A record late enough to charge the current windows charges their money only: a
+        # request from a day ago is not this minute's request or tokens.
+        charges = [("-" if w.code == "c" or (expired and w.code in "qk") else str(cost) if w.code == "m"
+                    else "1" if w.code == "q" else str(tokens)) for w in charge]
         levels = self._levels(charge, t.scopes)
         n = len(t.scopes)
 

@@ -139,9 +139,11 @@ def _parse(event: Mapping[str, Any]) -> _Event:
         raise ValueError("tags is not an object")
     tokens = tuple(_int(event, k) for k in _TOKEN_FIELDS)
     money = tuple(_money(event, k) for k in _MONEY_FIELDS)
-    budgets = event.get("budgets") or ()
-    if not isinstance(budgets, list | tuple) or not all(isinstance(b, str) for b in budgets) or len(budgets) > 64:
-        raise ValueError("budgets is not a list of names")
+    # Read for --by budget only: an event whose list is unreadable still counts in every other
+    # report, and in --by budget under "(none)".
+    budgets = event.get("budgets")
+    if not isinstance(budgets, list) or len(budgets) > 64 or not all(isinstance(b, str) and b for b in budgets):
+        budgets = []
     from .eventlog import event_time  # late: eventlog imports redis, which `--help` need not load
 
     return _Event(ts=event_time(event.get("ts")), kind=kind, outcome=_text(event, "outcome"),

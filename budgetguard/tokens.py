@@ -99,7 +99,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from functools import cache, lru_cache
+from functools import lru_cache
 from importlib import resources
 from typing import Any
 
@@ -470,15 +470,26 @@ def _bundled_encoding(name: str) -> tiktoken.Encoding | None:
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
 
 
-@cache
+_loaded: dict[str, tiktoken.Encoding | None] = {}
+_load_lock = threading.Lock()
+
+
 def _load_encoding(name: str) -> tiktoken.Encoding | None:
-    # A failure is remembered too: retrying a download on every LLM call would put network
-    # timeouts on the hot path, and the byte fallback is safe.
-    try:
-        return _bundled_encoding(name) or tiktoken.get_encoding(name)
-    except Exception as exc:
-        _warn_fallback(name, exc)
-        return None
+    """The encoding ``name``, loaded once per process. Under a lock: a cold process hit by a
+    burst would otherwise parse the rank file once per concurrent caller (each a third of a
+    second of CPU and tens of MB), and the burst's first checks would wait for all of them."""
+    if name in _loaded:
+        return _loaded[name]
+    with _load_lock:
+        if name not in _loaded:
+            # A failure is remembered too: retrying a download on every LLM call would put
+            # network timeouts on the hot path, and the byte fallback is safe.
+            try:
+                _loaded[name] = _bundled_encoding(name) or tiktoken.get_encoding(name)
+            except Exception as exc:
+                _warn_fallback(name, exc)
+                _loaded[name] = None
+        return _loaded[name]
 
 
 def load_problems(models: Iterable[tuple[str, str | None]]) -> list[str]:
@@ -585,7 +596,8 @@ def _clear_caches() -> None:
     """Forget loaded encodings, tokenizers and the warning flags (tests use this)."""
     global _warned, _encode_warned
     _tokenizer_cached.cache_clear()
-    _load_encoding.cache_clear()
+    with _load_lock:
+        _loaded.clear()
     _known_encodings.cache_clear()
     with _warn_lock:
         _warned = False

@@ -13,7 +13,7 @@ import pytest
 from budgetguard import InvalidArgument, InvalidArgumentType, Usage
 from budgetguard.errors import ConfigError
 
-from .helpers import MSG, config, estimate, guard
+from .helpers import MSG, PRICES, config, estimate, guard
 
 
 @pytest.fixture
@@ -319,4 +319,71 @@ def test_minute_counters_do_not_outlive_their_leases_by_a_day(real_redis, real_r
     ttl = real_redis.pttl("bg:{b:key:k}:q:202603141509")
     assert 0 < ttl <= (34 + 60 + 60) * 1000  # the minute's end, a lease's 60 s, a minute's margin
     assert real_redis.pttl("bg:{b:key:k}:leases") == -1  # leases on a balance never expire
+    g.close()
+
+
+# -- found by a second review ------------------------------------------------------------------
+
+
+@pytest.fixture(params=["one script", "part by part"])
+def split(request):
+    return request.param == "part by part"
+
+
+def _guard(clock, split, **overrides):
+    import uuid
+
+    g = guard(f"memory://{uuid.uuid4().hex}", clock, **overrides)
+    g._engine.split = split  # what a Redis Cluster URL sets: every scope a call of its own
+    return g
+
+
+def test_calls_in_flight_are_counted_as_long_as_their_leases(split, clock, real_redis, real_redis_url):
+    g = guard(real_redis_url, clock, tiers={"default": {"daily_usd": 5, "max_concurrent": 1}})
+    g._engine.split = split
+    g.check("alice", "gpt-4o", MSG, max_tokens=10)  # abandoned: never settled
+    leases, counter = real_redis.pttl("bg:{u:alice}:leases"), real_redis.pttl("bg:{u:alice}:c")
+    assert counter >= leases - 1000 and leases > 86_400_000  # read a moment apart; more than a day
+    g.close()
+
+
+def test_a_request_id_reused_after_its_lease_lapsed_holds_one_reservation(split, clock):
+    g = _guard(clock, split, budgets={"pre": {"per": "account", "total_usd": 1}})
+    tags = {"account": "a"}
+    g.check("alice", "gpt-4o", MSG, max_tokens=10, tags=tags, request_id="r1")  # lapses unsettled
+    clock.advance(seconds=61)
+    again = g.check("alice", "gpt-4o", MSG, max_tokens=10, tags=tags, request_id="r1")
+    assert again.allowed and "repeat" not in again.reason
+    assert g.record(again, Usage(5, 5)) is True
+    assert g.budget_status("pre", "a").windows["pre.total"].reserved_usd == 0
+    assert g.status("alice").windows["user.daily"].reserved_usd == 0
+    g.close()
+
+
+def test_a_lost_reply_of_a_routed_reserve_is_settled_on_what_it_holds(split, clock):
+    g = _guard(clock, split, fail_mode="open",
+               tiers={"default": {"daily_usd": "0.01", "downgrade": {"at": 0.1, "routes": {"gpt-4o": "gpt-4o-mini"}}}})
+    first = g.check("alice", "gpt-4o", MSG, max_tokens=100)
+    g.record(first, Usage(100, 100))  # past 10%: the next reserve routes
+    plan = g._engine.plan_check("alice", "gpt-4o", MSG, max_tokens=100)
+    g._sync.drive(g._engine.check_steps(plan))  # the script ran and routed, but its reply was lost:
+    lost = g._engine.unavailable(plan, TimeoutError())  # the caller went ahead unenforced, as asked
+    assert lost.allowed and not lost.enforced and lost.model == "gpt-4o"
+    assert g.record(lost, Usage(100, 100)) is True
+    assert g.status("alice").windows["user.daily"].reserved_usd == 0
+    g.close()
+
+
+def test_lapsed_leases_never_push_a_part_to_a_worse_route(split, clock):
+    models = {**PRICES, "nano": {"input_per_mtok": "0.05", "output_per_mtok": "0.20"}}
+    g = _guard(clock, split, models=models,
+               tiers={"default": {"daily_usd": "0.002", "downgrade": {"at": 0.5, "routes": {"gpt-4o": "gpt-4o-mini"}}}},
+               budgets={"tenant": {"per": "tenant", "daily_usd": "0.0001"}},
+               org={"daily_usd": "100", "downgrade": {"at": 0.99, "routes": {"gpt-4o": "nano"}}})
+    tags = {"tenant": "acme"}
+    g.record(g.check("alice", "gpt-4o", MSG, max_tokens=100), Usage(100, 100))  # alice past 50%
+    g.check("bob", "gpt-4o-mini", MSG, max_tokens=100, tags=tags)  # abandoned
+    clock.advance(seconds=61)  # its lease lapsed
+    d = g.check("alice", "gpt-4o", MSG, max_tokens=100, tags=tags)
+    assert d.model == "gpt-4o-mini" and "user.daily is at" in d.reason
     g.close()

@@ -25,8 +25,8 @@ from .helpers import MSG, PRICES, config, cost_usd, estimate_usd, guard
 
 STREAM = "bg:{org}:events"
 FIELDS = {
-    "v", "ts", "kind", "request_id", "user", "tier", "budgets", "tags", "provider", "requested_model", "model", "routed",
-    "limit", "reason", "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
+    "v", "ts", "kind", "request_id", "user", "tier", "budgets", "tags", "provider", "requested_model", "model",
+    "routed", "limit", "reason", "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
     "reasoning_tokens", "input_cost_usd", "output_cost_usd", "cost_usd", "estimated_input_tokens",
     "max_output_tokens", "estimated_cost_usd", "prices", "latency_ms", "error", "outcome",
     "finish_reason", "streamed", "endpoint", "raw_usage",

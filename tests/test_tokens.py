@@ -1146,3 +1146,32 @@ def test_input_size_stops_at_the_limit() -> None:
     assert full > 100_000
     assert 5_000 <= input_size(messages, limit=5_000) < full
     assert input_size(messages, limit=10 * full) == full
+
+
+def test_a_burst_on_a_cold_process_loads_an_encoding_once(monkeypatch):
+    import threading
+
+    from budgetguard import tokens
+
+    tokens._clear_caches()
+    loads = []
+    real = tokens._bundled_encoding
+
+    def counted(name):
+        loads.append(name)
+        return real(name)
+
+    monkeypatch.setattr(tokens, "_bundled_encoding", counted)
+    gate = threading.Barrier(16)
+
+    def call():
+        gate.wait()
+        tokens.estimate_input_tokens("gpt-4o", [{"role": "user", "content": "hello"}])
+
+    workers = [threading.Thread(target=call) for _ in range(16)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert loads == ["o200k_base"]
+    tokens._clear_caches()

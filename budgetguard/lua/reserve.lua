@@ -72,7 +72,8 @@ if state[2] then return {3} end
 
 -- Only a live reservation is a repeat: a settled or lapsed request id reserves afresh.
 local prior = state[1]
-if prior and string.sub(prior, 1, 1) == 'L' and tonumber(split(prior, '|')[5]) > now then
+local lapsed = prior and string.sub(prior, 1, 1) == 'L' and tonumber(split(prior, '|')[5]) <= now
+if prior and string.sub(prior, 1, 1) == 'L' and not lapsed then
   -- The repeat takes the live reservation over: voiding the attempt that took it (its
   -- caller gave up on the reply) must not give it back from under this one.
   local f = split(prior, '|')
@@ -101,6 +102,7 @@ end
 
 local raw_spent, raw_reserved, used, fresh = {}, {}, {}, {}
 local triggered, routed, chosen, requested_blockers, cheapest, cheapest_blockers
+local passed_over  -- a candidate tried before the chosen one was blocked
 
 -- Read every window, then choose: routes whose threshold was reached, the requested
 -- model, other routes; the first candidate every window fits.
@@ -118,7 +120,7 @@ local function decide()
       if not shares_bit(routed, bit) then routed = routed + bit end
     end
   end
-  chosen, requested_blockers, cheapest, cheapest_blockers = 0, nil, nil, nil
+  chosen, requested_blockers, cheapest, cheapest_blockers, passed_over = 0, nil, nil, nil, false
   for pass = 1, 3 do
     for i = 1, n_cand do
       local routes = c_routes[i]
@@ -138,17 +140,23 @@ local function decide()
           chosen = i
           return
         end
+        passed_over = true
         if cheapest == nil or c_cost[i] < c_cost[cheapest] then cheapest, cheapest_blockers = i, found end
       end
     end
   end
 end
 
+if lapsed then
+  -- This request id's own lapsed lease may still be in its set, and the new one would be
+  -- the same member: give the old one back first, or the two would become one lease.
+  for i = 1, n_parts do sweep(p_leases[i], p_prefix[i], now) end
+end
 decide()
--- Leases that lapsed still count until swept. A clean pass (the requested model fits, no
--- threshold reached) cannot change by sweeping them; anything else is decided again on
+-- Leases that lapsed still count until swept. A clean pass (the first candidate tried fits,
+-- no threshold reached) cannot change by sweeping them; anything else is decided again on
 -- the swept counters, so expired leases never deny, route or alert.
-if chosen == 0 or requested_blockers or #triggered > 0 then
+if chosen == 0 or passed_over or #triggered > 0 then
   local swept = 0
   for i = 1, n_parts do swept = swept + sweep(p_leases[i], p_prefix[i], now) end
   if swept > 0 then decide() end
@@ -167,7 +175,7 @@ end
 local function expire(x)
   local kind = w_kind[x]
   if kind == 'c' then
-    redis.call('PEXPIRE', w_key[x], tonumber(deadline) + grace - now)
+    return  -- with its part's lease set, below
   elseif fresh[x] and w_end[x] > 0 then
     -- A minute's counters need only outlive the leases taken in it (a minute past their
     -- deadline); the calendar windows' stay for reports a grace period after they end.
@@ -236,15 +244,21 @@ for i = 1, n_parts do
     -- abandoned one is given back by the next sweep, however late (a set empties itself).
     if w_suffix[x] == 't' then balance = true end
   end
+  local in_flight = nil  -- the part's calls-in-flight counter
   for x = p_first[i], p_last[i] do
     if fresh[x] or raw_reserved[x] == '0' then refresh = true end
+    if w_kind[x] == 'c' then in_flight = w_key[x] end
   end
   member = table.concat(member, '|')
   redis.call('ZADD', p_leases[i], deadline, member)
   if balance then
     redis.call('PERSIST', p_leases[i])
-  elseif refresh then
-    redis.call('PEXPIRE', p_leases[i], longest + grace - now)
+    if in_flight then redis.call('PERSIST', in_flight) end
+  else
+    if refresh then redis.call('PEXPIRE', p_leases[i], longest + grace - now) end
+    -- The counter of calls in flight lives at least as long as the leases it counts (a
+    -- lapsed one is given back by a sweep, which must find it), so it follows the latest.
+    if in_flight then redis.call('PEXPIRE', in_flight, longest + grace - now) end
   end
   held[i] = p_prefix[i] .. '>' .. member
 end

@@ -53,15 +53,28 @@ if void_ttl ~= '' then
 end
 if prior and string.sub(prior, 1, 1) == 'S' then return {0, prior} end
 
+-- What the reservation holds, as its reserve wrote it into the request state: it is the
+-- lease (the decision's own guess differs when the reserve ran but its reply was lost and it
+-- chose another model); the caller's member otherwise.
+local members = {}
+if prior and string.sub(prior, 1, 1) == 'L' then
+  local tail = string.match(prior, '^L|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|(.+)$')
+  for entry in string.gmatch(tail or '', '[^;]+') do
+    local prefix, member = string.match(entry, '^(.-)>(.+)$')
+    if prefix then members[prefix] = member end
+  end
+end
+
 -- Each part's lease back (what it held per window), if it was still live. The lease counts
 -- as live if the last part (the one that carries the event) still held it.
 local live = 0
 local held = {}  -- per window: what the lease held there, for windows charged below
 for i, p in ipairs(parts) do
   live = 0
-  if redis.call('ZREM', p.leases, parts[i].f[4]) == 1 then
+  local member = members[p.prefix] or p.f[4]
+  if redis.call('ZREM', p.leases, member) == 1 then
     live = 1
-    local f = split(parts[i].f[4], '|')
+    local f = split(member, '|')
     local rest = {f[1], f[2]}
     for j = 3, #f do
       local suffix, amount = f[j], f[2]
@@ -89,7 +102,12 @@ for w, win in ipairs(wins) do
     if charge then
       spent[w] = redis.call('HINCRBY', win.key, 's', charge)
       local ends = tonumber(win.f[2])
-      if not exists and ends > 0 then redis.call('PEXPIRE', win.key, math.max(1000, ends + grace - now)) end
+      if not exists and ends > 0 then
+        -- A minute's counters need only outlive their minute's leases; the rest, a grace period.
+        local kind = string.sub(win.f[1], 1, 2)
+        local after = (kind == 'q:' or kind == 'k:') and 60000 or grace
+        redis.call('PEXPIRE', win.key, math.max(1000, ends + after - now))
+      end
     end
   end
 end
