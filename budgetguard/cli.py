@@ -47,6 +47,18 @@ def _usd(value: Decimal | None) -> str:
     return f"${value.quantize(Decimal('0.0001'))}"
 
 
+def _limits(fields: Any) -> str:
+    """A budget's window limits in one line: "daily $50.0000, rpm 600"."""
+    from .limits import KINDS
+
+    parts = []
+    for kind in KINDS:
+        value = getattr(fields, kind.field, None)
+        if value is not None:
+            parts.append(f"{kind.name} {_usd(value) if kind.money else f'{value:,}'}")
+    return ", ".join(parts) or "no window limits"
+
+
 def summarize(config: Config) -> str:
     """One screen describing what a config enforces."""
     from .pricing import Pricebook
@@ -92,6 +104,16 @@ def summarize(config: Config) -> str:
         overrides = sorted(user.model_fields_set - {"tier"})
         extra = f", overrides {', '.join(overrides)}" if overrides else ""
         lines.append(f"user       {name}: tier {user.tier or config.default_tier}{extra}")
+    for name, budget in config.budgets.items():
+        scope = f"per {budget.per}" if budget.per else "shared"
+        when = "; ".join(f"when {k} in {v if isinstance(v, str) else ', '.join(v)}" for k, v in budget.when.items())
+        lines.append(f"budget     {name}: {scope}" + (f", {when}" if when else "")
+                     + ("" if budget.plans else f": {_limits(budget)}"))
+        for plan_name, plan in budget.plans.items():
+            mark = " (default)" if plan_name == budget.default_plan else ""
+            lines.append(f"             plan {plan_name}{mark}: {_limits(plan)}")
+        if budget.values:
+            lines.append(f"             {len(budget.values)} values listed")
     org = config.org
     lines.append(f"org        daily {_usd(org.daily_usd)}, monthly {_usd(org.monthly_usd)}"
                  + (f", alerts at {', '.join(f'{a:.0%}' for a in org.alert_at)}" if org.alert_at else ""))

@@ -408,3 +408,16 @@ def test_report_by_budget_counts_each_call_in_every_budget_that_applied(backend_
     assert requests == {"user": 3, "org": 3, "tenant": 2, "chat": 1}
     assert report.skipped == 0
     g.close()
+
+
+def test_check_config_summarises_budgets():
+    from budgetguard.cli import summarize
+
+    text = summarize(config(budgets={
+        "tenant": {"per": "tenant", "default_plan": "s", "values": {"acme": {"plan": "e"}},
+                   "plans": {"s": {"monthly_usd": 200, "requests_per_minute": 600},
+                             "e": {"tokens_per_minute": 2000000}}},
+        "deep": {"when": {"feature": ["deep", "deeper"]}, "daily_usd": 50, "max_concurrent": 3}}))
+    assert "budget     tenant: per tenant\n             plan s (default): monthly $200.0000, rpm 600\n" \
+           "             plan e: tpm 2,000,000\n             1 values listed" in text
+    assert "budget     deep: shared, when feature in deep, deeper: daily $50.0000, concurrent 3" in text
