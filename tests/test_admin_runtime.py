@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -387,3 +387,26 @@ def test_lapsed_leases_never_push_a_part_to_a_worse_route(split, clock):
     d = g.check("alice", "gpt-4o", MSG, max_tokens=100, tags=tags)
     assert d.model == "gpt-4o-mini" and "user.daily is at" in d.reason
     g.close()
+
+
+def test_a_record_a_day_late_charges_no_minute_of_today(split, clock):
+    g = _guard(clock, split, tiers={"default": {"requests_per_minute": 5, "tokens_per_minute": 100000}})
+    d = g.check("alice", "gpt-4o", MSG, max_tokens=10)
+    clock.advance(days=1, minutes=2)  # past the windows' grace: the record charges today's windows
+    assert g.record(d, Usage(5, 5)) is True
+    w = g.status("alice").windows
+    assert (w["user.rpm"].used, w["user.tpm"].used) == (0, 0)
+    assert w["user.daily"].spent_usd > 0  # late spend is still spend
+    g.close()
+
+
+def test_an_unreadable_budgets_field_still_counts_in_reports():
+    from budgetguard.report import build_report
+
+    from .eventgen import make_event
+
+    events = [{**make_event(ts=datetime(2026, 3, 14, tzinfo=UTC)), "budgets": bad} for bad in ("x", 3, [1], None)]
+    report = build_report(events, by="budget")
+    assert report.totals.requests == 4 and report.skipped == 0
+    assert [(key, totals.requests) for key, totals in report.groups] == [("(none)", 4)]
+    assert build_report(events).totals.requests == 4
