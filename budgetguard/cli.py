@@ -671,6 +671,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     # Each connection holds a file descriptor: at the usual soft limit of 1,024 a thousand slow
     # clients would stall accept() for everyone.
     raise_open_file_limit()
+    _reload_on_sighup(guard, path)
     # No limit_concurrency: uvicorn counts every open connection against it, slow ones
     # included, so it would turn a slow-client flood into 503s for every caller; the read
     # deadlines bound how long such connections last instead. The listen backlog stays
@@ -687,6 +688,33 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             raise
         raise BudgetGuardError(f"cannot listen on {args.host}:{args.port} (see the error above)") from None
     return 0
+
+
+def _reload_on_sighup(guard: BudgetGuard, path: Path) -> None:
+    """SIGHUP: read limits.yaml again and swap its limits in (``guard.reload``). A file that
+    does not load is reported with the field's path and the running limits are kept. The
+    proxy's own settings (``api_keys``, ``proxy:``) are read at start only."""
+    import signal
+
+    from .config import load_config
+    from .errors import ConfigError
+
+    if not hasattr(signal, "SIGHUP"):  # not on Windows
+        return
+    started = guard.config
+
+    def reload(signum: int, frame: Any) -> None:
+        try:
+            config = load_config(path)
+            guard.reload(config)
+        except ConfigError as exc:
+            print(f"budgetguard: limits not reloaded, the running ones are kept: {exc}", file=sys.stderr, flush=True)
+            return
+        later = [name for name in ("api_keys", "proxy") if getattr(config, name) != getattr(started, name)]
+        note = f" ({' and '.join(later)} changed: they apply at the next start)" if later else ""
+        print(f"budgetguard: limits reloaded from {path}{note}", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGHUP, reload)
 
 
 def _read_key(args: argparse.Namespace) -> str:

@@ -265,10 +265,6 @@ def _tightest(scopes: Sequence[Scope], attr: str) -> tuple[int | None, Scope | N
     return found
 
 
-def _usd_or_count(window: Window, value: int) -> str:
-    return _fmt(value) if window.money else f"{value:,} {window.limit.kind.unit}"
-
-
 class Engine:
     """``split``: run each operation per hash slot (one part per scope, the user's first), for Redis Cluster."""
 
@@ -925,9 +921,12 @@ class Engine:
             cap = win.limit.cap
             assert cap is not None
             this = need(win, cheapest.amount_nano, tokens)
-            reason = (f"denied: {win.name} cap {_usd_or_count(win, cap)} would be exceeded "
-                      f"(spent {_usd_or_count(win, spent[w])} + reserved {_usd_or_count(win, reserved[w])} + this "
-                      f"request {_usd_or_count(win, this)})")
+            if win.money:
+                reason = (f"denied: {win.name} cap {_fmt(cap)} would be exceeded (spent {_fmt(spent[w])} + "
+                          f"reserved {_fmt(reserved[w])} + this request {_fmt(this)})")
+            else:
+                reason = (f"denied: {win.name} cap {cap:,} {win.limit.kind.unit} would be exceeded (used "
+                          f"{spent[w]:,} + reserved {reserved[w]:,} + this request {this:,})")
             # Waiting helps only if the request fits every capped window when empty, and
             # a balance (total) never empties by itself.
             fits_empty = all(x.limit.cap is None or need(x, cheapest.amount_nano, tokens) <= x.limit.cap for x in wins)

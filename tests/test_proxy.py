@@ -810,3 +810,39 @@ def test_budgets_per_api_key_and_per_tenant_through_the_proxy(env):
     acme = env.guard.budget_status("tenant", "acme", plan="small").windows
     assert acme["tenant.daily"].spent_usd == 2 * chat_cost(env.up) and acme["tenant.daily"].limit_usd == 100
     assert env.guard.budget_status("tenant", "globex").windows["tenant.daily"].limit_usd == 1000
+
+
+def test_the_proxy_command_reloads_its_limits_on_sighup(env, tmp_path):
+    config = tmp_path / "limits.yaml"
+    data = {"redis_url": env.redis_url, "models": MODELS, "api_keys": API_KEYS,
+            "budgets": {"key": {"per": "api_key", "requests_per_minute": 100}}}
+    config.write_text(yaml.safe_dump(data))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "budgetguard", "proxy", "--config", str(config),
+                             "--upstream", env.upstream_srv.url, "--port", str(port), "--no-access-log"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "REDIS_URL": ""})
+    try:
+        wait_for_proxy(proc, port, 30)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=BOB_KEY, max_retries=0)
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
+        config.write_text(yaml.safe_dump({**data, "budgets": {"key": {"requests_per_minute": -1}}}))  # refused
+        proc.send_signal(signal.SIGHUP)
+        data["budgets"]["key"]["requests_per_minute"] = 1
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
+        config.write_text(yaml.safe_dump(data))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while True:  # the handler runs between requests; the cap it sets is 1 a minute
+            try:
+                client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
+            except openai.RateLimitError as denied:
+                assert denied.response.headers["x-budget-limit"] == "key.rpm"
+                break
+            assert time.monotonic() < deadline, "the reload never took effect"
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    assert "limits not reloaded, the running ones are kept: budgets.key.requests_per_minute" in stderr
+    assert f"limits reloaded from {config}" in stderr and "Traceback" not in stderr
