@@ -6,6 +6,8 @@ import math
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
 from budgetguard import BudgetGuard
 from budgetguard.config import parse_config
 
@@ -52,3 +54,21 @@ def estimate(url: str, clock: Any = None, max_tokens: int = 50) -> Decimal:
     probe.release(d)
     probe.close()
     return d.estimated_cost_usd
+
+
+@pytest.fixture(params=["user+org", "user+tenant+everyone+org"])
+def more_budgets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module that imports this (autouse) runs each test twice: as written, and with two
+    more budgets that apply to every call and never bind (one kept per user, one shared)."""
+    if request.param == "user+org":
+        return
+
+    def with_budgets(**overrides: Any) -> Any:
+        overrides.setdefault("budgets", {"tenant": {"per": "user", "daily_usd": "900000"},
+                                         "everyone": {"monthly_usd": "9000000", "requests_per_minute": 10**9}})
+        return _config(**overrides)
+
+    monkeypatch.setitem(globals(), "config", with_budgets)
+
+
+_config = config

@@ -12,10 +12,14 @@ import pytest
 
 from budgetguard import Usage
 
-from .helpers import MSG, guard
+from .helpers import MSG, guard, more_budgets  # noqa: F401
 
 CALLERS = 200
 FITS = 100
+
+
+# Each test runs over two budgets and over four (helpers.more_budgets).
+pytestmark = pytest.mark.usefixtures("more_budgets")
 
 
 @pytest.fixture
@@ -23,23 +27,6 @@ def backend_url(any_backend_url: str) -> str:
     """These tests also run on a Redis Cluster, where checks and settles run per hash slot."""
     return any_backend_url
 
-
-@pytest.fixture(autouse=True, params=["user+org", "user+tenant+everyone+org"])
-def budgets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test also runs with two more budgets that apply to every call and never bind:
-    one kept per value of a tag no test sets (so its value is the user's), one shared."""
-    if request.param == "user+org":
-        return
-    from . import helpers
-
-    plain = helpers.config
-
-    def with_budgets(**overrides):
-        overrides.setdefault("budgets", {"tenant": {"per": "user", "daily_usd": "900000"},
-                                         "everyone": {"monthly_usd": "9000000", "requests_per_minute": 10**9}})
-        return plain(**overrides)
-
-    monkeypatch.setattr(helpers, "config", with_budgets)
 
 
 def _estimate(url, clock) -> Decimal:

@@ -13,7 +13,10 @@ from budgetguard import BudgetExceeded, InvalidArgument, InvalidArgumentType, Us
 from budgetguard.config import parse_config
 from budgetguard.guard import BudgetGuard
 
-from .helpers import MSG, config, cost_usd, estimate_usd, guard
+from .helpers import MSG, config, cost_usd, estimate_usd, guard, more_budgets  # noqa: F401
+
+# Each test runs over two budgets and over four (helpers.more_budgets).
+pytestmark = pytest.mark.usefixtures("more_budgets")
 
 
 @pytest.fixture
@@ -21,23 +24,6 @@ def backend_url(any_backend_url: str) -> str:
     """These tests also run on a Redis Cluster, where checks and settles run per hash slot."""
     return any_backend_url
 
-
-@pytest.fixture(autouse=True, params=["user+org", "user+tenant+everyone+org"])
-def budgets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test also runs with two more budgets that apply to every call and never bind:
-    one kept per value of a tag no test sets (so its value is the user's), one shared."""
-    if request.param == "user+org":
-        return
-    from . import helpers
-
-    plain = helpers.config
-
-    def with_budgets(**overrides):
-        overrides.setdefault("budgets", {"tenant": {"per": "user", "daily_usd": "900000"},
-                                         "everyone": {"monthly_usd": "9000000", "requests_per_minute": 10**9}})
-        return plain(**overrides)
-
-    monkeypatch.setattr(helpers, "config", with_budgets)
 
 
 def test_allow_record_and_status_to_the_nano_dollar(backend_url, clock):

@@ -738,18 +738,29 @@ def test_proxy_command_needs_keys_or_a_user_header_and_a_free_port(tmp_path):
     assert out.stderr.splitlines()[-1] == f"budgetguard: cannot listen on 127.0.0.1:{port} (see the error above)"
 
 
-def test_proxy_command_serves_a_guarded_call(env, tmp_path):
-    config = tmp_path / "limits.yaml"
-    config.write_text(yaml.safe_dump({"redis_url": env.redis_url, "models": MODELS, "api_keys": API_KEYS,
-                                      "proxy": {"timeout_s": 30}}))
+def _proxy_process(env: Env, config: Path, *flags: str) -> tuple[subprocess.Popen[str], openai.OpenAI]:
+    """`budgetguard proxy` in a process of its own, listening; and a client of it (bob's key)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "budgetguard", "proxy", "--config", str(config),
-                             "--upstream", env.upstream_srv.url, "--port", str(port)],
+                             "--upstream", env.upstream_srv.url, "--port", str(port), *flags],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "REDIS_URL": ""})
     try:
         wait_for_proxy(proc, port, 30)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=BOB_KEY, max_retries=0)
+    except BaseException:
+        proc.kill()
+        proc.communicate(timeout=30)
+        raise
+    return proc, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=BOB_KEY, max_retries=0)
+
+
+def test_proxy_command_serves_a_guarded_call(env, tmp_path):
+    config = tmp_path / "limits.yaml"
+    config.write_text(yaml.safe_dump({"redis_url": env.redis_url, "models": MODELS, "api_keys": API_KEYS,
+                                      "proxy": {"timeout_s": 30}}))
+    proc, client = _proxy_process(env, config)
+    port = client.base_url.port
+    try:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
     finally:
         proc.terminate()
@@ -817,14 +828,8 @@ def test_the_proxy_command_reloads_its_limits_on_sighup(env, tmp_path):
     data = {"redis_url": env.redis_url, "models": MODELS, "api_keys": API_KEYS,
             "budgets": {"key": {"per": "api_key", "requests_per_minute": 100}}}
     config.write_text(yaml.safe_dump(data))
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "budgetguard", "proxy", "--config", str(config),
-                             "--upstream", env.upstream_srv.url, "--port", str(port), "--no-access-log"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "REDIS_URL": ""})
+    proc, client = _proxy_process(env, config, "--no-access-log")
     try:
-        wait_for_proxy(proc, port, 30)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=BOB_KEY, max_retries=0)
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
         config.write_text(yaml.safe_dump({**data, "budgets": {"key": {"requests_per_minute": -1}}}))  # refused
         proc.send_signal(signal.SIGHUP)
