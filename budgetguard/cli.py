@@ -197,9 +197,11 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def _hourly(guard: BudgetGuard, user: str) -> WindowStatus:
+    from .decision import WindowStatus
+
     w = guard.status(user).windows["user.hourly"]
-    assert not hasattr(w, "used")  # a money window
-    return w  # type: ignore[return-value]
+    assert isinstance(w, WindowStatus)  # a money window, never a count
+    return w
 
 
 def cmd_status(args: argparse.Namespace) -> int:

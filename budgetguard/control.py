@@ -14,12 +14,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from .engine import validate_text
 from .errors import InvalidArgument, InvalidArgumentType
-from .events import EVENT_VERSION, MAX_TEXT, Event, shorten, to_json
+from .events import EVENT_VERSION, MAX_TEXT, Event, shorten, timestamp, to_json
 from .limits import KIND_BY_NAME, Kind
 from .pricing import usd_to_nano
 from .protocol import ScriptCall, text
 from .runtime import FIELDS, MAX_GRANTS, Runtime, parse_limit
+from .windows import epoch_ms
 
 if TYPE_CHECKING:
     from .engine import Engine, Steps
@@ -44,25 +46,9 @@ class Change:
     now_ms: int = 0  # when it was made (which grants were live)
 
 
-def _epoch_ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
-def _ts(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def _text(name: str, value: Any, limit: int = 1024) -> str:
-    if not isinstance(value, str):
-        raise InvalidArgumentType(f"{name} must be a string, got {type(value).__name__}")
-    if not value.strip() or len(value) > limit:
-        raise InvalidArgument(f"{name} must be 1 to {limit} characters")
-    return value
-
-
 def _kind(window: Any, budget: str) -> Kind:
     """A window of ``budget`` named "daily" or "<budget>.daily"."""
-    owner, _, name = _text("window", window, 64).rpartition(".")
+    owner, _, name = validate_text("window", window, max_len=64).rpartition(".")
     if owner and owner != budget:
         raise InvalidArgument(f"window {window!r} is not a window of budget {budget!r}")
     kind = KIND_BY_NAME.get(name)
@@ -86,9 +72,9 @@ class Control:
         self._engine = engine
 
     def _target(self, budget: Any, value: Any) -> tuple[str, str | None, str]:
-        budget = _text("budget", budget, 64)
+        budget = validate_text("budget", budget, max_len=64)
         if value is not None:  # any length, as in checks: a long value is hashed into its key
-            value = _text("value", value, 1 << 62)
+            value = validate_text("value", value)
         return budget, value, self._engine.scopes.prefix_of(budget, value)
 
     def _scope(self, budget: str, value: str | None, now_ms: int) -> Scope:
@@ -98,9 +84,9 @@ class Control:
         """Run one operation; returns a :class:`Change`. Bad input raises before anything changes."""
         engine = self._engine
         budget, value, prefix = self._target(budget, value)
-        actor = "api" if by is None else shorten(_text("by", by, _MAX_BY), _MAX_BY)
+        actor = "api" if by is None else validate_text("by", by, max_len=_MAX_BY)
         now = engine.now()
-        now_ms = _epoch_ms(now)
+        now_ms = epoch_ms(now)
         keys = [prefix + "cfg"]
         if op in ("grant", "topup", "reset"):
             # Checked against the value's state as it is now, not as this process last saw it.
@@ -115,7 +101,7 @@ class Control:
         if op == "assign":
             plan = params["plan"]
             if plan is not None:
-                engine.policies.check_plan(budget, _text("plan", plan, 256))
+                engine.policies.check_plan(budget, validate_text("plan", plan, max_len=256))
             args.append(plan or "")
             detail = f"plan {plan}" if plan else "plan assignment removed"
         elif op == "override":
@@ -144,7 +130,7 @@ class Control:
             if until <= now:
                 raise InvalidArgument(f"grant: until {until.isoformat()} is in the past")
             grant_id = os.urandom(6).hex()
-            args += [grant_id, f"{kind.field}|{usd}|{_epoch_ms(until)}", MAX_GRANTS]
+            args += [grant_id, f"{kind.field}|{usd}|{epoch_ms(until)}", MAX_GRANTS]
             detail = f"grant +${usd} on {budget}.{kind.name} until {until.astimezone(UTC).isoformat()}"
         elif op == "topup":
             usd = _usd("top_up: usd", params["usd"])
@@ -175,7 +161,7 @@ class Control:
         if op == "show":
             return Change(budget, value, before, after, None, now_ms)
         event: Event = {
-            "v": EVENT_VERSION, "ts": _ts(now), "kind": "admin", "outcome": op, "by": actor,
+            "v": EVENT_VERSION, "ts": timestamp(now), "kind": "admin", "outcome": op, "by": actor,
             "budget": budget, "value": None if value is None else shorten(value, 256),
             "reason": f"{actor}: {budget}{'' if value is None else ' ' + shorten(value, 64)}: {detail}"[:MAX_TEXT],
             "before": before.to_json(now_ms), "after": after.to_json(now_ms),

@@ -58,7 +58,7 @@ from .scopes import Scope, Scopes, Window, member, need, plans_argument
 from .slices import Item, OrgSlices, Refill
 from .tokens import Tokenizer, estimate_input_tokens, tokenizer_for, uncountable_input
 from .usage import Usage, check_token_count
-from .windows import WindowClock, WindowSet, windows_at
+from .windows import WindowClock, WindowSet, epoch_ms, windows_at
 
 __all__ = ["MAX_OUTPUT_TOKENS_CEILING", "CheckPlan", "Engine", "ScriptCall", "SettlePlan", "Settled", "Steps"]
 
@@ -176,10 +176,6 @@ def _fmt(nano: int) -> str:
     return f"${nano_to_usd(nano).normalize():f}"
 
 
-def _epoch_ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
 # A compensated user part: not a live reservation (a request id reserves afresh) and not
 # settled (the decision's own record or release still applies).
 _GIVEN_BACK = "C|0|released|"
@@ -202,7 +198,7 @@ def settled_state(candidate: int, cost_nano: int | None) -> str:
     return f"S|{candidate}|{'released' if cost_nano is None else cost_nano}|{os.urandom(4).hex()}"
 
 
-def _validate_text(name: str, value: Any, *, max_len: int | None = None) -> str:
+def validate_text(name: str, value: Any, *, max_len: int | None = None) -> str:
     if not isinstance(value, str):
         raise InvalidArgumentType(f"{name} must be a string, got {type(value).__name__}")
     if not value.strip():
@@ -335,7 +331,7 @@ class Engine:
         if found is None:
             if len(self._specs) > 4096:  # a new hour (or many overridden values): start over
                 self._specs.clear()
-            wins = tuple(dataclasses.replace(w, scope=index) for w in Scopes.windows((scope,), at, now))
+            wins = Scopes.windows((scope,), at, now, first=index)
             # A first denial alerts where the budget asks for alerts (alert_at); the org's always.
             alert = 1 if scope.org or limits.alert_at else 0
             specs = tuple((w.suffix, w.code, -1 if w.limit.cap is None else w.limit.cap,
@@ -400,13 +396,13 @@ class Engine:
         args = dict(user=user, model=model, messages=messages, max_tokens=max_tokens, tags=tags,
                     request_id=request_id, tools=tools, prompt=prompt, system=system, fetched_input=fetched_input,
                     tier=tier, plans=plans)
-        user = _validate_text("user", user)
-        model = _validate_text("model", model, max_len=256)
+        user = validate_text("user", user)
+        model = validate_text("model", model, max_len=256)
         if max_tokens is not None:
             max_tokens = check_token_count(max_tokens, "max_tokens", minimum=1, maximum=MAX_OUTPUT_TOKENS_CEILING)
         tags = _validate_tags(tags)
         if request_id is not None:
-            request_id = _validate_text("request_id", request_id, max_len=_MAX_REQUEST_ID)
+            request_id = validate_text("request_id", request_id, max_len=_MAX_REQUEST_ID)
         plans = plans_argument(tier, plans)
         self.scopes.check_plans(plans)
         for budget, plan_name in plans.items():  # every plan named is checked, whether its budget applies or not
@@ -414,7 +410,7 @@ class Engine:
         price = self._price(model)
         now = self.now()
         scopes = self.scopes.of_call(user, plans, tags, model, None if price is None else price.provider,
-                                     self.known.get, _epoch_ms(now))
+                                     self.known.get, epoch_ms(now))
         policy = scopes[0].limits
         max_output_cap, _ = _tightest(scopes, "max_output_tokens")
         max_out = max_tokens or max_output_cap or self.config.default_max_output_tokens
@@ -520,7 +516,7 @@ class Engine:
         first = ranges[lo][0]
         last = ranges[hi - 1][0] + ranges[hi - 1][1]
         slot = scopes[lo].prefix
-        now_ms = _epoch_ms(plan.now)
+        now_ms = epoch_ms(plan.now)
         org = scopes[hi - 1].org
         return Reserve(
             state_key=KeySpace.request(slot, plan.rid), void_key=KeySpace.void(slot, plan.attempt),
@@ -700,7 +696,7 @@ class Engine:
         assert slices is not None
         w = plan.windows
         stamps = (w.d.stamp, w.m.stamp)
-        now_ms = _epoch_ms(plan.now)
+        now_ms = epoch_ms(plan.now)
         first, count = plan.ranges[k]
         org = plan.scopes[k]
         crossings: tuple[str, ...] = ()
@@ -761,7 +757,7 @@ class Engine:
 
     def _org_windows(self, now: datetime) -> tuple[Window, ...]:
         """The org's windows alone (numbered from 0): a slice call's numbering."""
-        org = self.scopes.of_budget("org", None, None, self.known.get, _epoch_ms(now))
+        org = self.scopes.of_budget("org", None, None, self.known.get, epoch_ms(now))
         return self._scope_windows(0, org, self._windows.at(now), now)[0]
 
     def _slice(self, refill: Refill, now: datetime) -> Slice:
@@ -770,7 +766,7 @@ class Engine:
         hour = f"{now:%Y%m%d%H}"
         wins = self._org_windows(now)
         baseline = self.anomaly_baselines.get(hour)
-        now_ms = _epoch_ms(now)
+        now_ms = epoch_ms(now)
         return Slice(
             state_key=KeySpace.request(org, refill.id),
             org_keys=(KeySpace.leases(org), self.keys.org_window(d), self.keys.org_window(m),
@@ -795,7 +791,7 @@ class Engine:
         for _ in range(2):
             now = self.now()
             w = self._windows.at(now)
-            refill = self.slices.begin((w.d.stamp, w.m.stamp), _epoch_ms(now), final=final)
+            refill = self.slices.begin((w.d.stamp, w.m.stamp), epoch_ms(now), final=final)
             if refill is None:
                 break
             crossings += yield from self._refill(refill)
@@ -806,7 +802,7 @@ class Engine:
     def slice_alerts(self, crossings: Sequence[str]) -> list[Alert]:
         """Alerts of the org thresholds, resolved blocks and anomalies a slice call reported."""
         now = self.now()
-        org = self.scopes.of_budget("org", None, None, self.known.get, _epoch_ms(now))
+        org = self.scopes.of_budget("org", None, None, self.known.get, epoch_ms(now))
         return self.notices.alerts(crossings, self._org_windows(now), (org,), "", now)
 
     def flush_due(self) -> bool:
@@ -814,7 +810,7 @@ class Engine:
             return False
         now = self.now()
         w = self._windows.at(now)
-        return self.slices.due((w.d.stamp, w.m.stamp), _epoch_ms(now))
+        return self.slices.due((w.d.stamp, w.m.stamp), epoch_ms(now))
 
     def _release_call(self, scope: Scope, wins: Sequence[Window], rid: str, member_text: str, state: str,
                       attempt: str = "", void_ttl_ms: int | None = None, first: int = 0) -> Settle:
@@ -822,7 +818,7 @@ class Engine:
         return Settle(
             state_key=KeySpace.request(scope.prefix, rid), void_key=KeySpace.void(scope.prefix, attempt),
             part_keys=(scope.prefix + "leases", *(scope.prefix + w.suffix for w in wins)), org_keys=(),
-            now_ms=_epoch_ms(self.now()), state_ttl_ms=self._state_ms, grace_ms=self._grace_ms,
+            now_ms=epoch_ms(self.now()), state_ttl_ms=self._state_ms, grace_ms=self._grace_ms,
             parts=(scope.prefix, len(wins), 0, member_text),
             windows=tuple(v for w in wins for v in (w.suffix, w.end_ms, "-")), cost=None, settled_state=state,
             thresholds=(), history_field="", history_ttl_ms=self._history_ms, spender="", feature="",
@@ -1081,7 +1077,7 @@ class Engine:
             input_cost, cost = price.cost_parts_nano(usage)
             tokens = usage.input_tokens + usage.output_tokens
         now = self.now()
-        now_ms = _epoch_ms(now)
+        now_ms = epoch_ms(now)
         # A record that arrives after the reservation's earliest window has expired charges
         # the current windows: late spend is still spend.
         ends = [w.end_ms for w in t.windows if w.end_ms]
@@ -1151,7 +1147,7 @@ class Engine:
         t = self.ticket(decision)
         if not decision.allowed or not decision.enforced or not t.members:
             return False
-        now_ms = _epoch_ms(self.now())
+        now_ms = epoch_ms(self.now())
         deadline = now_ms + self._lease_ms
         rid = decision.reservation_id
 
@@ -1275,14 +1271,14 @@ class Engine:
         on fresh runtime state when a part answers "stale"; returns (scopes, windows, reply)."""
         for _ in range(_REPLANS):
             now = self.now()
-            scopes = scopes_of(_epoch_ms(now))
+            scopes = scopes_of(epoch_ms(now))
             wins, ranges, _ = self._layout(scopes, self._windows.at(now), now)
             total = len(wins)
             groups = [(0, len(scopes))] if not self.split else [(k, k + 1) for k in range(len(scopes))]
             reply = StatusReply((0,) * total, (0,) * total)
             for lo, hi in groups:
                 first, last = ranges[lo][0], ranges[hi - 1][0] + ranges[hi - 1][1]
-                call = StatusCall(self._part_keys(scopes, wins, ranges, lo, hi, cfg=True), _epoch_ms(now),
+                call = StatusCall(self._part_keys(scopes, wins, ranges, lo, hi, cfg=True), epoch_ms(now),
                                   tuple(v for i, s in enumerate(scopes[lo:hi])
                                         for v in (s.prefix, ranges[lo + i][1], s.version)),
                                   tuple(w.suffix for w in wins[first:last]), first, total)
@@ -1295,7 +1291,7 @@ class Engine:
     def status_steps(self, user: Any, tier: Any = None, tags: Any = None, plans: Any = None) -> Steps:
         """Read the windows of every budget that applies to ``user`` with ``tags`` (the caps of
         the plans given, else the config's); returns a :class:`Status`."""
-        user = _validate_text("user", user)
+        user = validate_text("user", user)
         tags = _validate_tags(tags)
         plans = plans_argument(tier, plans)
         self.scopes.check_plans(plans)
@@ -1309,11 +1305,11 @@ class Engine:
 
     def budget_status_steps(self, budget: Any, value: Any = None, plan: Any = None) -> Steps:
         """Read one budget value's windows; returns a :class:`BudgetStatus`."""
-        budget = _validate_text("budget", budget, max_len=64)
+        budget = validate_text("budget", budget, max_len=64)
         if value is not None:
-            value = _validate_text("value", value)  # any length: long values are hashed into the key
+            value = validate_text("value", value)  # any length: long values are hashed into the key
         if plan is not None:
-            plan = _validate_text("plan", plan, max_len=256)
+            plan = validate_text("plan", plan, max_len=256)
             self.policies.check_plan(budget, plan)
         self.scopes.prefix_of(budget, value)  # refuses an unknown budget before any I/O
         scopes, wins, reply = yield from self._read_windows(

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .usage import Usage
 
 __all__ = ["EVENT_VERSION", "MAX_ID", "MAX_TAG_KEY", "MAX_TAG_VALUE", "MAX_TEXT", "JsonlSink", "denial_event",
-           "shorten", "stream_head", "to_json", "usage_event"]
+           "shorten", "stream_head", "timestamp", "to_json", "usage_event"]
 
 log = logging.getLogger("budgetguard.events")
 
@@ -54,7 +54,8 @@ _HASH_HEX = 16
 Event = dict[str, Any]
 
 
-def _ts(moment: datetime) -> str:
+def timestamp(moment: datetime) -> str:
+    """An event's ``ts``: UTC, millisecond precision, ``Z``."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -90,7 +91,7 @@ def _usd(nano: int) -> str:
 def _base(decision: Decision, now: datetime, kind: str, provider: str | None) -> Event:
     return {
         "v": EVENT_VERSION,
-        "ts": _ts(now),
+        "ts": timestamp(now),
         "kind": kind,
         "request_id": _id(decision.reservation_id),
         "user": _id(decision.user),

@@ -41,6 +41,9 @@ KINDS: tuple[Kind, ...] = (
 )
 KIND_BY_NAME = {k.name: k for k in KINDS}
 _EMPTY_ROUTES: MappingProxyType[str, str] = MappingProxyType({})
+# The scripts compare amounts as Lua doubles, exact below 2**53: a money cap (a configured
+# one plus grants and top-ups) stops at $9M, the most limits.yaml allows for one cap.
+MAX_CAP_NANO = usd_to_nano(9_000_000)
 
 
 def _trigger(cap: int | None, downgrade: Downgrade | None) -> int | None:
@@ -98,7 +101,7 @@ def build_limits(budget: str, plan: str | None, fields: Mapping[str, Any], alway
         value = fields.get(kind.field)
         if value is None and kind.name not in always:
             continue
-        cap = None if value is None else (usd_to_nano(value) if kind.money else int(value))
+        cap = None if value is None else (min(usd_to_nano(value), MAX_CAP_NANO) if kind.money else int(value))
         windows.append(WindowLimit(kind, cap, _trigger(cap, downgrade) if kind.money else None))
     per_request: PerRequest = fields.get("per_request") or PerRequest()
     models = fields.get("models")

@@ -27,6 +27,7 @@ from .config import MAX_BUDGET_VALUES
 from .errors import InvalidArgument, InvalidArgumentType
 from .limits import KINDS, Kind
 from .pricing import nano_to_usd
+from .protocol import text
 
 __all__ = ["FIELDS", "NONE", "Grant", "Runtime", "parse_limit"]
 
@@ -38,10 +39,6 @@ _RATE_MAX = 1_000_000_000_000
 # operator types must mean what it shows.
 _USD_TEXT = re.compile(r"[0-9]{1,7}(\.[0-9]{1,9})?", re.ASCII)
 _COUNT_TEXT = re.compile(r"[0-9]{1,13}", re.ASCII)
-
-
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def parse_limit(field: str, value: Any, where: str = "") -> Decimal | int:
@@ -107,7 +104,7 @@ class Runtime:
         overrides: list[tuple[str, Decimal | int]] = []
         grants: list[Grant] = []
         for raw_key, raw_value in items:
-            key, value = _text(raw_key), _text(raw_value)
+            key, value = text(raw_key), text(raw_value)
             try:
                 if key == "v":
                     version = value

@@ -23,7 +23,7 @@ from .keys import KeySpace
 from .limits import Limits, WindowLimit
 from .policy import Policies
 from .runtime import Runtime
-from .windows import WindowSet, minute_at
+from .windows import WindowSet, epoch_ms, minute_at
 
 __all__ = ["Scope", "Scopes", "Window", "member", "need"]
 
@@ -77,10 +77,6 @@ def member(rid: str, amount: int, tokens: int, windows: Sequence[Window]) -> str
     for w in windows:
         fields.append(w.suffix if w.code == "m" else f"{w.suffix}={need(w, amount, tokens)}")
     return "|".join(fields)
-
-
-def _epoch_ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
 
 
 def plans_argument(tier: Any, plans: Any) -> dict[str, str]:
@@ -203,21 +199,21 @@ class Scopes:
 
 
     @staticmethod
-    def windows(scopes: Sequence[Scope], at: WindowSet, now: datetime) -> tuple[Window, ...]:
-        """The check's windows: each scope's, in order."""
+    def windows(scopes: Sequence[Scope], at: WindowSet, now: datetime, first: int = 0) -> tuple[Window, ...]:
+        """The check's windows: each scope's, in order (``first``: the first scope's index)."""
         out = []
         minute = None
-        for i, scope in enumerate(scopes):
+        for i, scope in enumerate(scopes, start=first):
             for limit in scope.limits.windows:
                 period = limit.kind.period
                 name = f"{scope.budget}.{limit.kind.name}"
                 if period in ("h", "d", "w", "m"):
                     p = at.of(period)
-                    out.append(Window(name, i, limit, p.stamp, p.start, p.end, _epoch_ms(p.end)))
+                    out.append(Window(name, i, limit, p.stamp, p.start, p.end, epoch_ms(p.end)))
                 elif period in ("q", "k"):
                     minute = minute or minute_at(now)
                     out.append(Window(name, i, limit, f"{period}:{minute.stamp}", minute.start, minute.end,
-                                      _epoch_ms(minute.end)))
+                                      epoch_ms(minute.end)))
                 else:  # "t" a balance, "c" calls in flight: no period
                     out.append(Window(name, i, limit, period, None, None, 0))
         return tuple(out)

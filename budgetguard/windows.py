@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-__all__ = ["Period", "WindowClock", "WindowSet", "minute_at", "windows_at"]
+__all__ = ["Period", "WindowClock", "WindowSet", "epoch_ms", "minute_at", "windows_at"]
 
 @dataclass(frozen=True, slots=True)
 class Period:
@@ -37,6 +37,11 @@ class WindowSet:
 
     def of(self, period: str) -> Period:
         return getattr(self, period)
+
+
+def epoch_ms(moment: datetime) -> int:
+    """An aware datetime as Unix milliseconds (the scripts' clock)."""
+    return int(moment.timestamp() * 1000)
 
 
 def _local_midnight(day: datetime, tz: ZoneInfo) -> datetime:

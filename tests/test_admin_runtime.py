@@ -410,3 +410,11 @@ def test_an_unreadable_budgets_field_still_counts_in_reports():
     assert report.totals.requests == 4 and report.skipped == 0
     assert [(key, totals.requests) for key, totals in report.groups] == [("(none)", 4)]
     assert build_report(events).totals.requests == 4
+
+
+def test_grants_never_lift_a_cap_past_what_the_scripts_compare_exactly(clock):
+    g = _guard(clock, False, budgets={"tenant": {"per": "tenant", "daily_usd": 9_000_000}})
+    for _ in range(3):
+        g.admin.grant("tenant", "acme", 9_000_000, "daily", clock.now + timedelta(hours=1))
+    assert g.budget_status("tenant", "acme").windows["tenant.daily"].limit_usd == 9_000_000
+    g.close()
