@@ -24,7 +24,11 @@ class Ticket:
     scopes: tuple[Scope, ...]  # the budget values it was reserved on, the user's first, the org's last
     windows: tuple[Window, ...]  # the windows it was reserved on
     ranges: tuple[tuple[int, int], ...]  # per scope: (its first window, how many)
-    members: tuple[str, ...]  # per scope: its lease member (what it holds, window by window)
+    # Per scope what its lease holds: (amount nano-USD, tokens), or the member text itself (a
+    # repeat's, as the original wrote it). The members are built when a settle needs them,
+    # not on every check.
+    holds: tuple[tuple[int, int] | str, ...]
+    rid: str
     amount_nano: int
     candidate: int  # 1-based index of the chosen candidate (the Lua calling convention)
     org_local: bool = False  # the org's part was held in this process's slice (org.slice_usd)
@@ -35,6 +39,16 @@ class Ticket:
     # The reserve was sent but its reply never came (fail_mode applied): it may run later,
     # so settling voids it (see settle.lua).
     in_doubt: bool = False
+
+    def members(self) -> tuple[str, ...]:
+        """Each scope's lease member, as reserve.lua writes it (see :func:`budgetguard.scopes.member`)."""
+        from .scopes import member
+
+        out = []
+        for (first, count), hold in zip(self.ranges, self.holds, strict=True):
+            out.append(hold if isinstance(hold, str) else
+                       member(self.rid, hold[0], hold[1], self.windows[first:first + count]))
+        return tuple(out)
 
 
 @dataclass(slots=True, eq=False)

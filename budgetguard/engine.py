@@ -825,13 +825,19 @@ class Engine:
             anomaly_nano=None, event_head="", outcome="released", lapsed_outcome="released",
             stream_maxlen=self._stream_maxlen, void_ttl_ms=void_ttl_ms, attempt=attempt, org_ends=(0, 0), first=first)
 
-    def _member(self, plan: CheckPlan, k: int, choice: tuple[int, int], wins: Sequence[Window] | None = None) -> str:
+    def _hold(self, plan: CheckPlan, k: int, choice: tuple[int, int]) -> tuple[int, int] | str:
+        """What scope ``k`` holds for ``choice`` (candidate, amount): (amount, tokens), or a repeat's member."""
         if k in plan.stored:
             return plan.stored[k]
         c = plan.candidates[choice[0] - 1] if 0 < choice[0] <= len(plan.candidates) else None
-        tokens = self._tokens(plan, c) if c is not None else 0
+        return choice[1], self._tokens(plan, c) if c is not None else 0
+
+    def _member(self, plan: CheckPlan, k: int, choice: tuple[int, int]) -> str:
+        hold = self._hold(plan, k, choice)
+        if isinstance(hold, str):
+            return hold
         first, count = plan.ranges[k]
-        return member(plan.rid, choice[1], tokens, (wins or plan.wins)[first:first + count])
+        return member(plan.rid, hold[0], hold[1], plan.wins[first:first + count])
 
     def _give_back(self, plan: CheckPlan) -> Steps:
         """Compensate a cluster check a later part denied (or failed): release the parts it took."""
@@ -854,16 +860,14 @@ class Engine:
             amount = candidate.amount_nano if candidate else 0
         index = (plan.candidates.index(candidate) + 1) if candidate in plan.candidates else 0
         wins = wins or plan.wins
-        members: tuple[str, ...] = ()
-        if plan.ranges:
-            members = tuple(self._member(plan, k, plan.choices.get(k, (index, amount)), wins)
-                            for k in range(len(plan.scopes)))
+        holds = tuple(self._hold(plan, k, plan.choices.get(k, (index, amount))) for k in range(len(plan.ranges)))
         ticket = Ticket(
             request_key=KeySpace.request(plan.user_prefix, plan.rid),
             scopes=plan.scopes,
             windows=wins,
             ranges=plan.ranges,
-            members=members,
+            holds=holds,
+            rid=plan.rid,
             amount_nano=amount,
             candidate=index,
             org_local=plan.org_local,
@@ -1069,6 +1073,7 @@ class Engine:
         ``logged=False`` writes no usage event (a void nobody asked for).
         """
         t = self.ticket(decision)
+        members = t.members()
         cost, input_cost, tokens = None, 0, 0
         if usage is not None:
             price = self._price(decision.model)
@@ -1117,7 +1122,7 @@ class Engine:
                 part_keys=self._part_keys(t.scopes, charge, t.ranges, lo, hi), org_keys=org_keys if org else (),
                 now_ms=now_ms, state_ttl_ms=self._state_ms, grace_ms=self._grace_ms,
                 parts=tuple(v for i, s in enumerate(scopes)
-                            for v in (s.prefix, t.ranges[lo + i][1], 1 if s.org else 0, t.members[lo + i])),
+                            for v in (s.prefix, t.ranges[lo + i][1], 1 if s.org else 0, members[lo + i])),
                 windows=tuple(v for w, c in zip(charge[first:last], charges[first:last], strict=True)
                               for v in (w.suffix, w.end_ms, c)),
                 cost=cost, settled_state=state,
@@ -1145,8 +1150,9 @@ class Engine:
     def renew_steps(self, decision: Decision) -> Steps:
         """Move a live reservation's lease on by ``reservation_ttl_s``; returns whether it was live."""
         t = self.ticket(decision)
-        if not decision.allowed or not decision.enforced or not t.members:
+        if not decision.allowed or not decision.enforced or not t.ranges:
             return False
+        members = t.members()
         now_ms = epoch_ms(self.now())
         deadline = now_ms + self._lease_ms
         rid = decision.reservation_id
@@ -1154,7 +1160,7 @@ class Engine:
         def renew(lo: int, hi: int) -> ScriptCall:
             state_key = t.request_key if lo == 0 else KeySpace.request(t.scopes[lo].prefix, rid)
             return Renew(state_key, tuple(s.prefix + "leases" for s in t.scopes[lo:hi]), now_ms, deadline,
-                         self._state_ms, ";".join(t.members[lo:hi])).call()
+                         self._state_ms, ";".join(members[lo:hi])).call()
 
         n = len(t.scopes)
         if not self.split:
