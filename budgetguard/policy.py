@@ -52,9 +52,8 @@ class Policies:
         at run time (``runtime``), else the one the config gives the user, with the user's
         own overrides from ``users:`` on top, and the runtime overrides and grants on top of all."""
         entry = self._config.users.get(user)
-        if tier is not None and tier not in self.tiers:
-            raise InvalidArgument(f"tier {tier[:64]!r} is not a tier of the config "
-                                  f"(tiers: {', '.join(sorted(self.tiers))})")
+        if tier is not None:
+            self.check_plan("user", tier)
         assigned = runtime.plan if runtime.plan in self.tiers else None
         plan = tier or assigned or (entry.tier if entry is not None and entry.tier else None) or \
             self._config.default_tier
@@ -88,10 +87,9 @@ class Policies:
         at run time, else its static one; the runtime overrides and grants on top."""
         config: BudgetConfig = self._config.budgets[budget]
         entry: BudgetValue | None = config.values.get(value) if value is not None else None
-        if plan is not None and plan not in config.plans:
-            known = ", ".join(config.plans) if config.plans else "none"
-            raise InvalidArgument(f"plan {plan[:64]!r} is not a plan of budget {budget!r} (plans: {known})")
-        if plan is None and config.plans:
+        if plan is not None:
+            self.check_plan(budget, plan)
+        elif config.plans:
             assigned = runtime.plan if runtime.plan in config.plans else None
             plan = assigned or (entry.plan if entry is not None else None) or config.default_plan
         if runtime.empty:

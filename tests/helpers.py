@@ -72,3 +72,12 @@ def more_budgets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
 
 _config = config
+
+
+def run_machine(machine: Any, examples: int, steps: int = 30) -> None:
+    """Run a hypothesis state machine class (no deadline: the store's latency is not under test)."""
+    from hypothesis import HealthCheck, settings
+
+    machine.TestCase.settings = settings(max_examples=examples, stateful_step_count=steps, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
+    machine.TestCase().runTest()

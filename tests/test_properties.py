@@ -8,14 +8,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
 
 from budgetguard import Usage
 
 from .conftest import FrozenClock
-from .helpers import MSG, cost_usd, guard
+from .helpers import MSG, cost_usd, guard, run_machine
 
 USERS = ("ann", "ben")
 TTL = 60  # reservation_ttl_s in the helpers' config
@@ -117,10 +116,7 @@ def machine(url_factory):
 
 @pytest.mark.parametrize("examples", [60])
 def test_ledger_on_fakeredis(examples):
-    Ledger = machine(lambda: f"memory://prop-{uuid.uuid4().hex}")
-    Ledger.TestCase.settings = settings(max_examples=examples, stateful_step_count=30, deadline=None,
-                                        suppress_health_check=[HealthCheck.too_slow])
-    Ledger.TestCase().runTest()
+    run_machine(machine(lambda: f"memory://prop-{uuid.uuid4().hex}"), examples)
 
 
 def test_ledger_on_real_redis(real_redis, real_redis_url):
@@ -128,7 +124,4 @@ def test_ledger_on_real_redis(real_redis, real_redis_url):
         real_redis.flushdb()
         return real_redis_url
 
-    Ledger = machine(fresh)
-    Ledger.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None,
-                                        suppress_health_check=[HealthCheck.too_slow])
-    Ledger.TestCase().runTest()
+    run_machine(machine(fresh), 100)

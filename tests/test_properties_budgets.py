@@ -9,14 +9,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
 
 from budgetguard import Usage
 
 from .conftest import FrozenClock
-from .helpers import MSG, config, cost_usd, guard
+from .helpers import MSG, config, cost_usd, guard, run_machine
 
 USERS = ("ann", "ben")
 TENANTS = ("acme", "globex")
@@ -157,26 +156,14 @@ def machine(url_factory):
     return Budgets
 
 
+# Each example has a key prefix of its own: no flushing between them.
 def test_budgets_on_fakeredis():
-    Budgets = machine(lambda: f"memory://prop-{uuid.uuid4().hex}")
-    Budgets.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
-                                         suppress_health_check=[HealthCheck.too_slow])
-    Budgets.TestCase().runTest()
+    run_machine(machine(lambda: f"memory://prop-{uuid.uuid4().hex}"), 40)
 
 
-def test_budgets_on_real_redis(real_redis, real_redis_url):
-    def fresh() -> str:
-        real_redis.flushdb()
-        return real_redis_url
-
-    Budgets = machine(fresh)
-    Budgets.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
-                                         suppress_health_check=[HealthCheck.too_slow])
-    Budgets.TestCase().runTest()
+def test_budgets_on_real_redis(real_redis_url):
+    run_machine(machine(lambda: real_redis_url), 40)
 
 
 def test_budgets_on_a_cluster(cluster_url):
-    Budgets = machine(lambda: cluster_url)
-    Budgets.TestCase.settings = settings(max_examples=15, stateful_step_count=25, deadline=None,
-                                         suppress_health_check=[HealthCheck.too_slow])
-    Budgets.TestCase().runTest()
+    run_machine(machine(lambda: cluster_url), 15, steps=25)
